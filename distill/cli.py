@@ -1,0 +1,89 @@
+"""The ``distill`` command line. Thin: parse arguments, call library functions.
+
+``distill train RECIPE.yaml [--set KEY=VALUE ...] [--resume]`` runs a recipe (``train.py`` is the
+same command); ``distill list`` shows the registered students, datasets and loss terms.
+A user mistake prints one paragraph (no traceback; ``--debug`` shows it) and exits with 2.
+"""
+import argparse
+import logging
+import os
+import sys
+import textwrap
+import traceback
+
+from .errors import UserError
+
+__all__ = ["main", "train_main"]
+
+
+def _common(p):
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
+
+
+def _add_train_args(p):
+    p.add_argument("recipe", help="the YAML recipe to run")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set trainer.epochs=3 (repeatable)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the last complete epoch in the run folder")
+    _common(p)
+
+
+def _cmd_train(args):
+    from .recipe import load_recipe
+    from .run import run_training
+    recipe = load_recipe(args.recipe, args.overrides)
+    run_training(recipe, resume=args.resume)
+    return 0
+
+
+def _cmd_list(args):
+    from students import list_students
+    from .data import DATASETS
+    from .losses import LOSSES
+    print("students:  " + ", ".join(list_students()))
+    print("datasets:  " + ", ".join(DATASETS.names()))
+    print("losses:    " + ", ".join(LOSSES.names()))
+    return 0
+
+
+def _run(fn, args):
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("PIL").setLevel(logging.WARNING)
+    try:
+        return fn(args)
+    except UserError as e:
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        msg = textwrap.fill(str(e), width=100, break_long_words=False, break_on_hyphens=False)
+        print(f"\nerror: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: the last complete epoch is checkpointed; rerun with --resume.", file=sys.stderr)
+        return 130
+
+
+def train_main(argv=None):
+    """``python train.py RECIPE.yaml``."""
+    p = argparse.ArgumentParser(prog="train.py", description="Run a distillation recipe end to end.")
+    _add_train_args(p)
+    args = p.parse_args(argv)
+    return _run(_cmd_train, args)
+
+
+def main(argv=None):
+    """The ``distill`` console script."""
+    p = argparse.ArgumentParser(prog="distill", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="run a recipe end to end")
+    _add_train_args(t)
+    t.set_defaults(fn=_cmd_train)
+    ls = sub.add_parser("list", help="list registered students, datasets and loss terms")
+    _common(ls)
+    ls.set_defaults(fn=_cmd_list)
+    args = p.parse_args(argv)
+    return _run(args.fn, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

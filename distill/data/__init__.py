@@ -1,0 +1,112 @@
+"""Datasets: ``load_data(cfg, seed)`` → a :class:`DataBundle` of float32 ``(N, C, H, W)`` arrays.
+
+Every dataset is one file registered on :data:`DATASETS` under the name a recipe writes in
+``data.name`` (``mnist5k``, ``digits``, ``synthetic``, ``image_folder``, ``recordio``). A loader
+returns pixels in [0, 1]; the steps below are shared, in this order:
+
+1. channels (``data.grayscale``: True → 1, False → 3) and bilinear resize (``data.image_size``);
+2. ``data.limit``: keep a class-balanced, deterministic subset of the train images;
+3. ``(x - mean) / std`` per channel (``data.mean``/``data.std``; one value is broadcast);
+4. ``data.labels: false`` drops the train labels (label-free distillation).
+
+Recipe example::
+
+    data: {name: mnist5k, mean: [0.1307], std: [0.3081], limit: 1000}
+"""
+import logging
+
+import numpy as np
+
+from ..errors import UserError
+from .base import DATASETS, DataBundle, SourceData, Split, balanced_subset, stratified_split
+from .images import conform, parse_image_size
+# Importing the loader modules registers them on DATASETS.
+from . import digits, image_folder, mnist5k, recordio, synthetic  # noqa: F401  (registration)
+
+__all__ = ["load_data", "DATASETS", "DataBundle", "Split", "SourceData", "stratified_split",
+           "balanced_subset", "per_channel"]
+_LOGGER = logging.getLogger(__name__)
+
+
+def per_channel(values, channels, key, default):
+    """``values`` as ``channels`` floats: None → ``default``, one value → broadcast.
+
+    Raises
+    ------
+    UserError
+        When the count is neither 1 nor ``channels``; the message names ``key``.
+    """
+    if values is None:
+        return [float(default)] * channels
+    values = [float(v) for v in values]
+    if len(values) == 1:
+        return values * channels
+    if len(values) != channels:
+        raise UserError(f"`{key}` has {len(values)} values {values} but the data has {channels} "
+                        f"channel(s): give one value, or one per channel.")
+    return values
+
+
+def _normalize(x, mean, std):
+    m = np.asarray(mean, np.float32).reshape(1, -1, 1, 1)
+    s = np.asarray(std, np.float32).reshape(1, -1, 1, 1)
+    return np.ascontiguousarray((x - m) / s, dtype=np.float32)
+
+
+def load_data(cfg, seed=0):
+    """Load the dataset ``cfg.name`` and apply the common steps.
+
+    Parameters
+    ----------
+    cfg : DataConfig
+        The ``data:`` section of a recipe.
+    seed : int
+        Seed for generated data and for splits that depend on it (``synthetic``, and
+        ``image_folder``/``recordio`` without a val folder/file). ``mnist5k`` and ``digits``
+        use fixed splits.
+
+    Returns
+    -------
+    DataBundle
+        ``train.x``/``val.x`` float32 C-contiguous ``(N, C, H, W)``; ``train.y``/``val.y``
+        int32 ``(N,)`` (``train.y`` is None when ``cfg.labels`` is false).
+
+    Raises
+    ------
+    UserError
+        Unknown ``data.name``, bad ``data.mean``/``data.std`` count, or a problem with the
+        files (the message names the path).
+    """
+    cfg.validate("data")
+    loader = DATASETS.get(cfg.name, where="data.name")
+    src = loader(cfg, seed)
+
+    c_native = src.x_train.shape[1]
+    channels = c_native if cfg.grayscale is None else (1 if cfg.grayscale else 3)
+    size = parse_image_size(cfg.image_size) or tuple(src.x_train.shape[2:])
+    x_tr = conform(src.x_train, channels, size)
+    x_va = conform(src.x_val, channels, size)
+    y_tr, y_va = src.y_train, src.y_val
+    source = src.source
+
+    if cfg.limit is not None and cfg.limit < len(y_tr):
+        keep = balanced_subset(y_tr, cfg.limit)
+        x_tr, y_tr = x_tr[keep], y_tr[keep]
+        _LOGGER.info("%s: data.limit keeps %d of %d train images (class-balanced)",
+                     cfg.name, len(keep), len(src.y_train))
+        source += f", limited to {len(keep)} (class-balanced)"
+
+    mean = per_channel(cfg.mean, channels, "data.mean", 0.0)
+    std = per_channel(cfg.std, channels, "data.std", 1.0)
+    train = Split(x=_normalize(x_tr, mean, std),
+                  y=np.ascontiguousarray(y_tr, np.int32) if cfg.labels else None)
+    val = Split(x=_normalize(x_va, mean, std),
+                y=np.ascontiguousarray(y_va, np.int32) if y_va is not None else None)
+    bundle = DataBundle(name=cfg.name, train=train, val=val, num_classes=len(src.class_names),
+                        channels=channels, image_size=tuple(int(s) for s in size),
+                        class_names=list(src.class_names), mean=mean, std=std,
+                        calib_source=source, skipped=src.skipped)
+    _LOGGER.info("data %s: %d train / %d val images, %d classes, %d×%d×%d%s", cfg.name,
+                 len(train), len(val), bundle.num_classes, channels, size[0], size[1],
+                 f", {src.skipped} unreadable skipped" if src.skipped else "")
+    return bundle

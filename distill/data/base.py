@@ -1,0 +1,159 @@
+"""The dataset registry, the containers a loader returns, and the split helpers.
+
+A loader is a function ``loader(cfg, seed) -> SourceData`` registered under the name a recipe
+writes in ``data.name``::
+
+    @DATASETS.register("mnist5k")
+    def load_mnist5k(cfg, seed): ...
+
+It returns pixels scaled to [0, 1]; :func:`distill.data.load_data` does the rest (channels,
+resize, ``limit``, ``mean``/``std``, ``labels``) the same way for every dataset.
+"""
+import logging
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from ..registry import Registry
+
+__all__ = ["DATASETS", "Split", "DataBundle", "SourceData", "stratified_split", "balanced_subset"]
+_LOGGER = logging.getLogger(__name__)
+
+DATASETS = Registry("dataset")
+
+
+@dataclass
+class Split:
+    """One side of a dataset (train or val).
+
+    Attributes
+    ----------
+    x : np.ndarray
+        float32, C-contiguous, shape ``(N, C, H, W)``: pixels scaled to [0, 1], then
+        ``(x - mean) / std`` per channel.
+    y : np.ndarray or None
+        int32, shape ``(N,)``; ``None`` when labels are not used (label-free distillation).
+    """
+    x: np.ndarray
+    y: Optional[np.ndarray]
+
+    def __len__(self):
+        return int(self.x.shape[0])
+
+
+@dataclass
+class DataBundle:
+    """Everything the trainer, the calibrator and the reports need to know about the data.
+
+    Attributes
+    ----------
+    name : str
+        The registered dataset name (``data.name``).
+    train, val : Split
+        Training images (also the int8 calibration source) and held-out images.
+    num_classes : int
+        Number of classes (``len(class_names)``).
+    channels : int
+        ``C`` of ``(N, C, H, W)``.
+    image_size : tuple of int
+        ``(H, W)``.
+    class_names : list of str
+        Index ``i`` is the name of label ``i``.
+    mean, std : list of float
+        What was applied, one value per channel.
+    calib_source : str
+        Short human description of where the train images came from (for reports).
+    skipped : int
+        Unreadable files or records skipped while loading (``data.skip_corrupt``).
+    """
+    name: str
+    train: Split
+    val: Split
+    num_classes: int
+    channels: int
+    image_size: Tuple[int, int]
+    class_names: List[str]
+    mean: List[float]
+    std: List[float]
+    calib_source: str
+    skipped: int = 0
+
+
+@dataclass
+class SourceData:
+    """What a registered loader returns, before the common steps of :func:`load_data`.
+
+    ``x_train``/``x_val`` are float32 ``(N, C, H, W)`` in [0, 1]; they may already have the
+    channels and size the config asks for (file loaders must resize while decoding, since their
+    images can differ in size); ``y_train``/``y_val`` are int32 ``(N,)``.
+    """
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    class_names: List[str]
+    source: str
+    skipped: int = 0
+
+
+def stratified_split(y, val_fraction, seed):
+    """Split indices per class: ``round(n_c * val_fraction)`` of each class go to val.
+
+    Deterministic for a given ``seed``. A class with a single sample stays in train; every
+    class with two or more samples keeps at least one in each side.
+
+    Parameters
+    ----------
+    y : np.ndarray
+        Integer labels, shape ``(N,)``.
+    val_fraction : float
+        In (0, 1).
+    seed : int
+        Seed of the permutation inside each class.
+
+    Returns
+    -------
+    train_idx, val_idx : np.ndarray
+        Sorted int64 indices into ``y``.
+    """
+    y = np.asarray(y)
+    rng = np.random.RandomState(seed)
+    train, val = [], []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        idx = idx[rng.permutation(len(idx))]
+        n = len(idx)
+        n_val = 0 if n < 2 else min(max(int(round(n * val_fraction)), 1), n - 1)
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def balanced_subset(y, limit):
+    """The first ``limit`` indices taken round-robin over classes (deterministic, balanced).
+
+    Sample ``k`` of every class comes before sample ``k + 1`` of any class, so each class gets
+    ``limit // num_classes`` samples (give or take one) while it has them.
+
+    Parameters
+    ----------
+    y : np.ndarray
+        Integer labels, shape ``(N,)``.
+    limit : int
+        How many indices to keep.
+
+    Returns
+    -------
+    np.ndarray
+        Sorted indices (original order kept), ``min(limit, N)`` of them.
+    """
+    y = np.asarray(y)
+    if limit >= len(y):
+        return np.arange(len(y))
+    rank = np.empty(len(y), np.int64)
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        rank[idx] = np.arange(len(idx))
+    order = np.lexsort((y, rank))          # by rank within class, then by class
+    return np.sort(order[:limit])

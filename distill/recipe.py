@@ -1,0 +1,432 @@
+"""Recipes: YAML validated into typed objects.
+
+Each YAML section maps 1:1 onto a dataclass whose fields are exactly the keys users write.
+Unknown keys raise :class:`~distill.errors.UserError` naming the full key path and the closest
+valid key; values are type-checked and range-checked here, at the boundary, so the rest of
+the code can trust them.
+
+Recipe example::
+
+    name: quickstart
+    extends: base.yaml            # optional: deep-merged under this file
+    data: {name: mnist5k, mean: [0.1307], std: [0.3081]}
+    teacher: {recipe: teacher_mnist.yaml}
+    student: {model: mobilenetv2_0.5}
+    distillation:
+      - {loss: kd, weight: 0.9, temperature: 4}
+      - {loss: ce, weight: 0.1}
+    trainer: {epochs: 10, batch_size: 64, lr: 0.05, optimizer: nesterov}
+"""
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Union
+
+import yaml
+
+from .errors import UserError, closest
+
+__all__ = ["Recipe", "DataConfig", "TeacherConfig", "StudentConfig", "LossTerm", "PruningConfig",
+           "QuantizationConfig", "TrainerConfig", "OutputConfig", "load_recipe", "recipe_from_dict",
+           "recipe_to_dict", "recipe_hash", "apply_overrides"]
+_LOGGER = logging.getLogger(__name__)
+
+
+def _check(cond, key, msg):
+    if not cond:
+        raise UserError(f"recipe key `{key}`: {msg}")
+
+
+@dataclass
+class DataConfig:
+    """``data:`` what to train and evaluate on.
+
+    ``name`` is a registered dataset (``mnist5k``, ``digits``, ``synthetic``, ``image_folder``,
+    ``recordio``). ``mean``/``std`` hold one value per channel, applied after pixels are scaled
+    to [0, 1].
+    """
+    name: str = "mnist5k"
+    root: Optional[str] = None
+    train: Optional[str] = None
+    val: Optional[str] = None
+    val_split: float = 0.2
+    grayscale: Optional[bool] = None
+    image_size: Optional[Union[int, List[int]]] = None
+    mean: Optional[List[float]] = None
+    std: Optional[List[float]] = None
+    labels: bool = True
+    skip_corrupt: bool = True
+    limit: Optional[int] = None
+    num_samples: int = 2000
+    num_classes: int = 10
+    channels: int = 1
+
+    def validate(self, p):
+        _check(0.0 < self.val_split < 1.0, f"{p}.val_split", f"must be in (0, 1), got {self.val_split}")
+        if self.image_size is not None:
+            sizes = [self.image_size] if isinstance(self.image_size, int) else self.image_size
+            _check(len(sizes) in (1, 2) and all(isinstance(s, int) and s >= 4 for s in sizes),
+                   f"{p}.image_size", f"must be an integer ≥ 4 or [height, width], got {self.image_size}")
+        if self.std is not None:
+            _check(all(s > 0 for s in self.std), f"{p}.std", f"every value must be > 0, got {self.std}")
+        if self.mean is not None and self.std is not None:
+            _check(len(self.mean) == len(self.std), f"{p}.mean",
+                   f"has {len(self.mean)} values but `{p}.std` has {len(self.std)}: give one per channel")
+        _check(self.limit is None or self.limit >= 1, f"{p}.limit", "must be ≥ 1")
+        _check(self.num_samples >= 2, f"{p}.num_samples", "must be ≥ 2")
+        _check(self.num_classes >= 2, f"{p}.num_classes", "must be ≥ 2")
+        _check(self.channels in (1, 3), f"{p}.channels", "must be 1 or 3")
+
+
+@dataclass
+class TeacherConfig:
+    """``teacher:`` where the frozen teacher comes from.
+
+    Exactly one of ``checkpoint`` (a Module-API or ``export()`` prefix, with ``epoch``),
+    ``recipe`` (train it from another recipe unless a trained one is cached) or ``model``
+    (a registered model name with ``params``).
+    """
+    checkpoint: Optional[str] = None
+    epoch: int = 0
+    recipe: Optional[str] = None
+    model: Optional[str] = None
+    params: Optional[str] = None
+    input_name: str = "data"
+    output: Optional[str] = None
+
+    def validate(self, p):
+        given = [k for k in ("checkpoint", "recipe", "model") if getattr(self, k)]
+        _check(len(given) <= 1, p, f"give only one of `checkpoint`, `recipe`, `model` (got {', '.join(given)})")
+        _check(self.epoch >= 0, f"{p}.epoch", "must be ≥ 0")
+
+    @property
+    def given(self):
+        return bool(self.checkpoint or self.recipe or self.model)
+
+
+@dataclass
+class StudentConfig:
+    """``student:`` the network that is trained.
+
+    ``model`` names a registered student (``distill`` lists them; e.g. ``mobilenetv2_0.5``),
+    or ``from: teacher`` copies the teacher with its weights. ``max_stride`` caps the total
+    downsampling (default: the largest power of two below the input size).
+    """
+    model: Optional[str] = None
+    from_: Optional[str] = None
+    max_stride: Optional[int] = None
+
+    def validate(self, p):
+        _check(bool(self.model) != bool(self.from_), p,
+               "give exactly one of `student.model` (a model name) or `student.from: teacher`")
+        _check(self.from_ in (None, "teacher"), f"{p}.from", f"only `teacher` is supported, got {self.from_!r}")
+        _check(self.max_stride is None or self.max_stride >= 1, f"{p}.max_stride", "must be ≥ 1")
+
+
+@dataclass
+class LossTerm:
+    """One item of ``distillation:``: a registered loss (``kd``, ``ce``) with its weight."""
+    loss: str = "ce"
+    weight: float = 1.0
+    temperature: float = 4.0
+
+    def validate(self, p):
+        _check(self.weight >= 0, f"{p}.weight", f"must be ≥ 0, got {self.weight}")
+        _check(self.temperature > 0, f"{p}.temperature", f"must be > 0, got {self.temperature}")
+
+
+@dataclass
+class PruningConfig:
+    """``pruning:`` (the pruning issue fills this in; ``enabled: false`` by default)."""
+    enabled: bool = False
+
+
+@dataclass
+class QuantizationConfig:
+    """``quantization:`` (the int8 issue fills this in; ``enabled: false`` by default)."""
+    enabled: bool = False
+
+
+@dataclass
+class TrainerConfig:
+    """``trainer:`` the optimisation loop."""
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 0.05
+    optimizer: str = "nesterov"
+    momentum: float = 0.9
+    weight_decay: float = 4e-5
+    lr_schedule: str = "cosine"
+    lr_steps: List[int] = field(default_factory=list)
+    lr_factor: float = 0.1
+    warmup_epochs: float = 0.0
+    seed: int = 0
+    eval_batch_size: int = 256
+    progress: bool = True
+
+    def validate(self, p):
+        _check(self.epochs >= 1, f"{p}.epochs", f"must be ≥ 1, got {self.epochs}")
+        _check(self.batch_size >= 1, f"{p}.batch_size", f"must be ≥ 1, got {self.batch_size}")
+        _check(self.lr > 0, f"{p}.lr", f"must be > 0, got {self.lr}")
+        _check(self.optimizer in ("sgd", "nesterov", "adam"), f"{p}.optimizer",
+               f"must be one of sgd, nesterov, adam; got {self.optimizer!r}")
+        _check(0 <= self.momentum < 1, f"{p}.momentum", f"must be in [0, 1), got {self.momentum}")
+        _check(self.weight_decay >= 0, f"{p}.weight_decay", f"must be ≥ 0, got {self.weight_decay}")
+        _check(self.lr_schedule in ("cosine", "step", "constant"), f"{p}.lr_schedule",
+               f"must be one of cosine, step, constant; got {self.lr_schedule!r}")
+        _check(0 < self.lr_factor <= 1, f"{p}.lr_factor", f"must be in (0, 1], got {self.lr_factor}")
+        _check(0 <= self.warmup_epochs < self.epochs, f"{p}.warmup_epochs",
+               f"must be in [0, epochs), got {self.warmup_epochs}")
+        _check(self.eval_batch_size >= 1, f"{p}.eval_batch_size", "must be ≥ 1")
+
+
+@dataclass
+class OutputConfig:
+    """``output:`` where the run folder goes (default ``runs/<name>``)."""
+    dir: Optional[str] = None
+    latency: bool = True
+    latency_repeats: int = 20
+
+    def validate(self, p):
+        _check(self.latency_repeats >= 1, f"{p}.latency_repeats", "must be ≥ 1")
+
+
+@dataclass
+class Recipe:
+    """A whole recipe. ``source`` (the file it came from) is not a YAML key."""
+    name: str = "run"
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=lambda: StudentConfig(model="cifar_resnet20_v1"))
+    distillation: List[LossTerm] = field(default_factory=lambda: [LossTerm(loss="ce")])
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def validate(self, p=""):
+        _check(isinstance(self.name, str) and self.name and "/" not in self.name, "name",
+               f"must be a non-empty name without '/', got {self.name!r}")
+        _check(len(self.distillation) >= 1, "distillation", "needs at least one loss term")
+        uses_teacher = any(t.loss != "ce" for t in self.distillation) or self.student.from_
+        _check(self.teacher.given or not uses_teacher, "teacher",
+               "the recipe uses the teacher (a `kd` term or `student.from: teacher`) but names none: "
+               "set `teacher.recipe`, `teacher.checkpoint` or `teacher.model`")
+
+    @property
+    def run_dir(self):
+        return self.output.dir or os.path.join("runs", self.name)
+
+
+# -- loading -------------------------------------------------------------------------------------
+
+_ALIASES = {"from": "from_"}          # YAML key -> field name (``from`` is a Python keyword)
+_TOP_ONLY = ("extends",)
+
+
+def _yaml_key(fname):
+    return {v: k for k, v in _ALIASES.items()}.get(fname, fname)
+
+
+def _type_name(tp):
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin in (list, List):
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value, tp, path):
+    """Check ``value`` against the annotation ``tp``; return the converted value."""
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, path)
+            except UserError as e:
+                errors.append(e)
+        raise UserError(f"recipe key `{path}`: expected {_type_name(tp)}, got {value!r}")
+    if origin in (list, List):
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise UserError(f"recipe key `{path}`: expected {_type_name(tp)}, got {value!r}")
+        return [_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise UserError(f"recipe key `{path}`: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls, raw, path):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"recipe key `{path}`: expected a mapping of keys to values, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    valid = [_yaml_key(n) for n in fields]
+    kwargs = {}
+    for key, value in raw.items():
+        fname = _ALIASES.get(key, key)
+        full = f"{path}.{key}" if path else str(key)
+        if not isinstance(key, str) or fname not in fields:
+            near = closest(key, valid)
+            hint = f" Did you mean `{near[0]}`?" if near else ""
+            raise UserError(f"unknown recipe key `{full}`.{hint} Valid keys"
+                            f"{' in `' + path + '`' if path else ''}: {', '.join(valid)}.")
+        if value is None:      # a None never overrides a default (timm's create_model habit)
+            continue
+        kwargs[fname] = _coerce(value, hints[fname], full)
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        obj.validate(path)
+    return obj
+
+
+def recipe_from_dict(raw, source="<recipe>"):
+    """Validate a plain dict (``extends`` already resolved) into a :class:`Recipe`."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: a recipe must be a YAML mapping of sections, got {type(raw).__name__}")
+    raw = dict(raw)
+    raw.pop("extends", None)
+    if "distillation" in raw and isinstance(raw["distillation"], dict):
+        raw["distillation"] = [raw["distillation"]]
+    try:
+        return _build(Recipe, raw, "")
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None
+
+
+def recipe_to_dict(recipe):
+    """The recipe as plain data, with YAML key names (``from``, not ``from_``), no ``None``s."""
+    def conv(obj):
+        if dataclasses.is_dataclass(obj):
+            return {_yaml_key(f.name): conv(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                    if getattr(obj, f.name) is not None}
+        if isinstance(obj, list):
+            return [conv(v) for v in obj]
+        return obj
+    return conv(recipe)
+
+
+def recipe_hash(recipe, sections=None):
+    """A short, stable hash of the recipe (or of some sections of it)."""
+    d = recipe_to_dict(recipe)
+    d.pop("output", None)
+    if sections:
+        d = {k: d[k] for k in sections}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _read_yaml(path):
+    if not os.path.isfile(path):
+        raise UserError(f"recipe file {path!r} does not exist (looked in {os.path.abspath(path)}).")
+    with open(path) as f:
+        text = f.read()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"{path}: YAML syntax error{where}: {problem}. Check indentation and that "
+                        f"every `key: value` pair has a space after the colon.") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a recipe must be a YAML mapping of sections (name, data, teacher, "
+                        f"student, distillation, trainer, ...), got {type(data).__name__}")
+    return data
+
+
+def _merge(base, over):
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _load_raw(path, seen=()):
+    path = os.path.abspath(path)
+    if path in seen:
+        raise UserError(f"{path}: `extends` forms a cycle: {' -> '.join(seen + (path,))}")
+    data = _read_yaml(path)
+    parent = data.get("extends")
+    if parent is not None:
+        if not isinstance(parent, str):
+            raise UserError(f"{path}: `extends` must be the path of another recipe, got {parent!r}")
+        ppath = os.path.join(os.path.dirname(path), parent)
+        if not os.path.isfile(ppath):
+            raise UserError(f"{path}: `extends: {parent}` names a file that does not exist ({ppath}).")
+        data = _merge(_load_raw(ppath, seen + (path,)), {k: v for k, v in data.items() if k != "extends"})
+    return data
+
+
+def apply_overrides(raw, overrides):
+    """Apply ``--set a.b=value`` overrides (value parsed as YAML) to a raw recipe dict."""
+    raw = copy.deepcopy(raw)
+    for item in overrides or ():
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set trainer.epochs=3")
+        key, _, text = item.partition("=")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        parts = key.strip().split(".")
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+                continue
+            if not isinstance(node, dict):
+                raise UserError(f"--set {item}: `{'.'.join(parts[:i])}` is not a section")
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            node = nxt
+        last = parts[-1]
+        if isinstance(node, list) and last.isdigit() and int(last) < len(node):
+            node[int(last)] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise UserError(f"--set {item}: `{'.'.join(parts[:-1])}` is not a section")
+    return raw
+
+
+def load_recipe(path, overrides=()):
+    """Read a recipe file (resolving ``extends``), apply ``--set`` overrides, validate."""
+    raw = apply_overrides(_load_raw(path), overrides)
+    source = path + (f" (with --set {' '.join(overrides)})" if overrides else "")
+    recipe = recipe_from_dict(raw, source)
+    recipe.source = os.path.abspath(path)
+    return recipe

@@ -1,0 +1,65 @@
+"""ShuffleNet v1/v2 students (GluonCV model zoo).
+
+Adaptation: both stems use deferred ``in_channels``. ShuffleNetV2's down unit strides in both
+branches' depthwise convs (one event for :mod:`students.adapt`). ShuffleNetV1's down unit strides
+in its depthwise conv *and* in an average pooling of the shortcut that GluonCV writes as
+``F.Pooling`` inside ``hybrid_forward``; a forward hook cannot see that op, so
+:func:`expose_shortcut_pool` turns it into an ``AvgPool2D`` child layer (same kernel, stride,
+padding and ``count_include_pad``, so the stock output is unchanged) that the adapter can set to
+stride 1 together with the conv.
+"""
+import logging
+
+from mxnet.gluon import nn
+from gluoncv.model_zoo.shufflenet import shuffleUnit
+
+from .registry import register_zoo
+
+__all__ = ["ShuffleUnitV1", "expose_shortcut_pool"]
+
+_LOGGER = logging.getLogger(__name__)
+
+
+class ShuffleUnitV1(shuffleUnit):
+    """GluonCV's ShuffleNetV1 unit with the shortcut pooling as a layer (``shortcut_pool``)."""
+
+    def hybrid_forward(self, F, x):  # pylint: disable=arguments-differ
+        res = x
+        x = self.conv_beforshuffle(x)
+        if self.grouped_conv:
+            x = self.channel_shuffle(F, x, groups=self.groups)
+        x = self.conv_aftershuffle(x)
+        if self.combine_type == "concat":
+            res = self.shortcut_pool(res)
+        return self.combine(F, res, x, combine=self.combine_type)
+
+
+def expose_shortcut_pool(net):
+    """Give every ShuffleNetV1 down unit of ``net`` a ``shortcut_pool`` layer, in place.
+
+    Parameters
+    ----------
+    net : mxnet.gluon.HybridBlock
+        A stock GluonCV ShuffleNetV1, before initialization or hybridization.
+
+    Returns
+    -------
+    mxnet.gluon.HybridBlock
+        ``net``.
+    """
+    stack = [net]
+    while stack:
+        block = stack.pop()
+        stack.extend(block._children.values())
+        if type(block) is shuffleUnit:  # pylint: disable=unidiomatic-typecheck
+            if block.combine_type == "concat":
+                with block.name_scope():
+                    # Matches F.Pooling(kernel=3, pool_type='avg', stride=2, pad=1) in GluonCV.
+                    block.shortcut_pool = nn.AvgPool2D(pool_size=3, strides=2, padding=1)
+            # Same attributes and children; only hybrid_forward differs.
+            block.__class__ = ShuffleUnitV1
+    return net
+
+
+register_zoo("shufflenet_v1", fix=expose_shortcut_pool)
+register_zoo("shufflenet_v2")

@@ -1,0 +1,153 @@
+"""Recipe loading: strict keys, types, ranges, extends, --set, round-trip."""
+import os
+
+import pytest
+import yaml
+from hypothesis import given, settings, strategies as st
+
+from distill.errors import UserError
+from distill.recipe import (apply_overrides, load_recipe, recipe_from_dict, recipe_hash,
+                            recipe_to_dict)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bundled_recipes_load():
+    for name in os.listdir(os.path.join(ROOT, "recipes")):
+        if name.endswith(".yaml"):
+            r = load_recipe(os.path.join(ROOT, "recipes", name))
+            assert r.name
+
+
+def test_quickstart_contract_keys():
+    r = load_recipe(os.path.join(ROOT, "recipes", "quickstart.yaml"))
+    assert r.data.name == "mnist5k"
+    assert r.teacher.recipe == "teacher_mnist.yaml"
+    assert r.student.model == "mobilenetv2_0.5"
+    assert [t.loss for t in r.distillation] == ["kd", "ce"]
+    assert r.trainer.epochs >= 1 and r.trainer.seed == 0
+
+
+def test_unknown_key_names_path_and_closest():
+    with pytest.raises(UserError) as e:
+        recipe_from_dict({"trainer": {"epochz": 1}})
+    assert "`trainer.epochz`" in str(e.value) and "`epochs`" in str(e.value)
+    with pytest.raises(UserError) as e:
+        recipe_from_dict({"dat": {"name": "digits"}})
+    assert "`dat`" in str(e.value) and "`data`" in str(e.value)
+    with pytest.raises(UserError) as e:
+        recipe_from_dict({"distillation": [{"loss": "kd", "temprature": 2}], "teacher": {"recipe": "x"}})
+    assert "distillation[0].temprature" in str(e.value) and "temperature" in str(e.value)
+
+
+@pytest.mark.parametrize("raw,key", [
+    ({"trainer": {"lr": -0.1}}, "trainer.lr"),
+    ({"trainer": {"epochs": 0}}, "trainer.epochs"),
+    ({"trainer": {"epochs": "ten"}}, "trainer.epochs"),
+    ({"trainer": {"optimizer": "rmsprop"}}, "trainer.optimizer"),
+    ({"distillation": [{"loss": "kd", "temperature": 0}], "teacher": {"recipe": "t.yaml"}},
+     "distillation[0].temperature"),
+    ({"data": {"std": [0.0]}}, "data.std"),
+    ({"data": {"mean": [0.1, 0.2], "std": [0.3]}}, "data.mean"),
+])
+def test_bad_values_name_the_key(raw, key):
+    with pytest.raises(UserError) as e:
+        recipe_from_dict(raw)
+    assert f"`{key}`" in str(e.value)
+
+
+def test_kd_without_teacher_is_rejected():
+    with pytest.raises(UserError) as e:
+        recipe_from_dict({"distillation": [{"loss": "kd"}]})
+    assert "teacher" in str(e.value)
+
+
+def test_student_from_teacher_and_model_exclusive():
+    r = recipe_from_dict({"student": {"from": "teacher"}, "teacher": {"recipe": "t.yaml"}})
+    assert r.student.from_ == "teacher" and r.student.model is None
+    with pytest.raises(UserError):
+        recipe_from_dict({"student": {"from": "teacher", "model": "mobilenet0.5"},
+                          "teacher": {"recipe": "t.yaml"}})
+
+
+def test_set_overrides_and_types(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump({"name": "x", "trainer": {"epochs": 5}}))
+    r = load_recipe(str(p), ["trainer.epochs=2", "trainer.lr=0.01", "data.name=digits",
+                             "data.mean=[0.5]"])
+    assert (r.trainer.epochs, r.trainer.lr, r.data.name, r.data.mean) == (2, 0.01, "digits", [0.5])
+    with pytest.raises(UserError) as e:
+        load_recipe(str(p), ["trainer.epochz=1"])
+    assert "trainer.epochz" in str(e.value) and "epochs" in str(e.value)
+    with pytest.raises(UserError):
+        load_recipe(str(p), ["trainer.epochs"])
+
+
+def test_extends_deep_merges(tmp_path):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(
+        {"name": "base", "trainer": {"epochs": 7, "lr": 0.2}, "data": {"name": "digits"}}))
+    (tmp_path / "child.yaml").write_text(yaml.safe_dump(
+        {"extends": "base.yaml", "name": "child", "trainer": {"epochs": 3}}))
+    r = load_recipe(str(tmp_path / "child.yaml"))
+    assert (r.name, r.trainer.epochs, r.trainer.lr, r.data.name) == ("child", 3, 0.2, "digits")
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(UserError) as e:
+        load_recipe(str(tmp_path / "loop.yaml"))
+    assert "cycle" in str(e.value)
+
+
+def test_yaml_syntax_error_has_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("name: x\ntrainer:\n  epochs: 3\n   lr: 0.1\n")
+    with pytest.raises(UserError) as e:
+        load_recipe(str(p))
+    assert "line 4" in str(e.value) and str(p) in str(e.value)
+
+
+def test_missing_file():
+    with pytest.raises(UserError) as e:
+        load_recipe("/nonexistent/r.yaml")
+    assert "/nonexistent/r.yaml" in str(e.value)
+
+
+def test_round_trip_bundled():
+    r = load_recipe(os.path.join(ROOT, "recipes", "quickstart.yaml"))
+    d = recipe_to_dict(r)
+    r2 = recipe_from_dict(yaml.safe_load(yaml.safe_dump(d)))
+    assert recipe_to_dict(r2) == d and recipe_hash(r2) == recipe_hash(r)
+
+
+def test_hash_changes_with_content_not_output():
+    a = recipe_from_dict({"trainer": {"epochs": 3}})
+    b = recipe_from_dict({"trainer": {"epochs": 4}})
+    c = recipe_from_dict({"trainer": {"epochs": 3}, "output": {"dir": "/tmp/elsewhere"}})
+    assert recipe_hash(a) != recipe_hash(b) and recipe_hash(a) == recipe_hash(c)
+
+
+_leaf = st.one_of(st.none(), st.booleans(), st.integers(-5, 100), st.floats(-1, 10, allow_nan=False),
+                  st.text(max_size=8), st.lists(st.integers(0, 5), max_size=3))
+_keys = st.sampled_from(["name", "data", "teacher", "student", "trainer", "distillation", "epochs",
+                         "lr", "loss", "weight", "model", "from", "recipe", "mean", "bogus"])
+_tree = st.recursive(_leaf, lambda ch: st.one_of(st.lists(ch, max_size=3),
+                                                 st.dictionaries(_keys, ch, max_size=4)), max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(_keys, _tree, max_size=6))
+def test_random_structures_raise_only_user_error(raw):
+    try:
+        r = recipe_from_dict(raw)
+    except UserError:
+        return
+    assert recipe_from_dict(recipe_to_dict(r)) == r
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=80))
+def test_random_yaml_text_raises_only_user_error(tmp_path_factory, text):
+    p = tmp_path_factory.mktemp("y") / "r.yaml"
+    p.write_text(text)
+    try:
+        load_recipe(str(p))
+    except UserError:
+        pass
