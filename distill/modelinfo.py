@@ -8,6 +8,7 @@ every speed ratio a false claim (measured: unfused ``mobilenetv2_0.5`` at 28×28
 import json
 import logging
 import time
+import warnings
 
 import mxnet as mx
 import numpy as np
@@ -104,7 +105,9 @@ def total_macs(symbol, input_shape, input_name="data"):
 def load_symbol_block(prefix, epoch=0, input_name="data", ctx=None):
     """Load an exported ``PREFIX-symbol.json`` + ``PREFIX-%04d.params`` pair as a SymbolBlock."""
     ctx = ctx or mx.cpu()
-    return gluon.SymbolBlock.imports(f"{prefix}-symbol.json", [input_name],
+    with warnings.catch_warnings():       # "Cannot decide type for data": harmless, float32
+        warnings.simplefilter("ignore")
+        return gluon.SymbolBlock.imports(f"{prefix}-symbol.json", [input_name],
                                      f"{prefix}-{epoch:04d}.params", ctx=ctx)
 
 

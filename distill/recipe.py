@@ -337,7 +337,8 @@ def recipe_to_dict(recipe):
 def recipe_hash(recipe, sections=None):
     """A short, stable hash of the recipe (or of some sections of it)."""
     d = recipe_to_dict(recipe)
-    d.pop("output", None)
+    d.pop("output", None)                      # where results go and how they are shown
+    d.get("trainer", {}).pop("progress", None)  # do not change what is trained
     if sections:
         d = {k: d[k] for k in sections}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]

@@ -133,7 +133,8 @@ def run_training(recipe, resume=False, role="student"):
     atomic_write_bytes(os.path.join(run_dir, "recipe.yaml"),
                        yaml.safe_dump(rdict, sort_keys=False).encode())
     log = _Log(os.path.join(run_dir, "train.log"))
-    log(f"== {role} run {recipe.name!r} → {run_dir} ({datetime.datetime.now():%Y-%m-%d %H:%M:%S})")
+    what = "teacher run" if role == "teacher" else "run"
+    log(f"== {what} {recipe.name!r} → {run_dir} ({datetime.datetime.now():%Y-%m-%d %H:%M:%S})")
 
     mx.random.seed(recipe.trainer.seed)
     np.random.seed(recipe.trainer.seed)
@@ -150,8 +151,6 @@ def run_training(recipe, resume=False, role="student"):
     student, student_desc = _build_student(recipe, data, teacher)
     student.hybridize(static_alloc=True, static_shape=True)
     terms = [(t.loss, t.weight, build_loss(t)) for t in recipe.distillation]
-    for _, _, block in terms:
-        block.hybridize()
 
     writer = SummaryWriter(os.path.join(run_dir, "tb"))
     try:
@@ -199,17 +198,17 @@ def _n_params(params):
 
 
 def _check_same_recipe(run_dir, rdict):
+    """``--resume`` only continues a run started with the same recipe (same hash)."""
+    from .recipe import recipe_from_dict
     saved = os.path.join(run_dir, "recipe.yaml")
     if not os.path.isfile(saved):
         return
     with open(saved) as f:
-        old = yaml.safe_load(f)
-    strip = lambda d: {k: v for k, v in d.items() if k not in ("output",)}  # noqa: E731
-    old_t, new_t = dict(old or {}), dict(rdict)
-    for d in (old_t, new_t):
-        d.get("trainer", {}).pop("progress", None)
-    if strip(old_t) != strip(new_t):
-        diff = sorted(k for k in set(old_t) | set(new_t) if old_t.get(k) != new_t.get(k))
+        old = recipe_from_dict(yaml.safe_load(f), saved)
+    new = recipe_from_dict(rdict)
+    if recipe_hash(old) != recipe_hash(new):
+        od, nd = recipe_to_dict(old), recipe_to_dict(new)
+        diff = sorted(k for k in set(od) | set(nd) if k != "output" and od.get(k) != nd.get(k))
         raise UserError(f"--resume: the recipe differs from the one this run folder ({run_dir}) was "
                         f"started with (sections: {', '.join(diff)}). Resume with the same recipe, or "
                         f"start a fresh run without --resume (or with another `output.dir`).")

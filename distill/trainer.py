@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .errors import UserError
+from . import optim  # noqa: F401  (registers deterministicnag)
 
 __all__ = ["fit", "evaluate", "predict", "lr_at", "TrainingDiverged"]
 _LOGGER = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def _make_trainer(net, cfg):
     if cfg.optimizer == "adam":
         opt, kw = "adam", {}
     else:
-        opt = "nag" if cfg.optimizer == "nesterov" else "sgd"
+        opt = "deterministicnag" if cfg.optimizer == "nesterov" else "sgd"
         kw = {"momentum": cfg.momentum}
     return gluon.Trainer(net.collect_params(), opt,
                          {"learning_rate": cfg.lr, "wd": cfg.weight_decay, **kw}, kvstore=None)
@@ -111,7 +112,10 @@ def fit(student, teacher, data, terms, cfg, run_dir, writer, resume=False, recip
             payload = load_checkpoint(path, student, trainer)
             start, history = payload["epoch"] + 1, payload["history"]
             prior_time = payload.get("train_time_s", 0.0)
-            log(f"resumed from {path}: continuing at epoch {start + 1}/{cfg.epochs}")
+            if start < cfg.epochs:
+                log(f"resumed from {path}: continuing at epoch {start + 1}/{cfg.epochs}")
+            else:
+                log(f"resumed from {path}: all {cfg.epochs} epochs were already done")
     need_teacher = any(t.needs_teacher for _, _, t in terms) and teacher is not None
     need_labels = any(t.needs_labels for _, _, t in terms)
     if need_labels and data.train.y is None:

@@ -17,7 +17,7 @@ from mxnet import gluon
 
 from distill.errors import UserError
 from . import mobilenet, resnet, shufflenet  # noqa: F401  (registers the families)
-from .adapt import adapt_strides, target_stride
+from .adapt import adapt_strides, target_stride, unfreeze_input_batchnorm
 from .registry import STUDENTS
 
 __all__ = ["STUDENTS", "build_student", "list_students", "student_info", "target_stride"]
@@ -66,12 +66,13 @@ def build_student(name: str, channels: int, num_classes: int, image_size: Tuple[
     if int(num_classes) < 1:
         raise UserError(f"student: num_classes must be >= 1, got {num_classes!r}.")
     net = builder(num_classes=int(num_classes))
+    unfrozen = unfreeze_input_batchnorm(net)
     if seed is not None:
         mx.random.seed(seed)
         np.random.seed(seed)
     net.initialize(mx.init.Xavier(), ctx=ctx)
     info = adapt_strides(net, int(channels), image_size, int(num_classes), max_stride, ctx)
-    info.update(name=name, channels=int(channels), num_classes=int(num_classes),
+    info.update(name=name, unfrozen_batchnorm=unfrozen, channels=int(channels), num_classes=int(num_classes),
                 image_size=tuple(int(v) for v in image_size))
     setattr(net, _INFO_ATTR, info)
     _LOGGER.info("student %s: stride %d (native %d), features %s, %d layers at stride 1",

@@ -26,7 +26,8 @@ from mxnet.gluon import nn
 
 from distill.errors import UserError
 
-__all__ = ["DownsampleEvent", "target_stride", "find_events", "adapt_strides", "walk"]
+__all__ = ["DownsampleEvent", "target_stride", "find_events", "adapt_strides", "walk",
+           "unfreeze_input_batchnorm"]
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -277,3 +278,43 @@ def adapt_strides(net, channels, image_size, num_classes, max_stride=None, ctx=m
                     "layers": [p for p, _ in e.layers], "removed": i < n_removed}
                    for i, e in enumerate(events)],
     }
+
+
+def unfreeze_input_batchnorm(net):
+    """Replace every BatchNorm with neither scale nor center by one with a learnable shift, in place.
+
+    MXNet updates a BatchNorm's running mean/var in its backward pass. A BatchNorm with
+    ``scale=False, center=False`` applied to the input data (CIFAR ResNet v2's first layer) has
+    nothing to differentiate, so its backward never runs and its running stats stay at (0, 1):
+    training normalizes the input by batch statistics while inference only divides by 1. On
+    digits scaled to [0, 1] that cost CIFAR ResNet v2 half its accuracy. A learnable shift
+    (``center=True``, starting at 0, so the initial function is unchanged) makes the backward run.
+
+    Parameters
+    ----------
+    net : mxnet.gluon.Block
+        Before initialization.
+
+    Returns
+    -------
+    list of str
+        Paths of the replaced layers.
+    """
+    replaced = []
+    for path, parent in list(walk(net)):
+        for key, child in list(parent._children.items()):
+            if not (isinstance(child, nn.BatchNorm) and child.gamma.grad_req == "null"
+                    and child.beta.grad_req == "null"):
+                continue
+            kw = child._kwargs
+            with parent.name_scope():
+                new = nn.BatchNorm(axis=kw["axis"], momentum=kw["momentum"], epsilon=kw["eps"],
+                                   center=True, scale=False,
+                                   use_global_stats=kw["use_global_stats"],
+                                   in_channels=child.running_mean.shape[0])
+            if getattr(parent, key, None) is child:
+                setattr(parent, key, new)
+            else:  # a Sequential's numbered child
+                parent._children[key] = new
+            replaced.append(f"{path}.{key}" if path else key)
+    return replaced

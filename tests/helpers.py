@@ -1,0 +1,48 @@
+"""Shared test helpers: tiny recipes that run in seconds, and the CLI in a subprocess."""
+import os
+import subprocess
+import sys
+
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_teacher(tmp, name="tiny_teacher", epochs=2, **data):
+    """Write a teacher recipe (synthetic data, cifar_resnet20_v1) into ``tmp``; return its path."""
+    d = {"name": "synthetic", "num_samples": 640, "num_classes": 4, "image_size": 16, **data}
+    r = {"name": name, "data": d, "student": {"model": "cifar_resnet20_v1"},
+         "distillation": [{"loss": "ce", "weight": 1.0}],
+         "trainer": {"epochs": epochs, "batch_size": 32, "lr": 0.1, "progress": False},
+         "output": {"dir": os.path.join(str(tmp), "runs", name), "latency_repeats": 2}}
+    path = os.path.join(str(tmp), name + ".yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(r, f)
+    return path
+
+
+def tiny_student(tmp, teacher_path, name="tiny_student", epochs=4, model="mobilenet0.25", **extra):
+    """Write a KD student recipe next to ``teacher_path``; return its path."""
+    with open(teacher_path) as f:
+        data = yaml.safe_load(f)["data"]
+    r = {"name": name, "data": data, "teacher": {"recipe": os.path.basename(teacher_path)},
+         "student": {"model": model},
+         "distillation": [{"loss": "kd", "weight": 0.7, "temperature": 4.0}, {"loss": "ce", "weight": 0.3}],
+         "trainer": {"epochs": epochs, "batch_size": 32, "lr": 0.1, "progress": False},
+         "output": {"dir": os.path.join(str(tmp), "runs", name), "latency_repeats": 2}}
+    for k, v in extra.items():
+        r.setdefault(k, {}).update(v) if isinstance(v, dict) else r.__setitem__(k, v)
+    path = os.path.join(str(tmp), name + ".yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(r, f)
+    return path
+
+
+def run_cli(*args, cwd=None, timeout=600, **popen):
+    """Run ``python train.py ARGS`` (or ``-m distill.cli`` with ``distill`` first) in a subprocess."""
+    if args and args[0] == "distill":
+        cmd = [sys.executable, "-m", "distill.cli", *args[1:]]
+    else:
+        cmd = [sys.executable, os.path.join(ROOT, "train.py"), *args]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="2")
+    return subprocess.run(cmd, cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout, env=env)

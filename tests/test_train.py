@@ -1,0 +1,140 @@
+"""The main job end to end, on tiny synthetic data: run folder, metrics, export, TB scalars,
+teacher cache, CLI errors, and SIGKILL → --resume giving the same result."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mxnet as mx
+import numpy as np
+import pytest
+
+from distill.modelinfo import load_symbol_block
+from distill.tbread import read_scalars
+from helpers import ROOT, run_cli, tiny_student, tiny_teacher
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    t = tiny_teacher(tmp)
+    s = tiny_student(tmp, t)
+    res = run_cli(s)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return tmp, s, res
+
+
+def test_unknown_key_from_command_line_fails_fast():
+    t0 = time.time()
+    res = run_cli("recipes/quickstart.yaml", "--set", "trainer.epochz=1")
+    assert res.returncode == 2
+    assert "trainer.epochz" in res.stderr and "epochs" in res.stderr
+    assert "Traceback" not in res.stderr + res.stdout
+    assert time.time() - t0 < 60          # "at once": before any data or model is touched
+    assert "epoch 1/" not in res.stdout
+
+
+def test_run_folder_and_metrics(tiny_run):
+    tmp, _, res = tiny_run
+    run = os.path.join(tmp, "runs", "tiny_student")
+    for f in ("recipe.yaml", "metrics.json", "model-symbol.json", "model-0000.params", "train.log"):
+        assert os.path.isfile(os.path.join(run, f)), f
+    assert os.listdir(os.path.join(run, "checkpoints")) and os.listdir(os.path.join(run, "tb"))
+    m = json.load(open(os.path.join(run, "metrics.json")))
+    assert m["complete"] is True
+    for key in ("top1", "params", "flops", "macs", "latency_ms"):
+        assert key in m["student"], key
+    assert set(m["student"]["latency_ms"]) == {"b1", "b32"}
+    assert m["student"]["latency_ms"]["b1"] > 0 and m["student"]["latency_ms"]["b32"] > 0
+    assert 0 <= m["teacher"]["top1"] <= 100 and m["time_s"] > 0
+    assert m["student"]["params"] < m["teacher"]["params"]
+    assert m["student"]["flops"] == 2 * m["student"]["macs"] > 0
+    # synthetic classes are easy: the teacher learned them and the student followed
+    assert m["teacher"]["top1"] >= 90.0 and m["student"]["top1"] >= 60.0
+    assert "top-1 %" in res.stdout and "teacher / student" in res.stdout     # the summary table
+
+
+def test_export_reloads_with_the_reported_accuracy(tiny_run):
+    tmp, s, _ = tiny_run
+    from distill.data import load_data
+    from distill.recipe import load_recipe
+    from distill.trainer import evaluate
+    run = os.path.join(tmp, "runs", "tiny_student")
+    m = json.load(open(os.path.join(run, "metrics.json")))
+    recipe = load_recipe(s)
+    data = load_data(recipe.data, seed=recipe.trainer.seed)
+    net = load_symbol_block(os.path.join(run, "model"))
+    assert evaluate(net, data.val) == pytest.approx(m["student"]["top1"], abs=1e-6)
+    # the Module API loads the same pair
+    sym, args, aux = mx.model.load_checkpoint(os.path.join(run, "model"), 0)
+    mod = mx.mod.Module(sym, data_names=["data"], label_names=None)
+    mod.bind(data_shapes=[("data", (8,) + data.val.x.shape[1:])], for_training=False)
+    mod.set_params(args, aux)
+    mod.forward(mx.io.DataBatch([mx.nd.array(data.val.x[:8])]), is_train=False)
+    np.testing.assert_allclose(mod.get_outputs()[0].asnumpy(),
+                               net(mx.nd.array(data.val.x[:8])).asnumpy(), atol=1e-5)
+
+
+def test_tensorboard_has_every_scalar(tiny_run):
+    tmp, _, _ = tiny_run
+    scalars = read_scalars(os.path.join(tmp, "runs", "tiny_student", "tb"))
+    for tag in ("loss/kd", "loss/ce", "loss/total", "lr", "top1/train", "top1/val",
+                "speed/images_per_s"):
+        assert tag in scalars, f"{tag} missing; found {sorted(scalars)}"
+        assert [s for s, _ in scalars[tag]] == [1, 2, 3, 4]
+    assert all(v > 0 for _, v in scalars["speed/images_per_s"])
+
+
+def test_teacher_is_cached(tiny_run):
+    tmp, s, res = tiny_run
+    assert "training it from" in res.stdout + res.stderr
+    tm = os.path.join(tmp, "runs", "tiny_teacher", "metrics.json")
+    before = os.path.getmtime(tm)
+    res2 = run_cli(s, "--set", "output.dir=" + os.path.join(str(tmp), "runs", "again"),
+                   "--set", "trainer.epochs=1")
+    assert res2.returncode == 0, res2.stderr[-2000:]
+    assert "reusing the trained teacher" in res2.stdout + res2.stderr
+    assert os.path.getmtime(tm) == before
+
+
+def _history(run):
+    return json.load(open(os.path.join(run, "metrics.json")))["history"]
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
+    t = tiny_teacher(tmp_path, epochs=1)
+    base = dict(data={"num_samples": 1600})
+    ref = tiny_student(tmp_path, t, name="ref", epochs=4, **base)
+    res = run_cli(ref)
+    assert res.returncode == 0, res.stderr[-2000:]
+    killed = tiny_student(tmp_path, t, name="killed", epochs=4, **base)
+    run = os.path.join(tmp_path, "runs", "killed")
+    ckpts = os.path.join(run, "checkpoints")
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="2")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), killed],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    epoch_times = [e["epoch_time_s"] for e in _history(os.path.join(tmp_path, "runs", "ref"))]
+    deadline = time.time() + 300
+    while not os.path.exists(os.path.join(ckpts, "epoch-0001.ckpt")):
+        assert proc.poll() is None and time.time() < deadline, "run ended before epoch 2 finished"
+        time.sleep(0.05)
+    time.sleep(min(epoch_times) * 0.4)       # well inside epoch 3
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(run, "metrics.json"))
+    assert sorted(os.listdir(ckpts))[-1] == "epoch-0001.ckpt"
+    res = run_cli(killed, "--resume")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "continuing at epoch 3/4" in res.stdout
+    a, b = _history(os.path.join(tmp_path, "runs", "ref")), _history(run)
+    assert [r["epoch"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        assert rb["val_top1"] == ra["val_top1"]
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5, abs=1e-6)
+    pa = mx.nd.load(os.path.join(tmp_path, "runs", "ref", "model-0000.params"))
+    pb = mx.nd.load(os.path.join(run, "model-0000.params"))
+    assert set(pa) == set(pb)
+    for k in pa:
+        np.testing.assert_allclose(pa[k].asnumpy(), pb[k].asnumpy(), rtol=1e-5, atol=1e-6)
