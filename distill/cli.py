@@ -71,8 +71,27 @@ def train_main(argv=None):
     return _run(_cmd_train, args)
 
 
+# Subcommands that live in their own modules: name -> (module, help). Each module defines
+# ``add_arguments(parser)`` and ``main(args) -> int``; it is imported only when used.
+SUBCOMMANDS = {
+    "inspect": ("distill.inspect", "table of every layer of a model: op, shape, params, MACs, taps"),
+    "quantize": ("distill.quantize.cli", "int8 calibration of a run folder's model (oneDNN)"),
+    "export": ("distill.export", "export a run folder's model for deployment (mxnet, onnx, ncnn)"),
+    "sensitivity": ("distill.pruning.sensitivity", "per-group channel-pruning sensitivity of a recipe"),
+}
+
+
+def _lazy(module):
+    def call(args):
+        import importlib
+        return importlib.import_module(module).main(args)
+    return call
+
+
 def main(argv=None):
     """The ``distill`` console script."""
+    import importlib
+    import importlib.util
     p = argparse.ArgumentParser(prog="distill", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="run a recipe end to end")
@@ -81,6 +100,17 @@ def main(argv=None):
     ls = sub.add_parser("list", help="list registered students, datasets and loss terms")
     _common(ls)
     ls.set_defaults(fn=_cmd_list)
+    for name, (module, help_) in SUBCOMMANDS.items():
+        try:
+            if importlib.util.find_spec(module) is None:
+                continue                  # not built yet
+        except ModuleNotFoundError:
+            continue
+        mod = importlib.import_module(module)
+        sp = sub.add_parser(name, help=help_)
+        mod.add_arguments(sp)
+        _common(sp)
+        sp.set_defaults(fn=_lazy(module))
     args = p.parse_args(argv)
     return _run(args.fn, args)
 

@@ -60,6 +60,7 @@ class DataConfig:
     mean: Optional[List[float]] = None
     std: Optional[List[float]] = None
     labels: bool = True
+    augment: List[str] = field(default_factory=list)
     skip_corrupt: bool = True
     limit: Optional[int] = None
     num_samples: int = 2000
@@ -78,6 +79,9 @@ class DataConfig:
             _check(len(self.mean) == len(self.std), f"{p}.mean",
                    f"has {len(self.mean)} values but `{p}.std` has {len(self.std)}: give one per channel")
         _check(self.limit is None or self.limit >= 1, f"{p}.limit", "must be ≥ 1")
+        for a in self.augment:
+            _check(a in ("crop", "hflip"), f"{p}.augment",
+                   f"unknown augmentation {a!r}; valid: crop, hflip")
         _check(self.num_samples >= 2, f"{p}.num_samples", "must be ≥ 2")
         _check(self.num_classes >= 2, f"{p}.num_classes", "must be ≥ 2")
         _check(self.channels in (1, 3), f"{p}.channels", "must be 1 or 3")
@@ -98,8 +102,11 @@ class TeacherConfig:
     params: Optional[str] = None
     input_name: str = "data"
     output: Optional[str] = None
+    input_shape: Optional[List[int]] = None
 
     def validate(self, p):
+        _check(self.input_shape is None or (len(self.input_shape) == 3 and min(self.input_shape) >= 1),
+               f"{p}.input_shape", f"must be [channels, height, width], got {self.input_shape}")
         given = [k for k in ("checkpoint", "recipe", "model") if getattr(self, k)]
         _check(len(given) <= 1, p, f"give only one of `checkpoint`, `recipe`, `model` (got {', '.join(given)})")
         _check(self.epoch >= 0, f"{p}.epoch", "must be ≥ 0")
@@ -130,14 +137,34 @@ class StudentConfig:
 
 @dataclass
 class LossTerm:
-    """One item of ``distillation:``: a registered loss (``kd``, ``ce``) with its weight."""
+    """One item of ``distillation:``: a registered loss with its weight and options.
+
+    ``loss`` is ``kd``, ``ce``, ``hint``, ``attention``, ``similarity`` or ``rkd``.
+    ``teacher_layer``/``student_layer`` name internal outputs (``distill inspect`` lists them);
+    unset, a term sees the logits. ``temperature`` is for ``kd``, ``p`` for ``attention``,
+    ``distance_weight``/``angle_weight`` for ``rkd``.
+    """
     loss: str = "ce"
     weight: float = 1.0
     temperature: float = 4.0
+    teacher_layer: Optional[str] = None
+    student_layer: Optional[str] = None
+    p: float = 2.0
+    distance_weight: float = 25.0
+    angle_weight: float = 50.0
 
     def validate(self, p):
         _check(self.weight >= 0, f"{p}.weight", f"must be ≥ 0, got {self.weight}")
         _check(self.temperature > 0, f"{p}.temperature", f"must be > 0, got {self.temperature}")
+        _check(self.p > 0, f"{p}.p", f"must be > 0, got {self.p}")
+        _check(self.distance_weight >= 0 and self.angle_weight >= 0, p,
+               "`distance_weight` and `angle_weight` must be ≥ 0")
+        if self.loss == "ce":
+            _check(not (self.teacher_layer or self.student_layer), p,
+                   "a `ce` term uses the logits and labels: remove `teacher_layer`/`student_layer`")
+        if self.loss == "hint":
+            _check(bool(self.teacher_layer) and bool(self.student_layer), p,
+                   "a `hint` term needs both `teacher_layer` and `student_layer` (feature maps)")
 
 
 @dataclass
@@ -148,8 +175,36 @@ class PruningConfig:
 
 @dataclass
 class QuantizationConfig:
-    """``quantization:`` (the int8 issue fills this in; ``enabled: false`` by default)."""
+    """``quantization:`` post-training int8 calibration (``distill quantize RUN_DIR``).
+
+    ``calib_mode`` is ``naive`` (min/max) or ``entropy`` (KL); ``calib_batches`` ×
+    ``calib_batch_size`` training images, chosen by ``trainer.seed``, calibrate. ``exclude``
+    keeps layers in fp32: ``none``, ``first_last``, ``auto`` (the fewest layers that hold top-1
+    within ``budget`` points) or name patterns (``"*conv0*"``, a list or ``a,b``).
+    ``granularity`` is how weights are scaled: ``channel-wise`` or ``tensor-wise``.
+    ``enabled`` is reserved for running this step at the end of ``distill train``.
+    """
     enabled: bool = False
+    calib_mode: str = "entropy"
+    calib_batches: int = 10
+    calib_batch_size: int = 32
+    exclude: Union[str, List[str]] = "auto"
+    budget: float = 0.5
+    granularity: str = "channel-wise"
+
+    def validate(self, p):
+        _check(self.calib_mode in ("naive", "entropy"), f"{p}.calib_mode",
+               f"must be one of naive, entropy; got {self.calib_mode!r}")
+        _check(self.calib_batches >= 1, f"{p}.calib_batches", f"must be ≥ 1, got {self.calib_batches}")
+        _check(self.calib_batch_size >= 1, f"{p}.calib_batch_size",
+               f"must be ≥ 1, got {self.calib_batch_size}")
+        patterns = self.exclude if isinstance(self.exclude, list) else self.exclude.split(",")
+        _check(bool(patterns) and all(s.strip() for s in patterns), f"{p}.exclude",
+               "must be none, first_last, auto, or layer-name patterns (e.g. \"*conv0*,*dense*\"); "
+               f"got {self.exclude!r}")
+        _check(self.budget >= 0, f"{p}.budget", f"must be ≥ 0 (points of top-1), got {self.budget}")
+        _check(self.granularity in ("channel-wise", "tensor-wise"), f"{p}.granularity",
+               f"must be channel-wise or tensor-wise; got {self.granularity!r}")
 
 
 @dataclass
@@ -168,8 +223,13 @@ class TrainerConfig:
     seed: int = 0
     eval_batch_size: int = 256
     progress: bool = True
+    teacher_cache: str = "auto"
+    teacher_cache_max_mb: float = 2048.0
 
     def validate(self, p):
+        _check(self.teacher_cache in ("auto", "memory", "disk", "off"), f"{p}.teacher_cache",
+               f"must be one of auto, memory, disk, off; got {self.teacher_cache!r}")
+        _check(self.teacher_cache_max_mb > 0, f"{p}.teacher_cache_max_mb", "must be > 0")
         _check(self.epochs >= 1, f"{p}.epochs", f"must be ≥ 1, got {self.epochs}")
         _check(self.batch_size >= 1, f"{p}.batch_size", f"must be ≥ 1, got {self.batch_size}")
         _check(self.lr > 0, f"{p}.lr", f"must be > 0, got {self.lr}")

@@ -104,7 +104,6 @@ def run_training(recipe, resume=False, role="student"):
     """
     from tensorboardX import SummaryWriter
     from .data import load_data
-    from .losses import build_loss
     from .modelinfo import count_params
     from .report import summary_table
     from .teacher import load_teacher
@@ -143,21 +142,43 @@ def run_training(recipe, resume=False, role="student"):
         f"{data.channels}×{data.image_size[0]}×{data.image_size[1]}, {data.num_classes} classes")
 
     teacher = None
+    t_taps = _unique(t.teacher_layer for t in recipe.distillation)
+    s_taps = _unique(t.student_layer for t in recipe.distillation)
     if recipe.teacher.given:
         recipe_dir = os.path.dirname(getattr(recipe, "source", "")) or "."
-        teacher = load_teacher(recipe.teacher, data, recipe_dir)
+        teacher = load_teacher(recipe.teacher, data, recipe_dir, taps=t_taps)
         log(f"teacher: {teacher.source}")
 
     student, student_desc = _build_student(recipe, data, teacher)
     student.hybridize(static_alloc=True, static_shape=True)
-    terms = [(t.loss, t.weight, build_loss(t)) for t in recipe.distillation]
+    train_net = student
+    if s_taps:
+        from .taps import tapped_block
+        train_net = tapped_block(student, s_taps, where="distillation[].student_layer")
+        train_net.hybridize(static_alloc=True, static_shape=True)
+    terms = _build_terms(recipe, data, teacher, train_net, s_taps, t_taps)
+    teacher_outputs = None
+    if teacher is not None and any(t.block.needs_teacher for t in terms):
+        from .teacher_cache import TeacherOutputs
+        teacher_outputs = TeacherOutputs(
+            teacher, data.train.x, recipe.trainer.teacher_cache, bool(recipe.data.augment),
+            os.path.join(run_dir, ".cache"), recipe.trainer.teacher_cache_max_mb,
+            recipe.trainer.eval_batch_size, recipe.trainer.progress)
+        log(f"teacher outputs: {'computed live every batch' if teacher_outputs.mode == 'off' else f'cached once ({teacher_outputs.mode}, {teacher_outputs.megabytes:.1f} MiB)'}")
 
+    modifiers = _build_modifiers(recipe, teacher, log)
     writer = SummaryWriter(os.path.join(run_dir, "tb"))
     try:
-        result = fit(student, teacher, data, terms, recipe.trainer, run_dir, writer,
-                     resume=resume, recipe_dict=rdict, log=log)
+        result = fit(student, train_net, teacher_outputs, data, terms, recipe.trainer, run_dir,
+                     writer, resume=resume, recipe_dict=rdict, log=log, modifiers=modifiers,
+                     augment=recipe.data.augment)
     finally:
         writer.close()
+    # a modifier may replace the trained net at the end (channel pruning: the physically
+    # smaller network, rebuilt from the masked one)
+    for m in modifiers:
+        if hasattr(m, "finalize"):
+            student = m.finalize(student, data, log)
 
     # export the student's inference graph (logits only) next to the metrics
     prefix = os.path.join(run_dir, "model")
@@ -180,6 +201,9 @@ def run_training(recipe, resume=False, role="student"):
     top1 = evaluate(exported, data.val, recipe.trainer.eval_batch_size)
     metrics["student"] = {"model": student_desc, "top1": round(top1, 3)}
     metrics["student"].update(_model_summary(prefix, count_params(student), input_shape, recipe.output))
+    for m in modifiers:
+        if hasattr(m, "metrics"):
+            metrics["student"].update(m.metrics(student))
     metrics["history"] = result["history"]
     metrics["train_time_s"] = round(result["train_time_s"], 2)
     metrics["time_s"] = round(time.time() - t_start, 2)
@@ -190,6 +214,45 @@ def run_training(recipe, resume=False, role="student"):
     log(summary_table(metrics))
     log(f"run folder: {run_dir}  (metrics.json, model-symbol.json + model-0000.params, tb/)")
     return metrics
+
+
+def _unique(names):
+    out = []
+    for n in names:
+        if n and n not in out:
+            out.append(n)
+    return out
+
+
+def _build_terms(recipe, data, teacher, train_net, s_taps, t_taps):
+    """One :class:`~distill.trainer.Term` per recipe loss, wired to its student/teacher outputs."""
+    from .losses import build_loss
+    from .trainer import Term
+    x = mx.nd.array(data.train.x[:2])
+    s_outs = train_net(x)
+    s_shapes = [o.shape for o in (s_outs if isinstance(s_outs, (list, tuple)) else [s_outs])]
+    t_shapes = [o.shape for o in teacher.outputs(x)] if teacher is not None else []
+    counts = {}
+    for t in recipe.distillation:
+        counts[t.loss] = counts.get(t.loss, 0) + 1
+    terms, seen = [], {}
+    for i, t in enumerate(recipe.distillation):
+        s_idx = 1 + s_taps.index(t.student_layer) if t.student_layer else 0
+        t_idx = 1 + t_taps.index(t.teacher_layer) if t.teacher_layer else 0
+        block = build_loss(t, s_shapes[s_idx], t_shapes[t_idx] if t_shapes else None)
+        block.initialize(mx.init.Xavier(), ctx=mx.cpu())
+        seen[t.loss] = seen.get(t.loss, 0) + 1
+        name = t.loss if counts[t.loss] == 1 else f"{t.loss}{seen[t.loss]}"
+        terms.append(Term(name, t.weight, block, s_idx, t_idx))
+    return terms
+
+
+def _build_modifiers(recipe, teacher, log):
+    """Modifiers from the recipe's sections (pruning schedules and mask keeping)."""
+    if not recipe.pruning.enabled:
+        return []
+    from .pruning import build_modifiers
+    return build_modifiers(recipe, teacher=teacher, log=log)
 
 
 def _n_params(params):

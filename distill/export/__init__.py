@@ -1,0 +1,104 @@
+"""``distill export RUN_DIR``: the run's model for deployment, each format checked in its runtime.
+
+Formats (registered on :data:`FORMATS`, one file each; ``--format`` takes several):
+
+* ``mxnet``: ``model-symbol.json`` + ``model-0000.params``, logits only (training heads and
+  unused parameters removed), reloaded with ``gluon.SymbolBlock.imports`` *and* the Module API.
+* ``onnx``: ``model.onnx`` from ``mxnet.onnx.export_model``, run in onnxruntime.
+* ``onnx-int8``: ``model.int8.onnx``, onnxruntime static QDQ quantization of ``model.onnx``
+  calibrated on a fixed, seeded sample of the recipe's train split.
+* ``ncnn``: ``model.ncnn.param`` + ``model.ncnn.bin``, ONNX → ``pnnx``, run in ncnn's runtime.
+
+Every format runs on the test split in its own runtime and is compared with MXNet (max abs
+logit difference, top-1 agreement); latency at batch 1 is timed in each runtime. A
+``MODEL_CARD.md`` + ``model_card.json`` are written next to the files. Exports go to
+``RUN_DIR/export/`` (the run's student), ``RUN_DIR/export/teacher/`` (``--model teacher``) or
+``RUN_DIR/export/<name>/`` (``--model PREFIX``; any MXNet pair, e.g. a pruned or int8 variant).
+
+This module is the command line only (kept light: the CLI imports it to list subcommands);
+the work is in :mod:`distill.export.core`.
+"""
+import logging
+
+__all__ = ["add_arguments", "main", "export_run", "ExportOptions"]
+_LOGGER = logging.getLogger(__name__)
+
+
+def __getattr__(name):          # library API without importing mxnet when the CLI starts
+    if name in ("export_run", "ExportOptions"):
+        from . import core
+        return getattr(core, name)
+    raise AttributeError(name)
+
+
+def add_arguments(p):
+    """The ``distill export`` arguments."""
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (its recipe.yaml gives the data)")
+    g = p.add_argument_group("what to export")
+    g.add_argument("--format", "-f", dest="formats", action="append", default=[], metavar="FMT",
+                   help="mxnet, onnx, onnx-int8, ncnn or all; repeat or comma-separate "
+                        "(default: all whose runtime is installed)")
+    g.add_argument("--model", default=None, metavar="PREFIX",
+                   help="export PREFIX-symbol.json + PREFIX-%%04d.params instead of the run's "
+                        "student (a pruned or int8 variant, a Module-API checkpoint); "
+                        "`teacher` exports the run's teacher")
+    g.add_argument("--epoch", type=int, default=0, help="which PREFIX-%%04d.params (default 0)")
+    g.add_argument("--logits", default=None, metavar="LAYER",
+                   help="name of the logits layer, if not the graph's output (after stripping "
+                        "SoftmaxOutput and other loss heads)")
+    g.add_argument("--input-name", default="data", help="the graph's input variable (default data)")
+    g.add_argument("--out", default=None, metavar="DIR",
+                   help="output folder (default RUN_DIR/export[/teacher or /<model name>])")
+    g = p.add_argument_group("checks and options")
+    g.add_argument("--fp16", action="store_true",
+                   help="ncnn: fp16 weights (half the file) and fp16 compute; checked by top-1 "
+                        "agreement instead of logit difference")
+    g.add_argument("--atol", type=float, default=1e-3,
+                   help="largest max-abs logit difference allowed against MXNet (default 1e-3)")
+    g.add_argument("--min-agreement", type=float, default=99.0,
+                   help="--fp16: smallest top-1 agreement with MXNet in %% (default 99)")
+    g.add_argument("--calib-size", type=int, default=None, metavar="N",
+                   help="int8 calibration images from the train split (default: the recipe's "
+                        "quantization.calib_batches × calib_batch_size, the sample distill quantize uses)")
+    g.add_argument("--calib-mode", choices=("naive", "entropy"), default=None,
+                   help="onnx-int8 calibration: naive = min/max, entropy = KL (default: the "
+                        "recipe's quantization.calib_mode)")
+    g.add_argument("--int8-exclude", action="append", default=[], metavar="LAYER",
+                   help="onnx-int8: keep this MXNet layer in fp32 (repeatable; the layers distill "
+                        "quantize kept in fp32, metrics.json int8.excluded, are kept too)")
+    g.add_argument("--int8-max-drop", type=float, default=1.0,
+                   help="onnx-int8: largest top-1 drop in points against fp32 MXNet (default 1)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="threads for onnxruntime and ncnn (default: OMP_NUM_THREADS or all cores; "
+                        "MXNet follows OMP_NUM_THREADS)")
+    g.add_argument("--repeats", type=int, default=None,
+                   help="latency: best of this many repeats (default output.latency_repeats)")
+    g.add_argument("--no-latency", dest="latency", action="store_false", help="skip the timings")
+
+
+def _split_formats(values):
+    out = []
+    for v in values:
+        out.extend(s.strip() for s in v.split(",") if s.strip())
+    return out
+
+
+def main(args):
+    """Run ``distill export``; print the report; 0 when every check passed."""
+    from .core import ExportOptions, export_run
+    from .report import export_table
+    opts = ExportOptions(fp16=args.fp16, atol=args.atol, min_agreement=args.min_agreement,
+                         calib_size=args.calib_size, calib_mode=args.calib_mode,
+                         int8_exclude=tuple(args.int8_exclude), int8_max_drop=args.int8_max_drop,
+                         threads=args.threads, repeats=args.repeats, latency=args.latency,
+                         input_name=args.input_name, logits=args.logits)
+    card = export_run(args.run_dir, formats=_split_formats(args.formats) or None, model=args.model,
+                      epoch=args.epoch, out_dir=args.out, options=opts, raise_on_failure=False)
+    print(export_table(card))
+    failures = [f"{name}: {e['check']['message']}" for name, e in card["exports"].items()
+                if not e["check"]["passed"]]
+    if failures:
+        from .parity import ExportMismatch
+        raise ExportMismatch("export check failed (files kept for inspection, marked failed in "
+                             "model_card.json): " + " | ".join(failures))
+    return 0

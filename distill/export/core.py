@@ -1,0 +1,307 @@
+"""``export_run``: a run folder's model → the requested formats, each checked, plus a model card.
+
+Steps: read the run's recipe (the data and test split come from it) → load the model and write
+its clean inference pair (:mod:`~distill.export.source`) → MXNet's reference logits on the test
+split and batch-1 latency → each format writes its files, runs them in its own runtime and
+compares with the reference → ``MODEL_CARD.md`` + ``model_card.json``.
+"""
+import datetime
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+import yaml
+
+from ..errors import UserError
+from .formats import FORMATS, ordered_formats
+# Importing the format modules registers them on FORMATS.
+from . import mxnet_pair, ncnn_pnnx, onnx_fp32, onnx_int8  # noqa: F401  (registration)
+
+__all__ = ["ExportOptions", "ExportJob", "export_run", "default_out_dir", "available_formats"]
+_LOGGER = logging.getLogger(__name__)
+
+
+@dataclass
+class ExportOptions:
+    """Options of ``distill export`` (the command-line flags, same names)."""
+    fp16: bool = False
+    atol: float = 1e-3
+    min_agreement: float = 99.0
+    calib_size: Optional[int] = None
+    calib_mode: Optional[str] = None
+    int8_exclude: Tuple[str, ...] = ()
+    int8_max_drop: float = 1.0
+    threads: Optional[int] = None
+    repeats: Optional[int] = None
+    latency: bool = True
+    input_name: str = "data"
+    logits: Optional[str] = None
+    eval_batch_size: int = 256
+
+    def validate(self):
+        if not self.atol > 0:
+            raise UserError(f"--atol must be > 0, got {self.atol}")
+        if not 0 <= self.min_agreement <= 100:
+            raise UserError(f"--min-agreement is a percentage in [0, 100], got {self.min_agreement}")
+        if self.calib_size is not None and self.calib_size < 1:
+            raise UserError(f"--calib-size must be ≥ 1, got {self.calib_size}")
+        if self.calib_mode not in (None, "naive", "entropy"):
+            raise UserError(f"--calib-mode must be naive or entropy, got {self.calib_mode!r}")
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"--threads must be ≥ 1, got {self.threads}")
+        if self.repeats is not None and self.repeats < 1:
+            raise UserError(f"--repeats must be ≥ 1, got {self.repeats}")
+
+
+class ExportJob:
+    """What every format needs, built once per export.
+
+    Attributes
+    ----------
+    recipe, data, metrics : Recipe, DataBundle, dict
+        The run's recipe, its data (``data.val`` is the test split) and ``metrics.json`` ({}
+        when absent).
+    source : Source
+        The model being exported.
+    prefix : str
+        The clean inference pair (in ``work_dir``): what every format converts.
+    ref : np.ndarray
+        MXNet's logits of the clean pair on the test split, ``(N, K)``.
+    out_dir, work_dir : str
+        Where the files go; scratch space removed at the end.
+    """
+
+    def __init__(self, recipe, data, metrics, source, out_dir, work_dir, options):
+        from ..modelinfo import load_symbol_block
+        from ..teacher import check_params
+        from ..trainer import predict
+        from .runtimes import default_threads
+        from .source import write_inference_pair
+        self.recipe, self.data, self.metrics, self.source = recipe, data, metrics, source
+        self.out_dir, self.work_dir, self.options = out_dir, work_dir, options
+        self.input_shape = (data.channels,) + tuple(data.image_size)
+        self.threads = options.threads or default_threads()
+        self.repeats = options.repeats or recipe.output.latency_repeats
+        where = f"{source.prefix}-symbol.json"
+        out_shape = check_params(source.symbol, source.params, source.input_name,
+                                 (1,) + self.input_shape, where=where)
+        if len(out_shape) != 2 or out_shape[1] != data.num_classes:
+            raise UserError(f"{where}: the graph outputs shape {out_shape} per image, but the run's "
+                            f"data ({data.name}) has {data.num_classes} classes: export a classifier "
+                            f"for these classes, or name its logits layer with --logits.")
+        self.prefix = write_inference_pair(source, os.path.join(work_dir, "model"))
+        self.x_test, self.y_test = data.val.x, data.val.y
+        self.ref = predict(load_symbol_block(self.prefix), self.x_test, options.eval_batch_size)
+        self._onnx = None
+        self._calib = None
+        self._calib_list = None
+
+    @property
+    def test_labels(self):
+        return self.y_test
+
+    @property
+    def calib_size(self):
+        """``--calib-size``, else the recipe's ``calib_batches × calib_batch_size`` (as ``distill quantize``)."""
+        q = self.recipe.quantization
+        default = getattr(q, "calib_batches", 8) * getattr(q, "calib_batch_size", 32)
+        return self.options.calib_size or default
+
+    @property
+    def calib_mode(self):
+        """``--calib-mode``, else the recipe's ``quantization.calib_mode`` (naive = min/max, entropy = KL)."""
+        return self.options.calib_mode or getattr(self.recipe.quantization, "calib_mode", "naive")
+
+    def calibration(self):
+        """Indices into ``data.train`` of the int8 calibration sample (fixed, seeded)."""
+        from .calib import calibration_indices
+        if self._calib is None:
+            self._calib = calibration_indices(len(self.data.train.x), self.calib_size,
+                                              self.recipe.trainer.seed)
+        return self._calib
+
+    def int8_section(self):
+        """``metrics.json``'s ``int8`` section for this model (``distill quantize``), or {}."""
+        section = self.metrics.get("int8") or {}
+        if self.source.kind == "teacher":
+            return section.get("teacher") or {}
+        return section if self.source.kind == "student" else {}
+
+    def write_calibration_images(self):
+        """Write the calibration sample as ``calib/*.png`` + ``calib/images.txt`` (once)."""
+        from .calib import write_calibration_images
+        if self._calib_list is None:
+            path = write_calibration_images(self.data.train.x, self.calibration(), self.data.mean,
+                                            self.data.std, os.path.join(self.out_dir, "calib"))
+            self._calib_list = os.path.relpath(path, self.out_dir)
+        return self._calib_list
+
+    def onnx_fp32(self):
+        """Path of the fp32 ONNX model (built once in ``work_dir``; ncnn and int8 start from it)."""
+        if self._onnx is None:
+            from .onnx_fp32 import export_onnx
+            self._onnx = export_onnx(self, os.path.join(self.work_dir, "model.onnx"))
+        return self._onnx
+
+
+def available_formats():
+    """``{name: None or what is missing}`` for every registered format."""
+    return {n: FORMATS.get(n)().missing() for n in ordered_formats()}
+
+
+def _choose_formats(requested):
+    avail = available_formats()
+    if not requested or requested == ["all"] or "all" in requested:
+        chosen = [n for n, miss in avail.items() if miss is None]
+        for n, miss in avail.items():
+            if miss is not None:
+                _LOGGER.warning("export: skipping %s (%s)", n, miss)
+        return chosen
+    for n in requested:
+        FORMATS.get(n, where="--format")            # unknown name: lists the valid ones
+        if avail[n] is not None:
+            raise UserError(f"--format {n}: {avail[n]}")
+    return [n for n in ordered_formats() if n in requested]
+
+
+def default_out_dir(run_dir, kind, prefix):
+    """``RUN_DIR/export`` for the student, ``.../export/teacher``, ``.../export/<name>`` for --model."""
+    base = os.path.join(run_dir, "export")
+    if kind == "student":
+        return base
+    if kind == "teacher":
+        return os.path.join(base, "teacher")
+    rel = os.path.relpath(os.path.abspath(prefix), os.path.abspath(run_dir))
+    name = rel if not rel.startswith("..") else os.path.basename(prefix)
+    name = name.replace(os.sep, "-").lstrip(".-") or "model"
+    return os.path.join(base, name)
+
+
+def _read_run(run_dir):
+    from ..recipe import recipe_from_dict
+    if not os.path.isdir(run_dir):
+        raise UserError(f"run folder {run_dir} does not exist. Give the folder a run wrote "
+                        f"(runs/<name>/ or the recipe's output.dir).")
+    path = os.path.join(run_dir, "recipe.yaml")
+    if not os.path.isfile(path):
+        raise UserError(f"{run_dir} is not a run folder: it has no recipe.yaml (the data and test "
+                        f"split of the export checks come from it). Give the folder `distill "
+                        f"train` wrote.")
+    with open(path) as f:
+        recipe = recipe_from_dict(yaml.safe_load(f), path)
+    metrics = {}
+    mpath = os.path.join(run_dir, "metrics.json")
+    if os.path.isfile(mpath):
+        with open(mpath) as f:
+            metrics = json.load(f)
+    return recipe, metrics
+
+
+def _previous_card(out_dir, source, keep_formats):
+    """Entries of an earlier card in ``out_dir`` worth keeping; stale files of another model removed."""
+    path = os.path.join(out_dir, "model_card.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    entries = old.get("exports", {})
+    if old.get("model", {}).get("sha256") == source.sha256:
+        return {k: v for k, v in entries.items() if k not in keep_formats}
+    for name, e in entries.items():       # another model: its files must not pass for this one's
+        if name in keep_formats:
+            continue
+        for f in e.get("files", []):
+            p = os.path.join(out_dir, f)
+            if os.path.isfile(p):
+                os.unlink(p)
+    return {}
+
+
+def export_run(run_dir, formats=None, model=None, epoch=0, out_dir=None, options=None,
+               raise_on_failure=True):
+    """Export a run folder's model and check every format in its runtime.
+
+    Parameters
+    ----------
+    run_dir : str
+        A run folder (``recipe.yaml`` is required: the test split comes from its data).
+    formats : list of str or None
+        Registered format names (``mxnet``, ``onnx``, ``onnx-int8``, ``ncnn``); ``None`` or
+        ``["all"]``: every format whose converter and runtime are installed.
+    model : str or None
+        ``None`` (the run's student), ``"teacher"``, or a prefix of any MXNet pair.
+    epoch : int
+        ``PREFIX-%04d.params`` of ``model``.
+    out_dir : str or None
+        Default :func:`default_out_dir`.
+    options : ExportOptions
+    raise_on_failure : bool
+        Raise :class:`~distill.export.parity.ExportMismatch` when a check fails (after the
+        files and the model card are written).
+
+    Returns
+    -------
+    dict
+        The model card (also in ``out_dir/model_card.json``).
+    """
+    from ..data import load_data
+    from ..modelinfo import measure_latency
+    from .card import build_card, write_card
+    from .parity import ExportMismatch
+    from .source import load_source, resolve_prefix
+    options = options or ExportOptions()
+    options.validate()
+    recipe, metrics = _read_run(run_dir)
+    chosen = _choose_formats(list(formats) if formats else None)
+    prefix, kind = resolve_prefix(run_dir, model)
+    source = load_source(prefix, epoch, kind, options.logits, options.input_name)
+    out_dir = out_dir or default_out_dir(run_dir, kind, prefix)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"export folder {out_dir} cannot be created ({e.strerror}); pass --out.") from None
+    data = load_data(recipe.data, seed=recipe.trainer.seed)
+    previous = _previous_card(out_dir, source, chosen)
+    work_dir = tempfile.mkdtemp(prefix=".export-", dir=out_dir)
+    try:
+        job = ExportJob(recipe, data, metrics, source, out_dir, work_dir, options)
+        _LOGGER.info("export %s (%s) → %s: %s; test split %d images", source.prefix, kind, out_dir,
+                     ", ".join(chosen), len(job.x_test))
+        reference = {"runtime": "mxnet", "top1": _top1(job.ref, job.y_test), "images": len(job.x_test)}
+        if options.latency:
+            reference["latency_ms"] = {"b1": measure_latency(job.prefix, job.input_shape, (1,),
+                                                             repeats=job.repeats)["b1"]}
+        results = {}
+        for name in chosen:
+            _LOGGER.info("export: %s ...", name)
+            results[name] = FORMATS.get(name)().export(job)
+        card = build_card(job, reference, results, previous, run_dir)
+        write_card(out_dir, card)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    failed = [f"{n}: {r['check']['message']}" for n, r in results.items() if not r["check"]["passed"]]
+    if failed and raise_on_failure:
+        raise ExportMismatch(f"export check failed for {out_dir} (files kept for inspection, marked "
+                             f"failed in model_card.json): " + " | ".join(failed))
+    return card
+
+
+def _top1(logits, labels):
+    if labels is None or not len(labels):
+        return float("nan")
+    return round(float((logits.argmax(1) == labels).mean() * 100.0), 3)
+
+
+def options_dict(options):
+    """The options as plain data (for the model card)."""
+    d = asdict(options)
+    d["int8_exclude"] = list(d["int8_exclude"])
+    return d

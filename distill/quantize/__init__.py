@@ -1,0 +1,28 @@
+"""Post-training int8 calibration on MXNet's oneDNN path, and which layers must stay fp32.
+
+* :mod:`.graph`: the fp32 model, its weight layers, int8 graphs built from it;
+* :mod:`.calibrators`: ``naive`` and ``entropy`` thresholds (registered by name);
+* :mod:`.policies`: ``none``, ``first_last``, ``auto`` and name patterns (registered by name);
+* :mod:`.scoring`: top-1 and output shift of int8 variants, per-layer sensitivity;
+* :mod:`.pipeline`: a run folder end to end (``distill quantize RUN_DIR``).
+
+Recipe example::
+
+    quantization:
+      calib_mode: entropy        # naive | entropy
+      calib_batches: 10
+      calib_batch_size: 32
+      exclude: auto              # none | first_last | auto | ["*conv0_fwd", "*dense*"]
+      budget: 0.5                # points of top-1 `auto` may lose
+      granularity: channel-wise
+"""
+from .calibrators import CALIBRATORS, calibrate, calibration_indices
+from .graph import FloatModel, QuantizedGraph, make_block, quantize, save_graph
+from .pipeline import Outcome, export_outcome, paired_latency, prepare, quantize_target, run_policy
+from .policies import POLICIES, Selection, resolve_policy
+from .scoring import Score, Scorer
+
+__all__ = ["CALIBRATORS", "POLICIES", "FloatModel", "QuantizedGraph", "Score", "Scorer", "Selection",
+           "Outcome", "calibrate", "calibration_indices", "quantize", "make_block", "save_graph",
+           "prepare", "run_policy", "export_outcome", "paired_latency", "quantize_target",
+           "resolve_policy"]

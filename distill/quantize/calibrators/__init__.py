@@ -1,0 +1,86 @@
+"""Calibrators: the per-output statistics that fix each int8 tensor's range.
+
+A calibrator is a small class registered on :data:`CALIBRATORS` under the name a recipe writes in
+``quantization.calib_mode``::
+
+    @CALIBRATORS.register("naive")
+    class NaiveCalibrator(Calibrator): ...
+
+:func:`calibrate` runs the fp32 (oneDNN-fused) graph over the calibration batches once, feeds
+every node output to the calibrator, and returns its thresholds: ``{output name: (min, max)}``.
+Same model, same batches in the same order → the same thresholds (nothing random inside).
+
+Recipe example::
+
+    quantization: {calib_mode: entropy, calib_batches: 10, calib_batch_size: 32}
+"""
+import logging
+
+import mxnet as mx
+import numpy as np
+
+from ...registry import Registry
+from .base import Calibrator
+
+__all__ = ["CALIBRATORS", "Calibrator", "calibrate", "calibration_indices"]
+_LOGGER = logging.getLogger(__name__)
+
+CALIBRATORS = Registry("calibration mode")
+
+from . import entropy, naive  # noqa: E402,F401  (registration)
+
+
+def calibration_indices(n, count, seed):
+    """Which training images calibrate: ``min(count, n)`` indices, fixed by ``seed``.
+
+    Parameters
+    ----------
+    n : int
+        Size of the train split.
+    count : int
+        ``calib_batches × calib_batch_size``.
+    seed : int
+        ``trainer.seed`` of the recipe.
+
+    Returns
+    -------
+    np.ndarray
+        int64 indices, in the order they are fed (the order matters to ``entropy``).
+    """
+    return np.random.RandomState(seed).permutation(n)[:min(count, n)].astype(np.int64)
+
+
+def calibrate(model, x, mode, batch_size=32):
+    """Thresholds of every output of ``model.fused`` over the images ``x``.
+
+    Parameters
+    ----------
+    model : FloatModel
+    x : np.ndarray
+        float32 ``(N, C, H, W)`` calibration images, in the order they are fed.
+    mode : str
+        A registered calibrator (``naive``, ``entropy``).
+    batch_size : int
+        Images per forward pass; the last batch may be smaller.
+
+    Returns
+    -------
+    dict
+        Output name → ``(min, max)`` as Python floats.
+    """
+    calibrator = CALIBRATORS.get(mode, where="quantization.calib_mode")()
+    names = model.calib_outputs()
+    internals = model.fused.get_internals()
+    group = mx.sym.Group([internals[n] for n in names])
+    executors = {}
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size]
+        ex = executors.get(len(xb))
+        if ex is None:
+            ex = executors[len(xb)] = group.simple_bind(
+                mx.cpu(), grad_req="null", **{model.input_name: xb.shape})
+            ex.copy_params_from(model.arg_params, model.aux_params, allow_extra_params=True)
+        outs = ex.forward(is_train=False, **{model.input_name: mx.nd.array(xb)})
+        for name, arr in zip(names, outs):
+            calibrator.update(name, arr.asnumpy())
+    return {k: (float(lo), float(hi)) for k, (lo, hi) in calibrator.thresholds().items()}

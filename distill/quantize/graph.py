@@ -1,0 +1,225 @@
+"""The fp32 graph, its weight layers, and int8 graphs built from it on MXNet's oneDNN path.
+
+A :class:`FloatModel` is loaded once: the logits symbol, its parameters, the oneDNN-fused fp32
+graph (``get_backend_symbol('MKLDNN_QUANTIZE')``: conv + BN + activation fused, as deployed) and
+the list of weight layers (``Convolution``, ``FullyConnected``) that exclusion policies choose
+from. :func:`quantize` turns it plus a thresholds table into an int8 graph with some layers
+left in fp32; it is called many times (one per candidate exclusion set) and is cheap: the
+thresholds are collected once (:mod:`distill.quantize.calibrators`).
+
+Layer names are the original graph's (``mobilenetv20_features_conv0_fwd``), as users see them
+in ``distill inspect`` and write them in patterns; MXNet's quantization pass accepts them for
+the fused nodes that contain them.
+"""
+import json
+import logging
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
+
+import mxnet as mx
+from mxnet import gluon
+from mxnet.contrib import quantization as mxq
+
+from ..errors import UserError
+from ..modelinfo import layer_table
+
+__all__ = ["Layer", "FloatModel", "QuantizedGraph", "quantize", "make_block", "save_graph",
+           "WEIGHT_OPS"]
+_LOGGER = logging.getLogger(__name__)
+
+WEIGHT_OPS = ("Convolution", "FullyConnected")
+
+
+@dataclass
+class Layer:
+    """One weight layer of the fp32 graph.
+
+    Attributes
+    ----------
+    name : str
+        The node name in the original graph (what patterns match).
+    op : str
+        ``Convolution`` or ``FullyConnected``.
+    fused : str
+        The oneDNN-fused node that contains it (``sg_mkldnn_conv_bn_act_3``), or ``name``.
+    macs : int
+        Multiply–accumulates per image.
+    shape : tuple
+        Output shape for one image ``(1, C, H, W)`` or ``(1, K)``.
+    """
+    name: str
+    op: str
+    fused: str
+    macs: int
+    shape: Tuple[int, ...]
+
+
+@dataclass
+class QuantizedGraph:
+    """An int8 graph: ``symbol`` (oneDNN-fused, calibrated) and ``params`` (name → NDArray,
+    ``arg`` and ``aux`` merged); ``excluded`` are the weight layers kept in fp32."""
+    symbol: mx.sym.Symbol
+    params: Dict[str, mx.nd.NDArray]
+    excluded: List[str]
+    calib_layers: List[str]
+
+
+class FloatModel:
+    """An fp32 inference graph ready to be calibrated and quantized.
+
+    Parameters
+    ----------
+    symbol : mx.sym.Symbol
+        Logits graph (training heads already stripped).
+    params : dict
+        name → NDArray (``arg``/``aux`` merged).
+    input_shape : tuple
+        ``(C, H, W)`` of one image.
+    input_name : str
+        The graph's input variable.
+    source : str
+        Where it came from, for messages.
+    """
+
+    def __init__(self, symbol, params, input_shape, input_name="data", source="model"):
+        self.symbol = symbol
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.input_name = input_name
+        self.source = source
+        needed = set(symbol.list_arguments()) | set(symbol.list_auxiliary_states())
+        self.arg_params = {k: v for k, v in params.items() if k in symbol.list_arguments()}
+        self.aux_params = {k: v for k, v in params.items() if k in symbol.list_auxiliary_states()}
+        missing = sorted(needed - set(params) - {input_name})
+        if missing:
+            raise UserError(f"{source}: the params file lacks {', '.join(missing[:6])}"
+                            f"{' ...' if len(missing) > 6 else ''}; is it from the same model?")
+        # The graph as oneDNN runs it in fp32; the int8 pass starts from it, and its node outputs
+        # are what calibration measures. Node names are numbered per call, so build it once.
+        self.fused = symbol.get_backend_symbol("MKLDNN_QUANTIZE")
+        self.layers = self._weight_layers()
+        if not self.layers:
+            raise UserError(f"{source}: the graph has no Convolution or FullyConnected layer: "
+                            f"there is nothing for int8 to speed up.")
+        self.op_names = [n["name"] for n in json.loads(symbol.tojson())["nodes"] if n["op"] != "null"]
+        self.fused_op_names = [n["name"] for n in json.loads(self.fused.tojson())["nodes"]
+                               if n["op"] != "null"]
+
+    @classmethod
+    def from_prefix(cls, prefix, input_shape, epoch=0, input_name="data"):
+        """Load ``PREFIX-symbol.json`` + ``PREFIX-%04d.params`` (Gluon export or Module API)."""
+        from ..teacher import check_params, load_symbol_checkpoint
+        sym, params = load_symbol_checkpoint(prefix, epoch)
+        check_params(sym, params, input_name, (1,) + tuple(input_shape), where=prefix)
+        return cls(sym, params, input_shape, input_name, source=prefix)
+
+    @property
+    def params(self):
+        return {**self.arg_params, **self.aux_params}
+
+    @property
+    def layer_names(self):
+        return [l.name for l in self.layers]
+
+    def _weight_layers(self):
+        fused_of = {}
+        for node in json.loads(self.fused.tojson())["nodes"]:
+            for sub in node.get("subgraphs", []):
+                for inner in sub["nodes"]:
+                    fused_of[inner["name"]] = node["name"]
+        rows = layer_table(self.symbol, (1,) + self.input_shape, self.input_name)
+        return [Layer(r["name"], r["op"], fused_of.get(r["name"], r["name"]), int(r["macs"]),
+                      tuple(r["shape"])) for r in rows if r["op"] in WEIGHT_OPS]
+
+    def calib_outputs(self):
+        """Names of the fused graph's outputs that int8 graphs may need thresholds for.
+
+        Every output of every fused node, plus the input: a superset of the ``calib_layers`` of
+        any :func:`quantize` result, whatever is excluded.
+        """
+        names = self.fused.get_internals().list_outputs()
+        params = set(self.arg_params) | set(self.aux_params)
+        return [n for n in names if n == self.input_name or (n.endswith("_output") and n not in params)]
+
+
+def quantize(model, thresholds, excluded=(), granularity="channel-wise", exclude_ops=()):
+    """Build the calibrated int8 graph of ``model`` with the ``excluded`` layers in fp32.
+
+    Parameters
+    ----------
+    model : FloatModel
+    thresholds : dict
+        Output name → ``(min, max)`` for every name of ``model.calib_outputs()`` (from a
+        calibrator); the graph's requantize ranges are fixed from it, so a prediction does not
+        depend on the rest of its batch.
+    excluded : iterable of str
+        Node names (original or fused) to keep in fp32.
+    granularity : str
+        ``channel-wise`` (a scale per output channel of each weight) or ``tensor-wise``.
+    exclude_ops : iterable of str
+        Further node names to keep fp32 (used to isolate one layer when measuring sensitivity).
+
+    Returns
+    -------
+    QuantizedGraph
+    """
+    excluded = list(excluded)
+    names = sorted(set(excluded) | set(exclude_ops))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # calib_mode='naive' only makes MXNet return the list of outputs needing thresholds
+        # (collector.include_layer); the thresholds themselves come from our own calibration.
+        qsym, qarg, qaux, collector = mxq.quantize_graph(
+            sym=model.fused, arg_params=model.arg_params, aux_params=model.aux_params,
+            ctx=mx.cpu(), excluded_sym_names=names, excluded_op_names=[], calib_mode="naive",
+            quantized_dtype="auto", quantize_mode="full", quantize_granularity=granularity,
+            logger=None)
+        need = list(collector.include_layer)
+        missing = [n for n in need if n not in thresholds]
+        if missing:   # cannot happen with thresholds for calib_outputs(): a bug, not a user error
+            raise RuntimeError(f"no calibration threshold for {missing[:5]}")
+        collector.min_max_dict = {n: tuple(float(v) for v in thresholds[n]) for n in need}
+        qsym, qarg, qaux = mxq.calib_graph(qsym=qsym, arg_params=model.arg_params,
+                                           aux_params=model.aux_params, collector=collector,
+                                           calib_mode="naive", quantized_dtype="auto", logger=None)
+    qsym = qsym.get_backend_symbol("MKLDNN_QUANTIZE")     # fold requantize into the int8 convs
+    used = set(qsym.list_arguments()) | set(qsym.list_auxiliary_states())
+    params = {k: v for k, v in {**qarg, **qaux}.items() if k in used}
+    return QuantizedGraph(qsym, params, excluded, need)
+
+
+def make_block(symbol, params, input_name="data"):
+    """A frozen, hybridized :class:`~mxnet.gluon.SymbolBlock` over ``symbol`` with ``params``,
+    loaded the way ``SymbolBlock.imports`` loads a params file (dtype taken from the data)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net = gluon.SymbolBlock(symbol, mx.sym.var(input_name))
+    for name, p in net.collect_params().items():
+        p._load_init(params[name], mx.cpu(), cast_dtype=True, dtype_source="saved")
+        p.grad_req = "null"
+    net.hybridize(static_alloc=True, static_shape=True)
+    return net
+
+
+def save_graph(prefix, symbol, params):
+    """Write ``PREFIX-symbol.json`` + ``PREFIX-0000.params``, each atomically (temp + rename)."""
+    folder = os.path.dirname(os.path.abspath(prefix))
+    os.makedirs(folder, exist_ok=True)
+    sym_path, par_path = prefix + "-symbol.json", prefix + "-0000.params"
+    fd, tmp_sym = tempfile.mkstemp(prefix=".tmp-", suffix="-symbol.json", dir=folder)
+    os.close(fd)
+    fd, tmp_par = tempfile.mkstemp(prefix=".tmp-", suffix=".params", dir=folder)
+    os.close(fd)
+    try:
+        symbol.save(tmp_sym)
+        args = set(symbol.list_arguments())
+        mx.nd.save(tmp_par, {("arg:" if k in args else "aux:") + k: v for k, v in params.items()})
+        os.replace(tmp_par, par_path)
+        os.replace(tmp_sym, sym_path)
+    finally:
+        for t in (tmp_sym, tmp_par):
+            if os.path.exists(t):
+                os.unlink(t)
+    return sym_path, par_path

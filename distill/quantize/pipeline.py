@@ -1,0 +1,315 @@
+"""Int8 calibration of a run folder (or a model prefix), end to end.
+
+For each model (the run's student ``RUN_DIR/model``, and the dense teacher
+``RUN_DIR/.teacher/model`` when the run has one):
+
+1. calibration images: ``calib_batches × calib_batch_size`` images of the recipe's train split,
+   chosen by ``trainer.seed`` (:func:`~distill.quantize.calibrators.calibration_indices`);
+2. thresholds: one pass of the oneDNN-fused fp32 graph over them (``naive`` or ``entropy``);
+3. the exclusion policy picks the fp32 layers, scoring variants on the held-out split;
+4. export ``model-int8-symbol.json`` + ``model-int8-0000.params`` next to the fp32 model, reload
+   it alone, and measure its top-1 and its latency against the fused fp32 graph;
+5. ``metrics.json`` gets an ``int8`` section (the teacher's under ``int8.teacher``), written
+   atomically.
+"""
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import mxnet as mx
+import numpy as np
+import yaml
+
+from ..checkpoint import atomic_write_bytes
+from ..errors import UserError
+from ..modelinfo import file_size, load_symbol_block
+from ..trainer import evaluate
+from .calibrators import calibrate, calibration_indices
+from .graph import FloatModel, QuantizedGraph, make_block, save_graph
+from .policies import Selection, resolve_policy
+from .scoring import Score, Scorer
+
+__all__ = ["Outcome", "prepare", "run_policy", "quantize_target", "paired_latency",
+           "resolve_target", "Target", "int8_prefix"]
+_LOGGER = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    """One model quantized under one policy.
+
+    Attributes
+    ----------
+    scorer : Scorer
+        Holds the model, thresholds, split and every score computed.
+    policy : str
+        The ``exclude`` spec as given.
+    selection : Selection
+    graph : QuantizedGraph
+        The chosen int8 graph.
+    score : Score
+        Its score on the measured split.
+    full : Score
+        Full int8 (``none``), for the report's "full-int8 drop".
+    budget : float
+        The budget the policy was given (used by ``auto`` only).
+    """
+    scorer: Scorer
+    policy: str
+    selection: Selection
+    graph: QuantizedGraph
+    score: Score
+    full: Score
+    budget: float
+
+
+def prepare(model, data, qcfg, seed, batch_size=256):
+    """Calibrate ``model`` on the recipe's train split and return a :class:`Scorer` on val.
+
+    Parameters
+    ----------
+    model : FloatModel
+    data : DataBundle
+    qcfg : QuantizationConfig
+    seed : int
+        Fixes which training images calibrate (``trainer.seed``).
+    batch_size : int
+        Evaluation batch size.
+    """
+    if data.val.y is None or len(data.val) == 0:
+        raise UserError(f"data `{data.name}`: the held-out split has no labels, so int8 top-1 "
+                        f"cannot be measured; use data with a labelled val split.")
+    idx = calibration_indices(len(data.train), qcfg.calib_batches * qcfg.calib_batch_size, seed)
+    thresholds = calibrate(model, data.train.x[idx], qcfg.calib_mode, qcfg.calib_batch_size)
+    scorer = Scorer(model, thresholds, data.val, qcfg.granularity, batch_size)
+    scorer.calib = {"mode": qcfg.calib_mode, "images": len(idx), "seed": seed}
+    return scorer
+
+
+def run_policy(scorer, spec, budget):
+    """Apply the exclusion policy ``spec`` to a prepared ``scorer``; return an :class:`Outcome`."""
+    policy = resolve_policy(spec, budget)
+    sel = policy.select(scorer)
+    graph = scorer.build(sel.excluded, sel.exclude_ops)
+    score = scorer.score(sel.excluded, sel.exclude_ops)
+    spec_s = spec if isinstance(spec, str) else ",".join(spec)
+    return Outcome(scorer, spec_s, sel, graph, score, scorer.score([]), float(budget))
+
+
+def int8_prefix(prefix):
+    """``runs/x/model`` → ``runs/x/model-int8``."""
+    return prefix + "-int8"
+
+
+def paired_latency(prefixes, input_shape, batch_sizes=(1, 32), repeats=20, warmup=5):
+    """Best-of-``repeats`` latency in ms of several exported models, timed alternately.
+
+    Each model is loaded and hybridized exactly as :func:`distill.modelinfo.measure_latency`
+    does (``backend='MKLDNN'``, static alloc and shape: the fused fp32 graph for an fp32
+    export); repeats alternate between the models so that a load change on a shared machine
+    hits both sides of a ratio alike.
+
+    Returns
+    -------
+    list of dict
+        ``{"b1": ms, "b32": ms}`` per prefix.
+    """
+    out = [{} for _ in prefixes]
+    for bs in batch_sizes:
+        x = mx.nd.array(np.random.RandomState(0).uniform(size=(bs,) + tuple(input_shape)).astype("float32"))
+        nets = []
+        for p in prefixes:
+            net = load_symbol_block(p)
+            net.hybridize(backend="MKLDNN", static_alloc=True, static_shape=True)
+            for _ in range(warmup):
+                net(x).wait_to_read()
+            nets.append(net)
+        inner = 10 if bs == 1 else 3        # a 0.1 ms model is not timed at clock resolution
+        best = [float("inf")] * len(nets)
+        for _ in range(repeats):
+            for i, net in enumerate(nets):
+                t0 = time.perf_counter()
+                for _ in range(inner):
+                    y = net(x)
+                y.wait_to_read()
+                best[i] = min(best[i], (time.perf_counter() - t0) / inner)
+        for i, b in enumerate(best):
+            out[i][f"b{bs}"] = round(b * 1e3, 4)
+    return out
+
+
+def _bytes(prefix):
+    return file_size(prefix + "-symbol.json", prefix + "-0000.params")
+
+
+def export_outcome(outcome, fp32_prefix, repeats=20, batch_size=256):
+    """Write the int8 export next to ``fp32_prefix``, reload it, measure it; return the section.
+
+    Returns
+    -------
+    dict
+        The ``int8`` metrics section (``top1``, ``latency_ms``, ``bytes``, ``excluded``,
+        ``calib_mode`` and the rest).
+    """
+    sc = outcome.scorer
+    qprefix = int8_prefix(fp32_prefix)
+    save_graph(qprefix, outcome.graph.symbol, outcome.graph.params)
+    reloaded = load_symbol_block(qprefix, input_name=sc.model.input_name)
+    reloaded.hybridize(static_alloc=True, static_shape=True)
+    top1 = evaluate(reloaded, sc.split, batch_size)
+    if abs(top1 - outcome.score.top1) > 1e-6:        # the export must be the model we scored
+        raise RuntimeError(f"{qprefix}: reloaded top-1 {top1} != in-memory {outcome.score.top1}")
+    fp32_lat, int8_lat = paired_latency([fp32_prefix, qprefix], sc.model.input_shape, repeats=repeats)
+    speedup = {k: round(fp32_lat[k] / int8_lat[k], 3) for k in int8_lat}
+    sens = [{"layer": l.name, "op": l.op, "macs": l.macs, "top1": round(s.top1, 3),
+             "kl": round(s.kl, 6), "changed": round(s.changed, 3)}
+            for l, s in sc.sensitivity_rows]
+    return {
+        "top1": round(top1, 3),
+        "latency_ms": int8_lat,
+        "bytes": _bytes(qprefix),
+        "excluded": list(outcome.selection.excluded),
+        "calib_mode": sc.calib["mode"],
+        "granularity": sc.granularity,
+        "policy": outcome.policy,
+        "budget": outcome.budget,
+        "notes": list(outcome.selection.notes),
+        "all_fp32": bool(outcome.selection.exclude_ops),
+        "split": "val",
+        "split_images": len(sc.split),
+        "calib_images": sc.calib["images"],
+        "calib_seed": sc.calib["seed"],
+        "full_int8_top1": round(outcome.full.top1, 3),
+        "fp32": {"top1": round(sc.fp32_top1, 3), "latency_ms": fp32_lat, "bytes": _bytes(fp32_prefix)},
+        "speedup": speedup,
+        "slower_than_fp32": [k for k, v in speedup.items() if v < 1.0],
+        "files": [os.path.basename(qprefix) + "-symbol.json", os.path.basename(qprefix) + "-0000.params"],
+        "sensitivity": sens,
+    }
+
+
+@dataclass
+class Target:
+    """What ``distill quantize`` works on: models (role → fp32 prefix), the recipe, and where
+    the metrics go."""
+    models: Dict[str, str]
+    recipe_path: str
+    metrics_path: str
+    run_dir: Optional[str] = None
+
+
+def resolve_target(target, recipe_path=None, teacher=True):
+    """A run folder (``RUN_DIR/model`` + ``RUN_DIR/.teacher/model`` + ``recipe.yaml``) or a model
+    prefix (``PREFIX-symbol.json``; needs ``--recipe`` for its data)."""
+    if os.path.isdir(target):
+        prefix = os.path.join(target, "model")
+        if not os.path.isfile(prefix + "-symbol.json"):
+            raise UserError(f"{target} is a folder without model-symbol.json: give a finished run "
+                            f"folder (python train.py RECIPE.yaml writes one) or a model prefix.")
+        recipe_path = recipe_path or os.path.join(target, "recipe.yaml")
+        if not os.path.isfile(recipe_path):
+            raise UserError(f"{target} has no recipe.yaml: pass the recipe it was trained with "
+                            f"(--recipe RECIPE.yaml) so its data can calibrate.")
+        models = {"student": prefix}
+        tprefix = os.path.join(target, ".teacher", "model")
+        if teacher and os.path.isfile(tprefix + "-symbol.json"):
+            models["teacher"] = tprefix
+        return Target(models, recipe_path, os.path.join(target, "metrics.json"), target)
+    prefix = target[:-len("-symbol.json")] if target.endswith("-symbol.json") else target
+    if not os.path.isfile(prefix + "-symbol.json"):
+        raise UserError(f"{target}: neither a run folder nor a model prefix (no "
+                        f"{prefix}-symbol.json). Give runs/NAME or PREFIX of PREFIX-symbol.json.")
+    if not recipe_path:
+        raise UserError(f"{target} is a model prefix: pass --recipe RECIPE.yaml so its `data:` "
+                        f"section gives the calibration and evaluation images.")
+    return Target({"model": prefix}, recipe_path, int8_prefix(prefix) + "-metrics.json")
+
+
+def load_with_overrides(recipe_path, overrides):
+    """The recipe at ``recipe_path`` with ``quantization`` keys replaced by ``overrides``
+    (command-line values; ``None`` means "as the recipe says")."""
+    from ..recipe import load_recipe, recipe_from_dict, recipe_to_dict
+    recipe = load_recipe(recipe_path)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if not given:
+        return recipe
+    raw = recipe_to_dict(recipe)
+    raw.setdefault("quantization", {}).update(given)
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in given.items())
+    out = recipe_from_dict(raw, f"{recipe_path} with {flags}")
+    out.source = recipe.source
+    return out
+
+
+def quantize_target(target, recipe_path=None, overrides=None, teacher=True, sensitivity=True,
+                    repeats=None, log=print):
+    """``distill quantize``: calibrate, select, export, measure, write ``int8`` metrics.
+
+    Parameters
+    ----------
+    target : str
+        A run folder or a model prefix.
+    recipe_path : str, optional
+        Recipe giving the data (default: the run folder's ``recipe.yaml``).
+    overrides : dict, optional
+        ``quantization`` keys from the command line (``calib_mode``, ``exclude``, ``budget``,
+        ``calib_batches``, ...); ``None`` values are ignored.
+    teacher : bool
+        Also quantize the run's dense teacher, when it has one.
+    sensitivity : bool
+        Measure the per-layer table even when the policy does not need it.
+    repeats : int, optional
+        Latency repeats (default ``output.latency_repeats``).
+
+    Returns
+    -------
+    dict
+        The ``int8`` section written to the metrics file.
+    """
+    from ..data import load_data
+    from .report import comparison_table, model_report
+    t0 = time.time()
+    tgt = resolve_target(target, recipe_path, teacher)
+    recipe = load_with_overrides(tgt.recipe_path, overrides or {})
+    q = recipe.quantization
+    seed = recipe.trainer.seed
+    data = load_data(recipe.data, seed=seed)
+    input_shape = (data.channels,) + tuple(data.image_size)
+    repeats = repeats or recipe.output.latency_repeats
+    sections = {}
+    for role, prefix in tgt.models.items():
+        log(f"\n== int8 {role}: {prefix} ({q.calib_mode} calibration, exclude {q.exclude}, "
+            f"{q.granularity} weights)")
+        model = FloatModel.from_prefix(prefix, input_shape)
+        scorer = prepare(model, data, q, seed, recipe.trainer.eval_batch_size)
+        outcome = run_policy(scorer, q.exclude, q.budget)
+        if sensitivity:
+            scorer.sensitivity()
+        section = export_outcome(outcome, prefix, repeats, recipe.trainer.eval_batch_size)
+        sections[role] = section
+        log(model_report(role, prefix, model, section, data))
+    main_role = "student" if "student" in sections else "model"
+    out = dict(sections[main_role])
+    if "teacher" in sections:
+        out["teacher"] = sections["teacher"]
+        log(comparison_table(sections))
+    out["time_s"] = round(time.time() - t0, 2)
+    _write_metrics(tgt.metrics_path, out)
+    log(f"int8 export: {', '.join(int8_prefix(p) + '-symbol.json' for p in tgt.models.values())}; "
+        f"metrics: {tgt.metrics_path} (key int8)")
+    return out
+
+
+def _write_metrics(path, section):
+    metrics = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            try:
+                metrics = json.load(f)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path} is not valid JSON ({e}); move it away and rerun.") from None
+    metrics["int8"] = section
+    atomic_write_bytes(path, json.dumps(metrics, indent=2, allow_nan=True).encode())

@@ -1,0 +1,99 @@
+"""Terminal tables for ``distill quantize``: fp32 vs int8, the per-layer sensitivity, and the
+teacher-vs-student comparison ("prune/distill first, then quantize")."""
+from ..report import format_table
+
+__all__ = ["model_report", "comparison_table", "sensitivity_table", "speed_lines"]
+
+
+def _ms(lat, key):
+    v = lat.get(key)
+    return f"{v:.3f}" if v is not None else "-"
+
+
+def speed_lines(section, what="int8"):
+    """One sentence per batch size where int8 is slower than fp32 (empty when it never is)."""
+    out = []
+    for key in ("b1", "b32"):
+        f, q = section["fp32"]["latency_ms"].get(key), section["latency_ms"].get(key)
+        if f and q and q > f:
+            out.append(f"note: {what} is SLOWER than fused fp32 at batch {key[1:]}: {q:.3f} ms vs "
+                       f"{f:.3f} ms ({f / q:.2f}×). Deploy fp32 for this batch size, or check that "
+                       f"the CPU has AVX512-VNNI/AMX (int8 only pays with them).")
+    return out
+
+
+def sensitivity_table(section, macs_total):
+    """Rows per weight layer: top-1 when only it is int8, the output shift, and whether the
+    chosen model keeps it in fp32."""
+    rows = []
+    fp32 = section["fp32"]["top1"]
+    kept = set(section["excluded"])
+    ranked = sorted(section["sensitivity"], key=lambda r: (-r["kl"], r["top1"]))
+    rank = {r["layer"]: i + 1 for i, r in enumerate(ranked)}
+    for i, r in enumerate(section["sensitivity"]):
+        rows.append([r["layer"], r["op"].replace("Convolution", "conv").replace("FullyConnected", "fc"),
+                     f"{100.0 * r['macs'] / max(macs_total, 1):.1f}", f"{r['top1']:.2f}",
+                     f"{r['top1'] - fp32:+.2f}", f"{r['kl'] * 1e3:.3f}", f"{r['changed']:.1f}",
+                     rank[r["layer"]], "fp32" if r["layer"] in kept else ""])
+    title = (f"per-layer sensitivity: only this layer int8, the rest fp32; on {section['split']} "
+             f"({section['split_images']} images); rank 1 = most sensitive (KL)")
+    return format_table(["layer", "op", "MACs %", "top-1 %", "Δ top-1", "KL×1e3", "changed %",
+                         "rank", "kept"], rows, title)
+
+
+def model_report(role, prefix, model, section, data):
+    """The block printed for one model: sensitivity table, fp32 vs int8 table, notes."""
+    parts = []
+    macs_total = sum(l.macs for l in model.layers)
+    if section["sensitivity"]:
+        parts.append(sensitivity_table(section, macs_total))
+    f, q = section["fp32"], section
+    mib = lambda b: f"{b / 2**20:.2f}"  # noqa: E731
+    ratio = lambda a, b: f"{a / b:.2f}×" if a and b else "-"  # noqa: E731
+    n_kept = len(q["excluded"])
+    label = f"int8 ({q['policy']}: {n_kept} layer{'s' if n_kept != 1 else ''} fp32)"
+    rows = [["fp32 (oneDNN-fused)", f"{f['top1']:.2f}", "", mib(f["bytes"]), _ms(f["latency_ms"], "b1"),
+             _ms(f["latency_ms"], "b32")],
+            ["int8 full (none)", f"{q['full_int8_top1']:.2f}", f"{q['full_int8_top1'] - f['top1']:+.2f}",
+             "", "", ""],
+            [label, f"{q['top1']:.2f}", f"{q['top1'] - f['top1']:+.2f}", mib(q["bytes"]),
+             _ms(q["latency_ms"], "b1"), _ms(q["latency_ms"], "b32")],
+            ["speed-up fp32 / int8", "", "", ratio(f["bytes"], q["bytes"]),
+             ratio(f["latency_ms"].get("b1"), q["latency_ms"].get("b1")),
+             ratio(f["latency_ms"].get("b32"), q["latency_ms"].get("b32"))]]
+    title = (f"\n{role} {prefix}: top-1 on {q['split']} ({q['split_images']} images); calibration "
+             f"{q['calib_mode']} on {q['calib_images']} train images (seed {q['calib_seed']}); "
+             f"latency best of repeats, fp32 and int8 timed alternately")
+    parts.append(format_table(["model", "top-1 %", "Δ", "MiB", "ms b1", "ms b32"], rows, title))
+    kept = ", ".join(q["excluded"]) if q["excluded"] else "none"
+    parts.append(f"kept in fp32 ({n_kept}): {kept}")
+    parts += [f"policy: {n}" for n in q["notes"]]
+    if q.get("all_fp32"):
+        parts.append("note: NO int8 variant holds the budget: the exported 'int8' model is the fp32 graph.")
+    if q["bytes"] >= 0.9 * f["bytes"]:
+        parts.append("size: MXNet's oneDNN int8 graph stores weights in fp32 and quantizes them when "
+                     "loaded, so the file is not smaller; memory and bandwidth at run time are.")
+    parts += speed_lines(q)
+    return "\n".join(parts)
+
+
+def comparison_table(sections):
+    """Dense teacher vs distilled/pruned student, each fp32 and int8."""
+    rows = []
+    for role in ("teacher", "student"):
+        s = sections.get(role)
+        if not s:
+            continue
+        f = s["fp32"]
+        rows.append([role, f"{f['top1']:.2f}", f"{s['top1']:.2f}", f"{s['top1'] - f['top1']:+.2f}",
+                     f"{s['full_int8_top1']:.2f}", _ms(f["latency_ms"], "b32"), _ms(s["latency_ms"], "b32"),
+                     f"{s['speedup'].get('b32', float('nan')):.2f}×", len(s["excluded"])])
+    t, st = sections.get("teacher"), sections.get("student")
+    lines = [format_table(["model", "fp32 top-1", "int8 top-1", "Δ", "full int8", "fp32 ms b32",
+                           "int8 ms b32", "speed-up", "fp32 layers"], rows,
+                          "\nprune/distill first, then quantize (top-1 %, latency ms at batch 32):")]
+    if t and st:
+        lines.append(f"teacher fp32 → student int8: {st['top1'] - t['fp32']['top1']:+.2f} points, "
+                     f"{t['fp32']['latency_ms']['b32'] / st['latency_ms']['b32']:.2f}× faster at batch 32, "
+                     f"{t['fp32']['latency_ms']['b1'] / st['latency_ms']['b1']:.2f}× at batch 1.")
+    return "\n".join(lines)
