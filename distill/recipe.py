@@ -32,6 +32,7 @@ import yaml
 from .errors import UserError, closest
 
 __all__ = ["Recipe", "DataConfig", "TeacherConfig", "StudentConfig", "LossTerm", "PruningConfig",
+           "LayerOverride",
            "QuantizationConfig", "TrainerConfig", "OutputConfig", "load_recipe", "recipe_from_dict",
            "recipe_to_dict", "recipe_hash", "apply_overrides"]
 _LOGGER = logging.getLogger(__name__)
@@ -168,9 +169,64 @@ class LossTerm:
 
 
 @dataclass
+class LayerOverride:
+    """One item of ``pruning.overrides``: a final sparsity for the layers matching a pattern."""
+    layers: str = ""
+    final_sparsity: float = 0.5
+
+    def validate(self, p):
+        _check(bool(self.layers), f"{p}.layers", "give a layer name or glob pattern, e.g. '*stage3*'")
+        _check(0.0 <= self.final_sparsity < 1.0, f"{p}.final_sparsity",
+               f"must be in [0, 1), got {self.final_sparsity}")
+
+
+@dataclass
 class PruningConfig:
-    """``pruning:`` (the pruning issue fills this in; ``enabled: false`` by default)."""
+    """``pruning:`` prune the student while it trains (see ``distill.pruning``).
+
+    ``granularity``: ``unstructured`` (single weights, masked) or ``channel`` (whole channels,
+    physically removed at the end). ``criterion``: ``l1``, ``l2``, ``bn_scale``, ``taylor``,
+    ``random``. ``schedule``: ``oneshot``, ``iterative``, ``agp``; masks are updated at the start
+    of epochs ``start_epoch``, ``start_epoch + frequency``, ... up to ``end_epoch`` (0-based;
+    default: the middle of training). ``exclude``: layer names or glob patterns left unpruned;
+    ``first`` and ``last`` name the first and the last conv/dense layer.
+    """
     enabled: bool = False
+    granularity: str = "channel"
+    criterion: str = "l1"
+    scope: str = "layer"
+    schedule: str = "agp"
+    start_epoch: int = 0
+    end_epoch: Optional[int] = None
+    frequency: int = 1
+    final_sparsity: float = 0.5
+    round_to: int = 8
+    exclude: List[str] = field(default_factory=lambda: ["first", "last"])
+    overrides: List[LayerOverride] = field(default_factory=list)
+
+    def validate(self, p):
+        _check(self.granularity in ("unstructured", "channel"), f"{p}.granularity",
+               f"must be unstructured or channel, got {self.granularity!r}")
+        _check(self.scope in ("layer", "global"), f"{p}.scope", f"must be layer or global, got {self.scope!r}")
+        from .pruning import CRITERIA, SCHEDULES     # numpy-only registries
+        CRITERIA.get(self.criterion, where=f"recipe key `{p}.criterion`")
+        SCHEDULES.get(self.schedule, where=f"recipe key `{p}.schedule`")
+        _check(self.start_epoch >= 0, f"{p}.start_epoch", f"must be ≥ 0, got {self.start_epoch}")
+        _check(self.end_epoch is None or self.end_epoch >= self.start_epoch, f"{p}.end_epoch",
+               f"must be ≥ start_epoch ({self.start_epoch}), got {self.end_epoch}")
+        _check(self.frequency >= 1, f"{p}.frequency", f"must be ≥ 1 (epochs), got {self.frequency}")
+        _check(0.0 <= self.final_sparsity < 1.0, f"{p}.final_sparsity",
+               f"must be in [0, 1), got {self.final_sparsity}")
+        _check(self.round_to >= 1, f"{p}.round_to", f"must be ≥ 1, got {self.round_to}")
+
+    def check_epochs(self, epochs, p="pruning"):
+        """Cross-check with ``trainer.epochs`` (called by :meth:`Recipe.validate`)."""
+        if not self.enabled:
+            return
+        _check(self.start_epoch < epochs, f"{p}.start_epoch",
+               f"is {self.start_epoch} but training has only epochs 0..{epochs - 1} (`trainer.epochs: {epochs}`)")
+        _check(self.end_epoch is None or self.end_epoch < epochs, f"{p}.end_epoch",
+               f"is {self.end_epoch} but training has only epochs 0..{epochs - 1} (`trainer.epochs: {epochs}`)")
 
 
 @dataclass
@@ -185,7 +241,7 @@ class QuantizationConfig:
     ``enabled`` is reserved for running this step at the end of ``distill train``.
     """
     enabled: bool = False
-    calib_mode: str = "entropy"
+    calib_mode: str = "naive"
     calib_batches: int = 10
     calib_batch_size: int = 32
     exclude: Union[str, List[str]] = "auto"
@@ -277,6 +333,7 @@ class Recipe:
         _check(self.teacher.given or not uses_teacher, "teacher",
                "the recipe uses the teacher (a `kd` term or `student.from: teacher`) but names none: "
                "set `teacher.recipe`, `teacher.checkpoint` or `teacher.model`")
+        self.pruning.check_epochs(self.trainer.epochs)
 
     @property
     def run_dir(self):

@@ -76,6 +76,8 @@ def make_block(symbol, params, input_name="data", trainable=True):
         warnings.simplefilter("ignore")
         net = gluon.SymbolBlock(symbol, mx.sym.var(input_name))
     for name, p in net.collect_params().items():
+        if p.shape is None:      # JSON without shapes: _load_init would leave it unset (resume, count_params)
+            p.shape = tuple(params[name].shape)
         p._load_init(params[name].copy(), mx.cpu())
         if not trainable:
             p.grad_req = "null"

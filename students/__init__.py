@@ -25,6 +25,7 @@ __all__ = ["STUDENTS", "build_student", "list_students", "student_info", "target
 _LOGGER = logging.getLogger(__name__)
 
 _INFO_ATTR = "_distill_student_info"
+_INIT = mx.init.Xavier
 
 
 def build_student(name: str, channels: int, num_classes: int, image_size: Tuple[int, int],
@@ -70,7 +71,7 @@ def build_student(name: str, channels: int, num_classes: int, image_size: Tuple[
     if seed is not None:
         mx.random.seed(seed)
         np.random.seed(seed)
-    net.initialize(mx.init.Xavier(), ctx=ctx)
+    net.initialize(_INIT(), ctx=ctx)
     info = adapt_strides(net, int(channels), image_size, int(num_classes), max_stride, ctx)
     info.update(name=name, unfrozen_batchnorm=unfrozen, channels=int(channels), num_classes=int(num_classes),
                 image_size=tuple(int(v) for v in image_size))

@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from typing import Optional, Tuple
 
@@ -257,6 +258,7 @@ def export_run(run_dir, formats=None, model=None, epoch=0, out_dir=None, options
     from .card import build_card, write_card
     from .parity import ExportMismatch
     from .source import load_source, resolve_prefix
+    t_start = time.time()
     options = options or ExportOptions()
     options.validate()
     recipe, metrics = _read_run(run_dir)
@@ -275,14 +277,18 @@ def export_run(run_dir, formats=None, model=None, epoch=0, out_dir=None, options
         job = ExportJob(recipe, data, metrics, source, out_dir, work_dir, options)
         _LOGGER.info("export %s (%s) → %s: %s; test split %d images", source.prefix, kind, out_dir,
                      ", ".join(chosen), len(job.x_test))
+        _LOGGER.info("export: reference logits ready (%.1f s)", time.time() - t_start)
         reference = {"runtime": "mxnet", "top1": _top1(job.ref, job.y_test), "images": len(job.x_test)}
         if options.latency:
             reference["latency_ms"] = {"b1": measure_latency(job.prefix, job.input_shape, (1,),
                                                              repeats=job.repeats)["b1"]}
         results = {}
         for name in chosen:
-            _LOGGER.info("export: %s ...", name)
+            t0 = time.time()
             results[name] = FORMATS.get(name)().export(job)
+            results[name]["time_s"] = round(time.time() - t0, 2)
+            _LOGGER.info("export: %s %s in %.1f s", name,
+                         "passed" if results[name]["check"]["passed"] else "FAILED", time.time() - t0)
         card = build_card(job, reference, results, previous, run_dir)
         write_card(out_dir, card)
     finally:

@@ -109,6 +109,14 @@ def load_source(prefix, epoch=0, kind="model", logits=None, input_name="data"):
                     "model": f" --model is a prefix: PREFIX-symbol.json and PREFIX-{epoch:04d}.params "
                              f"must exist (check --epoch)."}[kind]
             raise UserError(f"{what}: {f} does not exist.{hint}")
+    if logits:
+        from ..errors import closest
+        names = [n[:-len("_output")] if n.endswith("_output") else n
+                 for n in mx.sym.load(sym_file).get_internals().list_outputs()]
+        if logits not in names:
+            near = closest(logits, names)
+            raise UserError(f"--logits {logits}: no such layer in {sym_file}. Closest: "
+                            f"{', '.join(near) or 'none'} (`distill inspect` lists every layer).")
     symbol, params = load_symbol_checkpoint(prefix, epoch, logits)
     removed_head = []                     # what strip_training_head took off, outermost first
     head = mx.sym.load(sym_file)

@@ -10,6 +10,7 @@ returned: every parameter and every tensor must have the shape the plan predicts
 import copy
 import json
 import logging
+import warnings
 
 import mxnet as mx
 import numpy as np
@@ -108,7 +109,9 @@ def _reshape_attr(attrs, in_shape, out_shape):
     still does (``(0, -4, 2, -1, -2)`` usually does), else explicit dimensions."""
     kw = {k: v for k, v in attrs.items() if k in ("shape", "reverse")}
     try:
-        _, outs, _ = mx.sym.reshape(mx.sym.var("x"), **kw).infer_shape(x=in_shape)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _, outs, _ = mx.sym.reshape(mx.sym.var("x"), **kw).infer_shape(x=in_shape)
         if outs and tuple(outs[0]) == tuple(out_shape):
             return attrs
     except mx.base.MXNetError:
@@ -216,5 +219,8 @@ def shrunk_block(sym, params, input_name="data"):
     """A trainable, hybridized SymbolBlock over the shrunk ``(sym, params)``."""
     from ..teacher import make_block
     net = make_block(sym, params, input_name, trainable=True)
+    for name, p in net.collect_params().items():
+        if p.shape is None or 0 in p.shape:      # _load_init leaves a SymbolBlock's shapes unset
+            p.shape = tuple(params[name].shape)
     net.hybridize(static_alloc=True, static_shape=True)
     return net

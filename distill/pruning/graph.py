@@ -111,48 +111,44 @@ class ParamSlice:
 
 @dataclass(eq=False)
 class Group:
-    """A coupled group: units that live in exactly the same tensors.
+    """A coupled group: the units that the same layers produce (every conv feeding one residual
+    sum; the inner channels of one block; a ShuffleNet stage's shuffled chain).
 
     Attributes
     ----------
     id : str
         ``g0``, ``g1``, ... in graph order.
     name : str
-        The node producing the group's anchor tensor (its earliest tensor).
+        The layer producing the anchor tensor (the first tensor holding all the group's units).
     anchor : tuple
         ``(node index, output index)`` of the anchor tensor.
-    positions : ndarray
-        Channel positions (raveled over the anchor's channel axes) of the group's units in the
-        anchor; a plan's ``keep`` lists a subset of these.
     units : ndarray
-        Unit root id of each anchor position (same length as ``positions``).
+        Unit ids in canonical order: by their first channel position in the anchor. A plan's
+        ``keep`` lists indices into this array; for most groups (one unit per channel) index i is
+        channel i of the anchor layer.
+    channels : int
+        Channels of the anchor that belong to the group.
     layers : list of str
-        Nodes with parameters sliced by the group (producers, norms, consumers).
+        Layers with parameters sliced by the group (producers, norms, consumers).
     producers : list of str
-        Layers whose output channels are the group's (conv/FC filters, depthwise included).
+        Layers whose output channels (filters) are the group's, depthwise convs included.
     """
     id: str
     name: str
     anchor: Tuple[int, int]
-    positions: np.ndarray
     units: np.ndarray
+    channels: int
     layers: List[str] = field(default_factory=list)
     producers: List[str] = field(default_factory=list)
 
     @property
-    def channels(self):
-        return int(len(self.positions))
-
-    @property
     def unit_ids(self):
-        """Distinct units, in anchor order."""
-        _, first = np.unique(self.units, return_index=True)
-        return self.units[np.sort(first)]
+        return self.units
 
     @property
     def multiplicity(self):
         """Anchor channels per unit (1 unless grouped convs or shuffles tie channels together)."""
-        return max(1, self.channels // max(1, len(self.unit_ids)))
+        return max(1, self.channels // max(1, len(self.units)))
 
 
 class ChannelGraph:
@@ -342,28 +338,53 @@ def _finish(g):
         g.frozen.setdefault(int(g.root[e]), reason)
     for s in g.slices:
         s.classes = g.root[s.ids]
-    # signature of a unit: the tensors it lives in, with multiplicity
-    sig = defaultdict(list)
+    # which units each tensor holds: a plan must leave every tensor at least one channel
+    g.tensor_units = {}
+    g.unit_tensors = defaultdict(list)
     for key, t in g.tensors.items():
         if t.ids is None or t.derived or t.ids.size == 0:
             continue
-        roots = g.root[t.ids.ravel()]
-        uniq, counts = np.unique(roots, return_counts=True)
-        for r, c in zip(uniq.tolist(), counts.tolist()):
-            if r not in g.frozen:
-                sig[r].append((key, c))
-    by_sig = OrderedDict()
-    for r in sorted(sig):
-        by_sig.setdefault(tuple(sig[r]), []).append(r)
+        units = set(np.unique(g.root[t.ids.ravel()]).tolist())
+        g.tensor_units[key] = units
+        for u in units:
+            g.unit_tensors[u].append(key)
+    # groups: units produced by the same layers (connected through shared "out" slices)
+    live = sorted({int(c) for s in g.slices if s.role == "out" for c in s.classes.tolist()}
+                  - set(g.frozen))
+    comp = _UnionFind()
+    comp.new(len(live))
+    index = {u: n for n, u in enumerate(live)}
+    for s in g.slices:
+        if s.role == "out":
+            members = [index[c] for c in np.unique(s.classes).tolist() if c in index]
+            for m in members[1:]:
+                comp.union(members[0], m)
+    roots = comp.roots() if live else np.zeros(0, np.int64)
+    members = OrderedDict()
+    for u, r in zip(live, roots.tolist()):
+        members.setdefault(r, set()).add(u)
+    # anchor of each group: the tensor holding most of its units (earliest on ties)
+    best = {}
+    for key, present in g.tensor_units.items():
+        for r, units in members.items():
+            n = len(units & present)
+            if n and (r not in best or n > best[r][0]):
+                best[r] = (n, key)
     groups = []
-    for signature, units in by_sig.items():
-        anchor = min(k for k, _ in signature)
-        t = g.tensors[anchor]
-        roots = g.root[t.ids.ravel()]
-        pos = np.nonzero(np.isin(roots, units))[0]
-        groups.append((anchor, pos, roots[pos], {k for k, _ in signature}))
-    groups.sort(key=lambda x: (x[0], int(x[1][0])))
-    for n, (anchor, pos, units, keys) in enumerate(groups):
+    for r, units in members.items():
+        anchor = best[r][1]
+        roots_a = g.root[g.tensors[anchor].ids.ravel()]
+        in_anchor = np.isin(roots_a, list(units))
+        order, seen = [], set()
+        for u in roots_a[in_anchor].tolist():
+            if u not in seen:
+                seen.add(u)
+                order.append(u)
+        order += sorted(units - seen)
+        groups.append((anchor, int(np.argmax(in_anchor)), np.array(order, np.int64),
+                       int(in_anchor.sum())))
+    groups.sort(key=lambda x: (x[0], x[1]))
+    for n, (anchor, _, units, channels) in enumerate(groups):
         unit_set = set(units.tolist())
         layers, producers = [], []
         for s in g.slices:
@@ -372,7 +393,7 @@ def _finish(g):
                     layers.append(s.layer)
                 if s.role == "out" and s.layer not in producers:
                     producers.append(s.layer)
-        g.groups.append(Group(f"g{n}", g.nodes[anchor[0]]["name"], anchor, pos, units,
+        g.groups.append(Group(f"g{n}", g.nodes[anchor[0]]["name"], anchor, units, channels,
                               layers, producers))
     # layers whose filters can not be removed, with the reason
     seen = set()

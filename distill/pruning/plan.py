@@ -8,12 +8,15 @@ File format (``pruning-plan.json``)::
 
     {"version": 1, "granularity": "channel", "input_name": "data", "input_shape": [1, 1, 28, 28],
      "round_to": 8,
-     "groups": [{"id": "g3", "name": "..._conv1_fwd", "channels": 32, "kept": 16,
+     "groups": [{"id": "g3", "name": "..._conv1_fwd", "channels": 32, "units": 32, "kept": 16,
                  "keep": [0, 3, ...], "producers": [...], "layers": [...]}],
      "intact": [{"layer": "...", "reason": "the network output"}],
      "unsafe": [{"layer": "...", "op": "LRN", "reason": "it mixes neighbouring channels"}]}
 
-``keep`` lists channel positions of the group's anchor layer (``name``).
+``keep`` lists the kept units of each group: for a group with one unit per channel (most), the
+kept output channels of its first layer ``name``. ``units`` < ``channels`` means channels tied in
+blocks (grouped convolutions, channel shuffles); units are ordered by their first channel in
+``name``'s output.
 """
 import json
 import logging
@@ -30,12 +33,12 @@ _LOGGER = logging.getLogger(__name__)
 
 
 class Plan:
-    """Per coupled group, the anchor channel positions that stay.
+    """Per coupled group, the units (channels) that stay.
 
     Parameters
     ----------
     keep : dict
-        group id → sorted list of kept anchor positions (groups not listed keep everything).
+        group id → sorted list of kept unit indices (groups not listed keep everything).
     meta : dict
         Everything else in the file (input, round_to, intact/unsafe lists, group details).
     """
@@ -51,10 +54,10 @@ class Plan:
             d.update({"input_name": graph.input_name,
                       "input_shape": [1] + list(graph.input_shape[1:])})
             for g in graph.groups:
-                keep = self.keep.get(g.id, g.positions.tolist())
+                keep = self.keep.get(g.id, list(range(len(g.units))))
                 groups.append({"id": g.id, "name": g.name, "channels": g.channels,
-                               "kept": len(keep), "keep": list(keep), "producers": g.producers,
-                               "layers": g.layers})
+                               "units": len(g.units), "kept": len(keep), "keep": list(keep),
+                               "producers": g.producers, "layers": g.layers})
             d["intact"] = graph.intact
             d["unsafe"] = graph.unsafe
         else:
@@ -68,7 +71,7 @@ class Plan:
                 if k not in ("groups", "version", "granularity", "intact", "unsafe")}
         keep = {}
         for g in d.get("groups", []):
-            if "channels" not in g or g.get("kept", len(g["keep"])) < g["channels"]:
+            if "units" not in g or len(g["keep"]) < g["units"]:
                 keep[g["id"]] = g["keep"]
         return cls(keep, meta)
 
@@ -85,7 +88,7 @@ class Plan:
 
 
 def removed_units(graph, plan):
-    """The unit ids a plan removes; checks that no coupled unit is split."""
+    """The unit ids a plan removes (``keep`` lists unit indices of each group)."""
     removed = set()
     for gid, keep in plan.keep.items():
         try:
@@ -94,20 +97,16 @@ def removed_units(graph, plan):
             raise UserError(f"pruning plan: group {gid!r} is not in this network's analysis "
                             f"(groups g0..g{len(graph.groups) - 1}): was the plan made for "
                             f"another network?") from None
-        pos_to_unit = dict(zip(g.positions.tolist(), g.units.tolist()))
-        bad = [p for p in keep if p not in pos_to_unit]
+        n = len(g.units)
+        bad = [k for k in keep if not 0 <= k < n]
         if bad:
-            raise UserError(f"pruning plan: group {gid} ({g.name}) keeps positions {bad[:5]} "
-                            f"that are not its channels.")
-        kept_units = {pos_to_unit[p] for p in keep}
-        if not kept_units:
+            raise UserError(f"pruning plan: group {gid} ({g.name}) has {n} channels (units); "
+                            f"keep lists {bad[:5]}.")
+        if not keep:
             raise UserError(f"pruning plan: group {gid} ({g.name}) keeps no channel.")
-        keep_set = set(keep)
-        for p, u in pos_to_unit.items():
-            if u in kept_units and p not in keep_set:
-                raise UserError(f"pruning plan: group {gid} ({g.name}) keeps part of a coupled "
-                                f"unit (position {p} is tied to a kept channel).")
-        removed |= set(pos_to_unit.values()) - kept_units
+        mask = np.ones(n, bool)
+        mask[list(keep)] = False
+        removed |= set(g.units[mask].tolist())
     return removed
 
 
@@ -118,7 +117,7 @@ def plan_from_removed(graph, removed, **meta):
     for g in graph.groups:
         mask = ~np.isin(g.units, list(removed)) if removed else np.ones(len(g.units), bool)
         if not mask.all():
-            keep[g.id] = g.positions[mask].tolist()
+            keep[g.id] = np.nonzero(mask)[0].tolist()
     return Plan(keep, meta)
 
 
@@ -218,11 +217,33 @@ def choose_removed(graph, scores, ratios, round_to=8, scope="layer", already=())
         for _, _, _, gid in cands[:n_remove]:
             budget[gid] = budget.get(gid, 0) + 1
     pool_ids = {g.id for g in pool}
+    alive = {k: len(v) for k, v in graph.tensor_units.items()}
+    for u in already:
+        for k in graph.unit_tensors.get(u, ()):
+            alive[k] -= 1
     for g in groups:
         units = order(g)
         n = len(units)
+        mine_before = [u for u in units if u in already]
         n_rm = budget.get(g.id, 0) if g.id in pool_ids else int(round(ratios.get(g.id, 0) * n))
-        n_rm = max(n_rm, len(already & set(units)))
+        n_rm = max(n_rm, len(mine_before))
         n_rm = n - round_keep(n, n - n_rm, g.multiplicity, round_to)
-        removed |= set(units[:n_rm])
+        chosen = list(mine_before)
+        for u in units:
+            if len(chosen) >= n_rm:
+                break
+            if u in already:
+                continue
+            # never empty a tensor (a late ShuffleNet unit's output is one tied unit)
+            if any(alive[k] <= 1 for k in graph.unit_tensors.get(u, ())):
+                continue
+            chosen.append(u)
+            for k in graph.unit_tensors.get(u, ()):
+                alive[k] -= 1
+        keep = round_keep(n, n - len(chosen), g.multiplicity, round_to)
+        while n - len(chosen) < keep and len(chosen) > len(mine_before):
+            u = chosen.pop()                     # the best-scored removal goes back
+            for k in graph.unit_tensors.get(u, ()):
+                alive[k] += 1
+        removed |= set(chosen)
     return removed

@@ -9,7 +9,7 @@
 Recipe example::
 
     quantization:
-      calib_mode: entropy        # naive | entropy
+      calib_mode: naive          # naive | entropy
       calib_batches: 10
       calib_batch_size: 32
       exclude: auto              # none | first_last | auto | ["*conv0_fwd", "*dense*"]

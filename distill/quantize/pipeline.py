@@ -284,6 +284,9 @@ def quantize_target(target, recipe_path=None, overrides=None, teacher=True, sens
         log(f"\n== int8 {role}: {prefix} ({q.calib_mode} calibration, exclude {q.exclude}, "
             f"{q.granularity} weights)")
         model = FloatModel.from_prefix(prefix, input_shape)
+        policy = resolve_policy(q.exclude, q.budget)
+        if hasattr(policy, "check"):          # a pattern typo fails before any calibration
+            policy.check(model)
         scorer = prepare(model, data, q, seed, recipe.trainer.eval_batch_size)
         outcome = run_policy(scorer, q.exclude, q.budget)
         if sensitivity:

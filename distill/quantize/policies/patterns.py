@@ -28,8 +28,15 @@ class PatternPolicy:
         self.patterns = list(patterns)
         self.name = ",".join(self.patterns)
 
-    def select(self, scorer):
-        names = scorer.model.layer_names
+    def check(self, model):
+        """The matched layer names, in graph order; a pattern matching nothing raises.
+
+        Raises
+        ------
+        UserError
+            Names the pattern, the closest layer or policy names, and lists every layer.
+        """
+        names = model.layer_names
         chosen = []
         for pat in self.patterns:
             hits = match_layers(pat, names)
@@ -38,10 +45,14 @@ class PatternPolicy:
                 hint = f" Closest: {', '.join(near)}." if near else ""
                 raise UserError(
                     f"quantization.exclude: pattern {pat!r} matches no layer of "
-                    f"{scorer.model.source}.{hint} Use none, first_last, auto, or patterns (shell "
+                    f"{model.source}.{hint} Use none, first_last, auto, or patterns (shell "
                     f"wildcards, or a substring) over these {len(names)} layers: "
                     f"{', '.join(names)}.")
             chosen += [h for h in hits if h not in chosen]
         order = {n: i for i, n in enumerate(names)}
-        return Selection(excluded=sorted(chosen, key=order.get),
+        return sorted(chosen, key=order.get)
+
+    def select(self, scorer):
+        chosen = self.check(scorer.model)
+        return Selection(excluded=chosen,
                          notes=[f"patterns {', '.join(self.patterns)} match {len(chosen)} layer(s)"])
