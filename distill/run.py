@@ -157,13 +157,15 @@ def run_training(recipe, resume=False, role="student"):
         train_net = tapped_block(student, s_taps, where="distillation[].student_layer")
         train_net.hybridize(static_alloc=True, static_shape=True)
     terms = _build_terms(recipe, data, teacher, train_net, s_taps, t_taps)
-    teacher_outputs = None
+    teacher_outputs, teacher_cache_s = None, 0.0
     if teacher is not None and any(t.block.needs_teacher for t in terms):
         from .teacher_cache import TeacherOutputs
+        t_cache = time.time()
         teacher_outputs = TeacherOutputs(
             teacher, data.train.x, recipe.trainer.teacher_cache, bool(recipe.data.augment),
             os.path.join(run_dir, ".cache"), recipe.trainer.teacher_cache_max_mb,
             recipe.trainer.eval_batch_size, recipe.trainer.progress)
+        teacher_cache_s = time.time() - t_cache
         log(f"teacher outputs: {'computed live every batch' if teacher_outputs.mode == 'off' else f'cached once ({teacher_outputs.mode}, {teacher_outputs.megabytes:.1f} MiB)'}")
 
     modifiers = _build_modifiers(recipe, teacher, log)
@@ -206,6 +208,7 @@ def run_training(recipe, resume=False, role="student"):
             metrics["student"].update(m.metrics(student))
     metrics["history"] = result["history"]
     metrics["train_time_s"] = round(result["train_time_s"], 2)
+    metrics["teacher_cache_s"] = round(teacher_cache_s, 2)
     metrics["time_s"] = round(time.time() - t_start, 2)
     metrics["versions"] = versions()
     metrics["complete"] = True

@@ -127,7 +127,13 @@ def load_symbol_checkpoint(prefix, epoch=0, output=None):
     params = {}
     for k, v in raw.items():
         params[k.split(":", 1)[1] if k.startswith(("arg:", "aux:")) else k] = v
-    return strip_training_head(sym, output, where=sym_file), params
+    logits = strip_training_head(sym, output, where=sym_file)
+    # parameters of the stripped part (a loss head, layers after `teacher.output`) are expected
+    # leftovers; any other name in the file is an error check_params reports
+    full = set(sym.list_arguments()) | set(sym.list_auxiliary_states())
+    kept = set(logits.list_arguments()) | set(logits.list_auxiliary_states())
+    params = {k: v for k, v in params.items() if k in kept or k not in full}
+    return logits, params
 
 
 def check_params(sym, params, input_name, input_shape, where):
@@ -140,8 +146,9 @@ def check_params(sym, params, input_name, input_shape, where):
                         f"params file from the same model and epoch?")
     extra = sorted(set(params) - set(needed))
     if extra:
-        _LOGGER.warning("%s: %d parameters in the file are not used by the logits graph "
-                        "(ignored): %s", where, len(extra), ", ".join(extra[:8]))
+        raise UserError(f"{where}: the params file has parameters the graph does not use: "
+                        f"{', '.join(extra[:8])}{' ...' if len(extra) > 8 else ''}. Is it the params "
+                        f"file of another model? Pair PREFIX-symbol.json with its own PREFIX-NNNN.params.")
     try:
         arg_shapes, out_shapes, aux_shapes = sym.infer_shape(**{input_name: input_shape})
     except mx.base.MXNetError as e:
@@ -238,7 +245,16 @@ def _teacher_from_model(cfg, data, recipe_dir):
     pfile = _resolve(cfg.params, recipe_dir)
     if not os.path.isfile(pfile):
         raise UserError(f"`teacher.params: {cfg.params}` does not exist.")
-    net = build_student(cfg.model, data.channels, data.num_classes, tuple(data.image_size))
+    from students import STUDENTS
+    if cfg.model in STUDENTS:
+        net = build_student(cfg.model, data.channels, data.num_classes, tuple(data.image_size))
+    else:                      # any GluonCV model-zoo name, built as trained (no adaptation)
+        from gluoncv.model_zoo import get_model
+        try:
+            net = get_model(cfg.model, pretrained=False, classes=data.num_classes)
+        except ValueError as e:
+            raise UserError(f"`teacher.model: {cfg.model}` is neither a registered student nor a "
+                            f"GluonCV model-zoo name ({str(e).splitlines()[0][:200]}).") from None
     try:
         net.load_parameters(pfile, ctx=mx.cpu())
     except (AssertionError, mx.base.MXNetError) as e:

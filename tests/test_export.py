@@ -45,6 +45,7 @@ def _ncnn(param, bin_, x):
     import ncnn
     net = ncnn.Net()
     net.opt.use_vulkan_compute = False
+    net.opt.num_threads = 1
     net.opt.use_fp16_storage = net.opt.use_fp16_packed = net.opt.use_fp16_arithmetic = False
     assert net.load_param(param) == 0 and net.load_model(bin_) == 0
     out = []
@@ -324,11 +325,12 @@ def test_parity_checks_on_arrays():
     assert "top-1 agreement with MXNet 66.67% < 99%" in check_agreement(bad, 99.0)
 
 
-def test_cli_errors_name_the_fix(tmp_path):
+def test_cli_errors_name_the_fix(tmp_path, capsys):
+    from distill.cli import main
+
     def err(*args):
-        res = run_cli("distill", "export", *args)
-        assert res.returncode == 2, res.stderr
-        return " ".join(res.stderr.split())          # the CLI wraps its message
+        assert main(["export", *args]) == 2
+        return " ".join(capsys.readouterr().err.split())   # the CLI wraps its message
 
     assert "does not exist" in err(str(tmp_path / "missing"))
     (tmp_path / "run").mkdir()

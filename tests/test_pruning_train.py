@@ -267,3 +267,36 @@ def test_unstructured_student_stays_masked_and_says_so(teacher):
     total = sum(weights[k].size for k in inner)
     zeros = sum(int((weights[k] == 0).sum()) for k in inner)
     assert zeros / total == pytest.approx(0.8, abs=0.01)
+
+
+def test_sensitivity_table_plot_and_proposal_within_budget(teacher):
+    tmp, t = teacher
+    path, run = _pruned_recipe(tmp, t, "sens", {"granularity": "channel", "criterion": "l1"})
+    out = os.path.join(str(tmp), "sens_out")
+    res = run_cli("distill", "sensitivity", path, "--ratios", "0.5", "--budget", "2.0",
+                  "--repeats", "2", "--out", out)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rep = json.load(open(os.path.join(out, "sensitivity.json")))
+    groups = {g["id"] for g in rep["groups"]}
+    assert len(groups) == 12 and {r["group"] for r in rep["rows"]} == groups   # every group probed
+    for r in rep["rows"]:
+        assert r["kept"] % 8 == 0 and r["kept"] < r["units"] and r["macs"] < rep["base"]["macs"]
+    prop = rep["proposal"]
+    assert prop["drop"] <= 2.0                       # the proposal was measured within budget
+    sec = yaml.safe_load(open(os.path.join(out, "proposal.yaml")))["pruning"]
+    assert len(sec["overrides"]) == len(prop["ratios"])
+    recipe_from_dict({"pruning": sec})               # it is a valid pruning section
+    with open(os.path.join(out, "sensitivity.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert open(os.path.join(out, "sensitivity.csv")).readline().startswith("group,name")
+
+
+def test_sensitivity_propose_is_a_knapsack():
+    from distill.pruning.sensitivity import propose
+    rows = [{"group": "g0", "ratio": 0.5, "drop": 0.6, "latency_ms": 8.0},
+            {"group": "g0", "ratio": 0.75, "drop": 2.0, "latency_ms": 6.0},
+            {"group": "g1", "ratio": 0.5, "drop": 0.5, "latency_ms": 7.0},
+            {"group": "g2", "ratio": 0.5, "drop": 0.1, "latency_ms": 9.5}]
+    assert propose(rows, 1.0, 10.0) == {"g1": 0.5, "g2": 0.5}      # 3.5 ms saved for 0.6 points
+    assert propose(rows, 1.2, 10.0) == {"g0": 0.5, "g1": 0.5, "g2": 0.5}
+    assert propose(rows, 0.0, 10.0) == {}

@@ -156,18 +156,18 @@ def available_formats():
 
 
 def _choose_formats(requested):
+    """``(formats, skipped)``: the requested ones (all must be installed), or every installed one."""
     avail = available_formats()
-    if not requested or requested == ["all"] or "all" in requested:
-        chosen = [n for n, miss in avail.items() if miss is None]
-        for n, miss in avail.items():
-            if miss is not None:
-                _LOGGER.warning("export: skipping %s (%s)", n, miss)
-        return chosen
+    if not requested or "all" in requested:
+        skipped = {n: miss for n, miss in avail.items() if miss is not None}
+        for n, miss in skipped.items():
+            _LOGGER.warning("export: skipping %s (%s)", n, miss)
+        return [n for n in avail if n not in skipped], skipped, False
     for n in requested:
         FORMATS.get(n, where="--format")            # unknown name: lists the valid ones
         if avail[n] is not None:
             raise UserError(f"--format {n}: {avail[n]}")
-    return [n for n in ordered_formats() if n in requested]
+    return [n for n in ordered_formats() if n in requested], {}, True
 
 
 def default_out_dir(run_dir, kind, prefix):
@@ -262,7 +262,7 @@ def export_run(run_dir, formats=None, model=None, epoch=0, out_dir=None, options
     options = options or ExportOptions()
     options.validate()
     recipe, metrics = _read_run(run_dir)
-    chosen = _choose_formats(list(formats) if formats else None)
+    chosen, skipped, explicit = _choose_formats(list(formats) if formats else None)
     prefix, kind = resolve_prefix(run_dir, model)
     source = load_source(prefix, epoch, kind, options.logits, options.input_name)
     out_dir = out_dir or default_out_dir(run_dir, kind, prefix)
@@ -275,6 +275,14 @@ def export_run(run_dir, formats=None, model=None, epoch=0, out_dir=None, options
     work_dir = tempfile.mkdtemp(prefix=".export-", dir=out_dir)
     try:
         job = ExportJob(recipe, data, metrics, source, out_dir, work_dir, options)
+        for name in list(chosen):
+            why = FORMATS.get(name)().blocker(job)
+            if why and explicit:
+                raise UserError(f"--format {name}: {source.prefix}: {why}")
+            if why:
+                _LOGGER.warning("export: skipping %s: %s", name, why)
+                skipped[name] = why
+                chosen.remove(name)
         _LOGGER.info("export %s (%s) → %s: %s; test split %d images", source.prefix, kind, out_dir,
                      ", ".join(chosen), len(job.x_test))
         _LOGGER.info("export: reference logits ready (%.1f s)", time.time() - t_start)
@@ -290,6 +298,7 @@ def export_run(run_dir, formats=None, model=None, epoch=0, out_dir=None, options
             _LOGGER.info("export: %s %s in %.1f s", name,
                          "passed" if results[name]["check"]["passed"] else "FAILED", time.time() - t0)
         card = build_card(job, reference, results, previous, run_dir)
+        card["export_run"]["skipped"] = skipped
         write_card(out_dir, card)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)

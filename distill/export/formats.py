@@ -6,6 +6,7 @@ Adding a format = one file with::
     class MyFormat(ExportFormat):
         files = ("model.ext",)
         def missing(self): ...          # None, or what to install
+        def blocker(self, job): ...     # None, or why this model cannot take this format
         def export(self, job): ...      # write files, run them in their runtime, return a result
 
 A result is a dict: ``files`` (names in the export folder), ``bytes``, ``parity``
@@ -38,6 +39,10 @@ class ExportFormat:
 
     def missing(self):
         """``None`` when the format's converter and runtime are installed, else how to install them."""
+        return None
+
+    def blocker(self, job):
+        """``None`` when this model can take this format, else why not (e.g. unsupported ops)."""
         return None
 
     def export(self, job):

@@ -17,7 +17,7 @@ from ..errors import UserError
 from .formats import FORMATS, ExportFormat, check_result, files_bytes
 from .parity import check_max_abs, compare_logits
 
-__all__ = ["OnnxFormat", "export_onnx", "OPSET"]
+__all__ = ["OnnxFormat", "export_onnx", "onnx_blocker", "OPSET"]
 _LOGGER = logging.getLogger(__name__)
 
 OPSET = 13
@@ -32,6 +32,20 @@ def _unsupported_ops(symbol_json):
     return sorted(ops - supported)
 
 
+def onnx_blocker(job):
+    """Why the job's graph cannot become ONNX (operators the exporter lacks), or ``None``."""
+    with open(job.prefix + "-symbol.json") as f:
+        bad = _unsupported_ops(f.read())
+    if not bad:
+        return None
+    quantized = any(op.startswith(("_contrib_quantize", "_contrib_dequantize", "_contrib_quantized",
+                                   "_sg_mkldnn", "_sg_onednn")) for op in bad)
+    hint = (" This is a quantized (int8) MXNet graph: export its fp32 model and use --format "
+            "onnx-int8 (onnxruntime's own int8) or ncnn2int8 on the device."
+            if quantized else " Replace these layers or export the model without them.")
+    return f"MXNet's ONNX exporter cannot convert operator(s) {', '.join(bad)}.{hint}"
+
+
 def export_onnx(job, path):
     """Convert the job's clean MXNet pair to ONNX at ``path``; return ``path``.
 
@@ -43,16 +57,9 @@ def export_onnx(job, path):
     import onnx
     from mxnet import onnx as mx_onnx
     sym_file, params_file = job.prefix + "-symbol.json", job.prefix + "-0000.params"
-    with open(sym_file) as f:
-        bad = _unsupported_ops(f.read())
-    if bad:
-        quantized = any(op.startswith(("_contrib_quantize", "_sg_mkldnn", "_sg_onednn", "_contrib_quantized"))
-                        for op in bad)
-        hint = (" This is a quantized (int8) MXNet graph: export its fp32 model and use "
-                "--format onnx-int8 (onnxruntime's own int8) or ncnn2int8 on the device."
-                if quantized else " Replace these layers or export the model without them.")
-        raise UserError(f"{job.source.prefix}: MXNet's ONNX exporter cannot convert operator(s) "
-                        f"{', '.join(bad)}.{hint}")
+    blocker = onnx_blocker(job)
+    if blocker:
+        raise UserError(f"{job.source.prefix}: {blocker}")
     c, h, w = job.input_shape
     tmp = path + ".raw"
     root = logging.getLogger()
@@ -70,6 +77,9 @@ def export_onnx(job, path):
     model = onnx.load(tmp)
     os.unlink(tmp)
     graph = model.graph
+    for node in graph.node:       # the exporter leaves Conv, Pooling, ... unnamed: name them as
+        if not node.name:         # in MXNet (their output), so --int8-exclude can find them
+            node.name = node.output[0]
     inits = {i.name for i in graph.initializer}
     inputs = [i for i in graph.input if i.name not in inits]
     del graph.input[:]
@@ -113,6 +123,9 @@ class OnnxFormat(ExportFormat):
         except ImportError as e:
             return f"needs onnx==1.15 and onnxruntime ({e}); pip install 'onnx==1.15.0' onnxruntime"
         return None
+
+    def blocker(self, job):
+        return onnx_blocker(job)
 
     def export(self, job):
         import onnxruntime as ort

@@ -78,6 +78,9 @@ class OnnxInt8Format(ExportFormat):
                     f"onnx 1.15 (needed by mxnet.onnx) it needs onnxruntime<1.19")
         return None
 
+    def blocker(self, job):
+        return FORMATS.get("onnx")().blocker(job)      # it starts from the ONNX model
+
     def export(self, job):
         import onnx
         import onnxruntime as ort

@@ -33,6 +33,8 @@ def export_table(card):
                           "check", "files"], rows, title)
     notes = [f"{n}: {card['exports'][n]['check']['message']}" for n in card["export_run"]["formats"]
              if not card["exports"][n]["check"]["passed"]]
+    for n, why in (card["export_run"].get("skipped") or {}).items():
+        notes.append(f"skipped {n}: {why}")
     cal = card.get("calibration")
     if cal and cal.get("list"):
         notes.append(f"ncnn int8 on the device: {cal['images']} calibration images listed in "

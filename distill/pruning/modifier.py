@@ -186,14 +186,14 @@ class PruningModifier(Modifier):
         excluded = resolve_patterns(cfg.exclude, self.layers, "pruning.exclude")
         overrides = resolve_patterns([o.layers for o in cfg.overrides], self.layers, "pruning.overrides")
         self.excluded = sorted({l for hits in excluded.values() for l in hits})
+        self.override_of = {}
+        for n, o in enumerate(cfg.overrides):          # later overrides win
+            for l in overrides[o.layers]:
+                self.override_of[l] = (n, o.final_sparsity)
         self.layer_ratio = {}
         for l, _, _ in self.layers:
-            self.layer_ratio[l] = cfg.final_sparsity
-        for o in cfg.overrides:                        # later overrides win
-            for l in overrides[o.layers]:
-                self.layer_ratio[l] = o.final_sparsity
-        for l in self.excluded:
-            self.layer_ratio[l] = 0.0
+            self.layer_ratio[l] = 0.0 if l in self.excluded else \
+                self.override_of.get(l, (-1, cfg.final_sparsity))[1]
         table = layer_table(self.symbol, self.input_shape, self.input_name)
         self.layer_macs = {r["name"]: r["macs"] for r in table}
         self.dense_macs = sum(self.layer_macs.values())
@@ -203,18 +203,13 @@ class PruningModifier(Modifier):
         if cfg.granularity == "channel":
             from .graph import analyze
             self.graph = analyze(self.symbol, self.input_shape, self.input_name)
-            self.group_ratio = {}
-            for grp in self.graph.groups:
-                prods = [p for p in grp.producers if p in self.layer_ratio]
-                # a group is pruned at the smallest ratio of its layers: excluding one layer
-                # keeps its whole coupled group
-                self.group_ratio[grp.id] = min((self.layer_ratio[p] for p in prods), default=0.0)
+            self.group_ratio = {grp.id: self._group_ratio(grp) for grp in self.graph.groups}
             frozen = [g.name for g in self.graph.groups if self.group_ratio[g.id] == 0]
             self.log(f"pruning: {len(self.graph.groups)} coupled channel groups, "
                      f"{len(self.graph.intact)} layers kept intact"
                      + (f" ({'; '.join(i['layer'] + ': ' + i['reason'] for i in self.graph.intact[:4])}"
                         f"{' ...' if len(self.graph.intact) > 4 else ''})" if self.graph.intact else "")
-                     + (f"; not pruned (exclude): {', '.join(frozen)}" if frozen else ""))
+                     + (f"; not pruned (excluded or ratio 0): {', '.join(frozen)}" if frozen else ""))
             self.tracked = sorted({s.param for s in self.graph.slices if s.role in ("out", "scale")
                                    and self.params[s.param].grad_req != "null"})
         else:
@@ -224,6 +219,15 @@ class PruningModifier(Modifier):
         if self.criterion.needs_grad:
             self._grad = {n: mx.nd.array(self._grad_np[n]) if n in self._grad_np
                           else mx.nd.zeros(self.params[n].data().shape) for n in self.tracked}
+
+    def _group_ratio(self, grp):
+        """A coupled group is pruned as one: excluding any of its layers keeps the whole group;
+        else an override on any of its layers sets its ratio (the last one in the recipe)."""
+        prods = [p for p in grp.producers if p in self.layer_ratio]
+        if not prods or any(p in self.excluded for p in prods):
+            return 0.0
+        hits = [self.override_of[p] for p in prods if p in self.override_of]
+        return max(hits)[1] if hits else self.cfg.final_sparsity
 
     # -- hooks ------------------------------------------------------------------------------------
     def epoch_start(self, epoch):

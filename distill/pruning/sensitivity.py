@@ -1,0 +1,304 @@
+"""``distill sensitivity RECIPE``: how much each coupled channel group can lose.
+
+For every coupled group of the network (the layers the dependency analysis ties together: pruning
+one conv of a residual sum alone measures nothing), remove several ratios of its channels with
+the recipe's criterion, without fine-tuning, and measure top-1 on the held-out split and the
+deployed latency (oneDNN-fused, as :func:`distill.modelinfo.measure_latency` times it). Then
+propose per-group ratios that keep the summed accuracy drop within ``--budget`` points at the
+largest saving of *measured* latency (a multiple-choice knapsack over the table), check the
+proposal by measuring it, and print it as ``pruning.overrides`` for the recipe.
+
+The network is the teacher for ``student.from: teacher``, else the student trained by the recipe
+(its run folder's ``model-symbol.json``). Output in ``RUN_DIR/sensitivity/``::
+
+    sensitivity.csv     one row per (group, ratio): channels kept, top-1, drop, MACs, latency
+    sensitivity.png     top-1 vs ratio, one line per group
+    sensitivity.json    the same, the proposal and its measured result
+    proposal.yaml       the proposal as a ``pruning:`` section
+
+Example::
+
+    distill sensitivity recipes/prune_channel_mnist.yaml --ratios 0.25 0.5 0.75 --budget 1.0
+"""
+import csv
+import json
+import logging
+import os
+import shutil
+import tempfile
+
+import mxnet as mx
+import numpy as np
+import yaml
+
+from ..errors import UserError
+
+__all__ = ["add_arguments", "main", "run_sensitivity", "propose"]
+_LOGGER = logging.getLogger(__name__)
+
+
+def add_arguments(p):
+    p.add_argument("recipe", help="the recipe whose network (teacher copy or trained student) to probe")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key (repeatable)")
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75],
+                   help="fractions of each group's channels to remove (default 0.25 0.5 0.75)")
+    p.add_argument("--budget", type=float, default=1.0,
+                   help="allowed top-1 drop in points for the proposal (default 1.0)")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size of the latency timing")
+    p.add_argument("--repeats", type=int, default=10, help="latency: best of this many repeats")
+    p.add_argument("--out", default=None, help="output folder (default RUN_DIR/sensitivity)")
+
+
+def main(args):
+    from ..recipe import load_recipe
+    for r in args.ratios:
+        if not 0 < r < 1:
+            raise UserError(f"--ratios: each ratio must be in (0, 1), got {r}")
+    if args.budget < 0:
+        raise UserError(f"--budget must be ≥ 0 points, got {args.budget}")
+    recipe = load_recipe(args.recipe, args.overrides)
+    run_sensitivity(recipe, ratios=args.ratios, budget=args.budget, batch_size=args.batch_size,
+                    repeats=args.repeats, out=args.out)
+    return 0
+
+
+def _network(recipe, data):
+    """(symbol, params, input name, description) of the network to probe."""
+    from ..teacher import load_teacher
+    if recipe.student.from_ == "teacher":
+        recipe_dir = os.path.dirname(getattr(recipe, "source", "")) or "."
+        t = load_teacher(recipe.teacher, data, recipe_dir)
+        return t.symbol, dict(t.params), t.input_name, f"teacher ({t.source})"
+    prefix = os.path.join(recipe.run_dir, "model")
+    if not os.path.isfile(prefix + "-symbol.json"):
+        raise UserError(f"sensitivity: `student.model: {recipe.student.model}` has no trained "
+                        f"weights yet ({prefix}-symbol.json does not exist). Train it first "
+                        f"(python train.py {getattr(recipe, 'source', 'RECIPE')}), or probe a "
+                        f"copy of the teacher with `--set student.from=teacher`.")
+    from ..teacher import load_symbol_checkpoint
+    sym, params = load_symbol_checkpoint(prefix, 0)
+    return sym, params, "data", f"trained student {prefix}"
+
+
+def _grads(sym, params, input_name, data, names, batches=8, batch_size=32):
+    """Mean gradients of the cross-entropy over a few training batches (for ``taylor``)."""
+    from mxnet import autograd
+    from ..teacher import make_block
+    if data.train.y is None:
+        raise UserError("sensitivity: criterion taylor needs labels; set `pruning.criterion: l1`.")
+    net = make_block(sym, params, input_name, trainable=True)
+    ce = mx.gluon.loss.SoftmaxCrossEntropyLoss()
+    pd = net.collect_params()
+    acc = {n: 0 for n in names}
+    order = np.random.RandomState(0).permutation(len(data.train.x))
+    n = 0
+    for b in range(batches):
+        idx = order[b * batch_size:(b + 1) * batch_size]
+        if len(idx) == 0:
+            break
+        with autograd.record(train_mode=False):
+            loss = ce(net(mx.nd.array(data.train.x[idx])), mx.nd.array(data.train.y[idx]))
+        loss.backward()
+        for k in names:
+            if pd[k].grad_req != "null":
+                acc[k] = acc[k] + pd[k].grad().asnumpy()
+        n += 1
+    return {k: v / max(n, 1) for k, v in acc.items() if not np.isscalar(v)}
+
+
+class _Probe:
+    """Shrinks, evaluates and times variants of one network."""
+
+    def __init__(self, graph, params, input_name, data, batch_size, repeats, eval_batch_size, tmp):
+        self.graph, self.params, self.input_name, self.data = graph, params, input_name, data
+        self.batch_size, self.repeats, self.eval_batch_size = batch_size, repeats, eval_batch_size
+        self.tmp = tmp
+        self.n = 0
+
+    def measure(self, removed):
+        from ..modelinfo import measure_latency, total_macs
+        from ..trainer import evaluate
+        from .apply import shrink, shrunk_block
+        sym, params = shrink(self.graph, self.params, removed)
+        net = shrunk_block(sym, params, self.input_name)
+        top1 = evaluate(net, self.data.val, self.eval_batch_size)
+        self.n += 1
+        prefix = os.path.join(self.tmp, f"v{self.n}")
+        net.export(prefix, epoch=0)
+        shape = tuple(self.data.val.x.shape[1:])
+        lat = measure_latency(prefix, shape, batch_sizes=(self.batch_size,), repeats=self.repeats)
+        for f in (prefix + "-symbol.json", prefix + "-0000.params"):
+            os.unlink(f)
+        return {"top1": round(top1, 3), "macs": int(total_macs(sym, (1,) + shape, self.input_name)),
+                "latency_ms": lat[f"b{self.batch_size}"]}
+
+
+def propose(rows, budget, base_latency, resolution=0.01):
+    """Per-group ratios maximizing the latency saving with Σ top-1 drop ≤ ``budget``.
+
+    A multiple-choice knapsack over the measured table (each group: ratio 0 or one measured
+    ratio), solved exactly by dynamic programming over the drop in steps of ``resolution``.
+
+    Parameters
+    ----------
+    rows : list of dict
+        ``{"group", "ratio", "drop", "latency_ms"}`` per measurement.
+    budget : float
+        Allowed summed drop (points).
+    base_latency : float
+        Latency of the unpruned network.
+
+    Returns
+    -------
+    dict
+        group id → ratio (groups left out: not pruned).
+    """
+    by_group = {}
+    for r in rows:
+        saving = base_latency - r["latency_ms"]
+        if saving > 0 and r["drop"] <= budget:
+            by_group.setdefault(r["group"], []).append(
+                (int(np.ceil(max(r["drop"], 0.0) / resolution - 1e-9)), saving, r["ratio"]))
+    cap = int(round(budget / resolution))
+    best = {0: (0.0, {})}                         # used drop units -> (saving, choice)
+    for gid, options in by_group.items():
+        nxt = dict(best)
+        for used, (sav, choice) in best.items():
+            for cost, s, ratio in options:
+                u = used + cost
+                if u <= cap and (u not in nxt or nxt[u][0] < sav + s):
+                    nxt[u] = (sav + s, {**choice, gid: ratio})
+        best = nxt
+    return max(best.values(), key=lambda v: v[0])[1]
+
+
+def run_sensitivity(recipe, ratios=(0.25, 0.5, 0.75), budget=1.0, batch_size=32, repeats=10,
+                    out=None, log=print):
+    """Measure the per-group sensitivity table and the proposal (see the module docstring).
+
+    Returns
+    -------
+    dict
+        What ``sensitivity.json`` holds.
+    """
+    from ..data import load_data
+    from ..trainer import evaluate
+    from .apply import shrunk_block
+    from .base import CRITERIA
+    from .graph import analyze
+    from .plan import choose_removed, plan_from_removed, unit_scores
+
+    out = out or os.path.join(recipe.run_dir, "sensitivity")
+    os.makedirs(out, exist_ok=True)
+    data = load_data(recipe.data, seed=recipe.trainer.seed)
+    sym, params, input_name, desc = _network(recipe, data)
+    shape = (1,) + tuple(data.val.x.shape[1:])
+    graph = analyze(sym, shape, input_name)
+    cfg = recipe.pruning
+    criterion = CRITERIA.get(cfg.criterion, where="pruning.criterion")()
+    np_params = {k: v.asnumpy() for k, v in params.items()}
+    grads = _grads(sym, params, input_name, data, sorted({s.param for s in graph.slices})) \
+        if criterion.needs_grad else None
+    scores = unit_scores(graph, graph.groups, criterion, np_params, grads,
+                         rng=np.random.RandomState(recipe.trainer.seed))
+    log(f"sensitivity of {desc}: {len(graph.groups)} coupled groups, ratios {list(ratios)}, "
+        f"criterion {cfg.criterion}, round_to {cfg.round_to}")
+    tmp = tempfile.mkdtemp(prefix="sens-", dir=out)
+    try:
+        probe = _Probe(graph, params, input_name, data, batch_size, repeats,
+                       recipe.trainer.eval_batch_size, tmp)
+        base = probe.measure(set())
+        log(f"unpruned: top-1 {base['top1']:.2f}%, {base['macs'] / 1e6:.2f}M MACs, "
+            f"{base['latency_ms']:.3f} ms at batch {batch_size}")
+        rows = []
+        for g in graph.groups:
+            seen = set()
+            for r in ratios:
+                removed = choose_removed(graph, scores, {g.id: r}, cfg.round_to)
+                key = frozenset(removed)
+                if not removed or key in seen:      # rounding left nothing, or a repeat
+                    continue
+                seen.add(key)
+                m = probe.measure(removed)
+                kept = len(plan_from_removed(graph, removed).keep[g.id])
+                row = {"group": g.id, "name": g.name, "layers": len(g.producers),
+                       "channels": g.channels, "units": len(g.units), "ratio": r, "kept": kept,
+                       "top1": m["top1"], "drop": round(base["top1"] - m["top1"], 3),
+                       "macs": m["macs"], "latency_ms": m["latency_ms"],
+                       "latency_saving": round(1 - m["latency_ms"] / base["latency_ms"], 4)}
+                rows.append(row)
+                log(f"  {g.id:>4} {g.name[:44]:44} {r:4.2f} kept {kept:4d}/{len(g.units):<4d} "
+                    f"top-1 {m['top1']:6.2f} ({0.0 - row['drop']:+.2f})  MACs {m['macs'] / 1e6:7.2f}M  "
+                    f"{m['latency_ms']:8.3f} ms")
+        choice = propose(rows, budget, base["latency_ms"])
+        result = None
+        # check the proposal by measuring it; drop the worst trade while it breaks the budget
+        while True:
+            removed = choose_removed(graph, scores, choice, cfg.round_to) if choice else set()
+            result = probe.measure(removed) if removed else dict(base)
+            if base["top1"] - result["top1"] <= budget or not choice:
+                break
+            worst = max(choice, key=lambda gid: next(r["drop"] / max(base["latency_ms"] - r["latency_ms"], 1e-9)
+                                                     for r in rows if r["group"] == gid and r["ratio"] == choice[gid]))
+            log(f"  proposal measured {base['top1'] - result['top1']:.2f} points down: "
+                f"leaving {worst} unpruned")
+            choice.pop(worst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    names = {g.id: g.name for g in graph.groups}
+    proposal = {"ratios": {gid: choice[gid] for gid in sorted(choice, key=lambda k: int(k[1:]))},
+                "top1": result["top1"], "drop": round(base["top1"] - result["top1"], 3),
+                "macs": result["macs"], "latency_ms": result["latency_ms"],
+                "latency_speedup": round(base["latency_ms"] / max(result["latency_ms"], 1e-9), 3),
+                "macs_ratio": round(base["macs"] / max(result["macs"], 1), 3)}
+    section = {"enabled": True, "granularity": "channel", "criterion": cfg.criterion,
+               "round_to": cfg.round_to, "final_sparsity": 0.0, "exclude": [],
+               "overrides": [{"layers": names[gid], "final_sparsity": float(r)}
+                             for gid, r in proposal["ratios"].items()]}
+    report = {"network": desc, "criterion": cfg.criterion, "round_to": cfg.round_to,
+              "batch_size": batch_size, "budget": budget, "base": base, "rows": rows,
+              "proposal": proposal, "recipe_section": {"pruning": section},
+              "groups": graph.summary()["groups"], "intact": graph.intact}
+    with open(os.path.join(out, "sensitivity.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(out, "proposal.yaml"), "w") as f:
+        f.write(f"# distill sensitivity: within {budget} point(s) of top-1, measured "
+                f"{proposal['latency_speedup']}x faster at batch {batch_size} (no fine-tuning yet)\n")
+        yaml.safe_dump({"pruning": section}, f, sort_keys=False)
+    _write_csv(os.path.join(out, "sensitivity.csv"), rows)
+    _plot(os.path.join(out, "sensitivity.png"), rows, base, names)
+    log(f"proposal (budget {budget} points): {len(choice)} groups pruned → top-1 "
+        f"{proposal['top1']:.2f}% ({-proposal['drop']:+.2f}), MACs {proposal['macs_ratio']}× fewer, "
+        f"latency {proposal['latency_speedup']}× faster (measured, before fine-tuning)")
+    log(f"table, plot and proposal: {out}/ (sensitivity.csv, sensitivity.png, proposal.yaml)")
+    return report
+
+
+def _write_csv(path, rows):
+    cols = ["group", "name", "layers", "channels", "units", "ratio", "kept", "top1", "drop", "macs",
+            "latency_ms", "latency_saving"]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r[k] for k in cols})
+
+
+def _plot(path, rows, base, names):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for gid in dict.fromkeys(r["group"] for r in rows):
+        pts = [(0.0, base["top1"])] + [(r["ratio"], r["top1"]) for r in rows if r["group"] == gid]
+        ax.plot(*zip(*pts), marker="o", label=f"{gid} {names[gid][-28:]}")
+    ax.set_xlabel("fraction of the group's channels removed (no fine-tuning)")
+    ax.set_ylabel("top-1 %")
+    ax.set_title("channel-pruning sensitivity per coupled group")
+    ax.grid(alpha=0.3)
+    if rows:
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
