@@ -11,6 +11,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	# pnnx (ONNX -> ncnn) is a self-contained binary; the torch it declares is only for PyTorch input
+	$(PY) -m pip install -q --no-deps pnnx
 	touch $(STAMP)
 
 venv: $(STAMP)

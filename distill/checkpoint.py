@@ -96,7 +96,12 @@ def _list(folder):
 
 
 def latest_checkpoint(folder):
-    """Path of the newest complete checkpoint in ``folder``, or ``None``."""
+    """Path of the newest complete checkpoint in ``folder``, or ``None``.
+
+    Temporary files of a write that was cut off (``.tmp-*``) are removed: only renamed,
+    complete files count."""
+    for stale in glob.glob(os.path.join(folder, ".tmp-*")) + glob.glob(os.path.join(folder, ".states-*")):
+        os.unlink(stale)
     found = sorted(_list(folder))
     return found[-1][1] if found else None
 

@@ -103,6 +103,7 @@ def build_card(job, reference, results, previous, run_dir):
     int8 = job.int8_section()
     card = {
         "name": job.recipe.name,
+        "run_dir": run_dir,
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "model": {"role": role, "source": src.prefix, "epoch": src.epoch, "sha256": src.sha256,
                   "removed_head": src.removed_head, "removed_params": src.removed_params,

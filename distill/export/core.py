@@ -5,7 +5,6 @@ its clean inference pair (:mod:`~distill.export.source`) → MXNet's reference l
 split and batch-1 latency → each format writes its files, runs them in its own runtime and
 compares with the reference → ``MODEL_CARD.md`` + ``model_card.json``.
 """
-import datetime
 import json
 import logging
 import os
@@ -15,7 +14,6 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Optional, Tuple
 
-import numpy as np
 import yaml
 
 from ..errors import UserError
@@ -103,10 +101,6 @@ class ExportJob:
         self._calib_list = None
 
     @property
-    def test_labels(self):
-        return self.y_test
-
-    @property
     def calib_size(self):
         """``--calib-size``, else the recipe's ``calib_batches × calib_batch_size`` (as ``distill quantize``)."""
         q = self.recipe.quantization
@@ -142,7 +136,7 @@ class ExportJob:
             self._calib_list = os.path.relpath(path, self.out_dir)
         return self._calib_list
 
-    def onnx_fp32(self):
+    def onnx_path(self):
         """Path of the fp32 ONNX model (built once in ``work_dir``; ncnn and int8 start from it)."""
         if self._onnx is None:
             from .onnx_fp32 import export_onnx
@@ -223,6 +217,8 @@ def _previous_card(out_dir, source, keep_formats):
             p = os.path.join(out_dir, f)
             if os.path.isfile(p):
                 os.unlink(p)
+        if e.get("calibration_list") and "ncnn" not in keep_formats:
+            shutil.rmtree(os.path.join(out_dir, os.path.dirname(e["calibration_list"])), ignore_errors=True)
     return {}
 
 

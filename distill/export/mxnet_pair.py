@@ -12,7 +12,6 @@ import shutil
 import warnings
 
 import mxnet as mx
-import numpy as np
 
 from .formats import FORMATS, ExportFormat, check_result, files_bytes
 from .parity import check_max_abs, compare_logits

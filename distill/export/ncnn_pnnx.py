@@ -100,13 +100,15 @@ class NcnnFormat(ExportFormat):
         return FORMATS.get("onnx")().missing()     # ncnn starts from the ONNX model
 
     def blocker(self, job):
-        return FORMATS.get("onnx")().blocker(job)      # it starts from the ONNX model
+        if FORMATS.get("onnx")().blocker(job):
+            return "it starts from the ONNX model, which this graph cannot become (see onnx)"
+        return None
 
     def export(self, job):
         from .runtimes import ncnn_latency, ncnn_net, ncnn_predict
         fp16 = job.options.fp16
         param, bin_ = (os.path.join(job.out_dir, f) for f in self.files)
-        onnx_to_ncnn(job.onnx_fp32(), job.input_shape, param, bin_, fp16=fp16, work_dir=job.work_dir)
+        onnx_to_ncnn(job.onnx_path(), job.input_shape, param, bin_, fp16=fp16, work_dir=job.work_dir)
         calib_list = job.write_calibration_images()
         # One thread for the parity pass: ncnn wakes its OpenMP pool on every call, which costs
         # more than a small image's compute (measured 15× slower over 300 images on 2 busy cores).

@@ -131,7 +131,7 @@ class OnnxFormat(ExportFormat):
         import onnxruntime as ort
         from .runtimes import ort_latency, ort_predict, ort_session
         dst = os.path.join(job.out_dir, "model.onnx")
-        shutil.copyfile(job.onnx_fp32(), dst)
+        shutil.copyfile(job.onnx_path(), dst)
         sess = ort_session(dst, job.threads)
         stats = compare_logits(job.ref, ort_predict(sess, job.x_test, job.options.eval_batch_size), job.y_test)
         latency = ({"b1": ort_latency(sess, job.x_test[:1], job.repeats)} if job.options.latency else None)

@@ -79,7 +79,9 @@ class OnnxInt8Format(ExportFormat):
         return None
 
     def blocker(self, job):
-        return FORMATS.get("onnx")().blocker(job)      # it starts from the ONNX model
+        if FORMATS.get("onnx")().blocker(job):
+            return "it starts from the ONNX model, which this graph cannot become (see onnx)"
+        return None
 
     def export(self, job):
         import onnx
@@ -87,7 +89,7 @@ class OnnxInt8Format(ExportFormat):
         from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
                                               quantize_static)
         from .runtimes import ort_latency, ort_predict, ort_session
-        src = job.onnx_fp32()
+        src = job.onnx_path()
         pre = os.path.join(job.work_dir, "model.pre.onnx")
         try:                 # shape inference + fusions first, as onnxruntime recommends
             from onnxruntime.quantization.shape_inference import quant_pre_process
