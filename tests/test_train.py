@@ -138,3 +138,38 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     assert set(pa) == set(pb)
     for k in pa:
         np.testing.assert_allclose(pa[k].asnumpy(), pb[k].asnumpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_teacher_cache_modes_agree_and_augment_runs_live(tmp_path):
+    t = tiny_teacher(tmp_path, epochs=1)
+    runs = {}
+    for mode in ("off", "memory", "disk"):
+        s = tiny_student(tmp_path, t, name=f"cache_{mode}", epochs=2,
+                         trainer={"teacher_cache": mode}, output={"latency": False})
+        res = run_cli(s)
+        assert res.returncode == 0, res.stderr[-2000:]
+        runs[mode] = (_history(os.path.join(tmp_path, "runs", f"cache_{mode}")), res.stdout)
+    assert "computed live" in runs["off"][1] and "cached once (memory" in runs["memory"][1]
+    assert "cached once (disk" in runs["disk"][1]
+    for mode in ("memory", "disk"):
+        for a, b in zip(runs["off"][0], runs[mode][0]):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["val_top1"] == a["val_top1"]
+    s = tiny_student(tmp_path, t, name="aug", epochs=1, data={"augment": ["crop"]},
+                     output={"latency": False})
+    res = run_cli(s)
+    assert res.returncode == 0 and "computed live" in res.stdout
+    s = tiny_student(tmp_path, t, name="aug_forced", epochs=1, data={"augment": ["crop"]},
+                     trainer={"teacher_cache": "memory"})
+    res = run_cli(s)
+    assert res.returncode == 2 and "augment" in res.stderr
+
+
+def test_augment_batch_is_seeded_and_shape_preserving():
+    from distill.trainer import augment_batch
+    x = np.random.RandomState(0).rand(5, 1, 8, 8).astype("float32")
+    a = augment_batch(x, ["crop", "hflip"], np.random.RandomState(1))
+    b = augment_batch(x, ["crop", "hflip"], np.random.RandomState(1))
+    assert a.shape == x.shape and np.array_equal(a, b) and not np.array_equal(a, x)
+    flipped = augment_batch(x, ["hflip"], np.random.RandomState(3))
+    for i in range(5):
+        assert np.array_equal(flipped[i], x[i]) or np.array_equal(flipped[i], x[i, :, :, ::-1])

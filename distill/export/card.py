@@ -57,11 +57,15 @@ def _library_versions():
 
 
 def _sparsity(metrics, source):
+    """The pruning record of the run (``student.sparsity``, ``student.pruning`` without its long
+    lists) when the run's student is exported, and the zeros measured in the exported weights."""
     found = {}
-    for key in ("sparsity", "pruning"):
-        for where in (metrics, metrics.get("student") or {}):
-            if key in where and where[key]:
-                found[key] = where[key]
+    if source.kind == "student":
+        s = metrics.get("student") or {}
+        if s.get("sparsity") is not None:
+            found["sparsity"] = s["sparsity"]
+        if isinstance(s.get("pruning"), dict):
+            found["pruning"] = {k: v for k, v in s["pruning"].items() if not isinstance(v, (list, dict))}
     found["measured"] = weight_sparsity(source.symbol, source.params)
     return found
 
@@ -193,10 +197,16 @@ def render_markdown(card):
         lines.append(f"* student: {s.get('model', '-')}, top-1 {_f(s.get('top1'))}%, "
                      f"{s.get('params', '-')} parameters, {s.get('macs', '-')} MACs per image.")
     sp = card["sparsity"]
-    lines.append(f"* sparsity: {sp['measured']['fraction'] * 100:.2f}% of conv/dense weights are zero "
-                 f"(measured in the exported weights)"
-                 + (f"; pruning: `{json.dumps(sp.get('pruning') or sp.get('sparsity'))[:300]}`"
-                    if sp.get("pruning") or sp.get("sparsity") else "") + ".")
+    line = (f"* sparsity: {sp['measured']['fraction'] * 100:.2f}% of conv/dense weights are zero "
+            f"(measured in the exported weights)")
+    if sp.get("sparsity") is not None:
+        line += f"; pruning removed {sp['sparsity'] * 100:.1f}% of the parameters"
+    p = sp.get("pruning") or {}
+    if p:
+        line += (f" ({p.get('granularity', '?')} pruning, {p.get('criterion', '?')}, "
+                 f"{'physically smaller' if p.get('physically_smaller') else 'masked, dense size'}; "
+                 f"{p.get('params_before', '?')} parameters and {p.get('macs_before', '?')} MACs before)")
+    lines.append(line + ".")
     if card["model"]["removed_head"] or card["model"]["removed_params"]:
         lines.append(f"* removed for inference: head {card['model']['removed_head'] or 'none'}, "
                      f"{len(card['model']['removed_params'])} unused parameters.")

@@ -1,0 +1,158 @@
+"""Int8 benchmark: fused fp32 vs oneDNN int8 on the quickstart student, in one run.
+
+    .venv/bin/python bench/int8.py                      # runs/quickstart (python train.py recipes/quickstart.yaml)
+    .venv/bin/python bench/int8.py --run runs/other --repeats 50
+
+Prints latency at batch 1 and 32 (fp32 side: the oneDNN-fused fp32 graph, so the ratio credits
+int8 alone; both sides timed alternately, best of repeats), top-1 on the held-out split for the
+``none``, ``first_last`` and ``auto`` policies under both calibration modes, and whether the
+issue's targets hold: int8 ≥ 2.5× faster than fused fp32 at batch 32 and ≥ 1.5× at batch 1,
+``auto`` within 0.5 point of fp32. A missed target is printed as missed. Nothing is written to
+the run folder (exports go to a temporary folder).
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+from types import SimpleNamespace
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import mxnet as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from distill.report import format_table  # noqa: E402
+
+TARGET_B32, TARGET_B1, TARGET_AUTO = 2.5, 1.5, 0.5
+
+
+def _random_student(tmp):
+    """No trained run: the quickstart architecture with random weights, for latency only."""
+    from students import build_student
+    net = build_student("mobilenetv2_0.5", 1, 10, (28, 28), seed=0)
+    net.hybridize()
+    net(mx.nd.zeros((1, 1, 28, 28)))
+    prefix = os.path.join(tmp, "random")
+    net.export(prefix, 0)
+    return prefix
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", default=os.path.join(ROOT, "runs", "quickstart"))
+    p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--budget", type=float, default=TARGET_AUTO)
+    p.add_argument("--modes", default="naive,entropy", help="calibration modes to compare")
+    p.add_argument("--wait", type=float, default=0, help="seconds to wait for RUN/model-symbol.json")
+    args = p.parse_args(argv)
+
+    from distill.data import load_data
+    from distill.quantize import (FloatModel, Selection, calibrate, prepare, quantize, run_policy,
+                                  save_graph)
+    from distill.quantize.pipeline import paired_latency
+    from distill.recipe import load_recipe
+
+    deadline = time.time() + args.wait
+    prefix = os.path.join(args.run, "model")
+    while not os.path.isfile(prefix + "-0000.params") and time.time() < deadline:
+        time.sleep(10)
+    tmp = tempfile.mkdtemp(prefix="bench-int8-")
+    trained = os.path.isfile(prefix + "-0000.params") and os.path.isfile(os.path.join(args.run, "recipe.yaml"))
+    print(f"int8 benchmark — mxnet {mx.__version__}, {os.cpu_count()} cores, load average "
+          f"{os.getloadavg()[0]:.1f} at start (other processes slow both sides alike; ratios are "
+          f"more stable than milliseconds)")
+    if not trained:
+        print(f"NOTE: {args.run} has no trained model: timing a random-weight mobilenetv2_0.5 "
+              f"(stride-1 stem, 28×28×1); top-1 is not measured. Run python train.py "
+              f"recipes/quickstart.yaml for the accuracy half.")
+        prefix = _random_student(tmp)
+
+    t0 = time.time()
+    rows, outcomes = [], {}
+    if trained:
+        recipe = load_recipe(os.path.join(args.run, "recipe.yaml"))
+        data = load_data(recipe.data, seed=recipe.trainer.seed)
+        shape = (data.channels,) + tuple(data.image_size)
+        model = FloatModel.from_prefix(prefix, shape)
+        for mode in args.modes.split(","):
+            q = recipe.quantization.__class__(calib_mode=mode, budget=args.budget)
+            t = time.time()
+            sc = prepare(model, data, q, recipe.trainer.seed, recipe.trainer.eval_batch_size)
+            for policy in ("none", "first_last", "auto"):
+                out = run_policy(sc, policy, args.budget)
+                outcomes[(mode, policy)] = out
+                rows.append([mode, policy, f"{sc.fp32_top1:.2f}", f"{out.score.top1:.2f}",
+                             f"{out.score.top1 - sc.fp32_top1:+.2f}", len(out.selection.excluded),
+                             ", ".join(_short(n) for n in out.selection.excluded) or "-"])
+            print(f"  {mode}: calibrated and searched in {time.time() - t:.0f} s")
+        print(format_table(["calib", "policy", "fp32 top-1", "int8 top-1", "Δ", "fp32 layers", "kept fp32"],
+                           rows, f"\ntop-1 % on {data.name} val ({len(data.val)} images), "
+                                 f"{sc.calib['images']} calibration images (train split, seed {sc.calib['seed']})"))
+    else:
+        shape = (1, 28, 28)
+        model = FloatModel.from_prefix(prefix, shape)
+        x = np.random.RandomState(0).randn(64, *shape).astype("float32")
+        graph = quantize(model, calibrate(model, x, "naive"), [])
+        outcomes[("naive", "none")] = SimpleNamespace(graph=graph, selection=Selection([]))
+
+    # time fp32 and each distinct int8 graph (different fp32 layer sets), alternately
+    graphs, labels = {}, []
+    for (mode, policy), out in outcomes.items():
+        key = tuple(out.selection.excluded) + tuple(out.selection.exclude_ops)
+        if key not in graphs:
+            gp = os.path.join(tmp, f"int8-{len(graphs)}")
+            save_graph(gp, out.graph.symbol, out.graph.params)
+            graphs[key] = (gp, f"int8 {policy} ({mode}): {len(out.selection.excluded)} fp32")
+    prefixes = [prefix] + [gp for gp, _ in graphs.values()]
+    names = ["fp32 (oneDNN-fused)"] + [lab for _, lab in graphs.values()]
+    lat = paired_latency(prefixes, shape, repeats=args.repeats)
+    f = lat[0]
+    lrows = [[n, f"{l['b1']:.3f}", f"{l['b32']:.3f}", f"{f['b1'] / l['b1']:.2f}×", f"{f['b32'] / l['b32']:.2f}×"]
+             for n, l in zip(names, lat)]
+    print(format_table(["model", "ms b1", "ms b32", "speed-up b1", "speed-up b32"], lrows,
+                       f"\nlatency, best of {args.repeats} (ms); speed-up = fused fp32 / int8"))
+
+    # targets: the deployable int8 model is `auto` under the recipe's calibration mode
+    print("\ntargets:")
+    default_mode = "naive"
+    key = (default_mode, "auto") if (default_mode, "auto") in outcomes else next(iter(outcomes))
+    out = outcomes[key]
+    k = tuple(out.selection.excluded) + tuple(out.selection.exclude_ops)
+    i = 1 + list(graphs).index(k)
+    r32, r1 = f["b32"] / lat[i]["b32"], f["b1"] / lat[i]["b1"]
+    _target(f"int8 ({key[1]}, {key[0]}) ≥ {TARGET_B32}× faster than fused fp32 at batch 32", r32 >= TARGET_B32, f"{r32:.2f}×")
+    _target(f"int8 ({key[1]}, {key[0]}) ≥ {TARGET_B1}× faster than fused fp32 at batch 1", r1 >= TARGET_B1, f"{r1:.2f}×")
+    if trained:
+        for mode in args.modes.split(","):
+            o = outcomes[(mode, "auto")]
+            drop = o.scorer.fp32_top1 - o.score.top1
+            _target(f"auto ({mode}) within {args.budget} point of fp32", drop <= args.budget + 1e-9,
+                    f"{-drop:+.2f} points, {len(o.selection.excluded)} layer(s) fp32")
+            full = outcomes[(mode, "none")]
+            print(f"  full-int8 drop ({mode}): {full.scorer.fp32_top1 - full.score.top1:+.2f} points "
+                  f"({full.scorer.fp32_top1:.2f} → {full.score.top1:.2f})")
+    else:
+        print("  auto within 0.5 point: NOT MEASURED (no trained run)")
+    for n, l in zip(names[1:], lat[1:]):
+        for b in ("b1", "b32"):
+            if l[b] > f[b]:
+                print(f"  note: {n} is SLOWER than fused fp32 at batch {b[1:]} ({l[b]:.3f} vs {f[b]:.3f} ms)")
+    print(f"\nbenchmark time {time.time() - t0:.0f} s")
+    return 0
+
+
+def _short(name):
+    for pre in ("mobilenetv20_features_", "mobilenetv20_", "cifarresnetv10_"):
+        if name.startswith(pre):
+            return name[len(pre):]
+    return name
+
+
+def _target(what, ok, value):
+    print(f"  [{'met' if ok else 'MISSED'}] {what}: {value}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
