@@ -7,11 +7,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test venv clean
 
+# pnnx (ONNX -> ncnn for `distill export`) is a self-contained binary: --no-deps, since the
+# torch it declares is only needed for PyTorch input.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
-	# pnnx (ONNX -> ncnn) is a self-contained binary; the torch it declares is only for PyTorch input
 	$(PY) -m pip install -q --no-deps pnnx
 	touch $(STAMP)
 

@@ -150,7 +150,8 @@ def available_formats():
 
 
 def _choose_formats(requested):
-    """``(formats, skipped)``: the requested ones (all must be installed), or every installed one."""
+    """``(formats, skipped, explicit)``: the requested formats (each must be installed), or every
+    installed one with ``skipped`` saying why the others are not (``explicit`` False)."""
     avail = available_formats()
     if not requested or "all" in requested:
         skipped = {n: miss for n, miss in avail.items() if miss is not None}
