@@ -52,7 +52,7 @@ def main(argv=None):
     from distill.quantize import (FloatModel, Selection, calibrate, prepare, quantize, run_policy,
                                   save_graph)
     from distill.quantize.pipeline import paired_latency
-    from distill.recipe import load_recipe
+    from distill.recipe import QuantizationConfig, load_recipe
 
     deadline = time.time() + args.wait
     prefix = os.path.join(args.run, "model")
@@ -84,12 +84,15 @@ def main(argv=None):
                 out = run_policy(sc, policy, args.budget)
                 outcomes[(mode, policy)] = out
                 rows.append([mode, policy, f"{sc.fp32_top1:.2f}", f"{out.score.top1:.2f}",
-                             f"{out.score.top1 - sc.fp32_top1:+.2f}", len(out.selection.excluded),
-                             ", ".join(_short(n) for n in out.selection.excluded) or "-"])
+                             f"{out.score.top1 - sc.fp32_top1:+.2f}", len(out.selection.excluded)])
             print(f"  {mode}: calibrated and searched in {time.time() - t:.0f} s")
-        print(format_table(["calib", "policy", "fp32 top-1", "int8 top-1", "Δ", "fp32 layers", "kept fp32"],
+        print(format_table(["calib", "policy", "fp32 top-1", "int8 top-1", "Δ", "fp32 layers"],
                            rows, f"\ntop-1 % on {data.name} val ({len(data.val)} images), "
                                  f"{sc.calib['images']} calibration images (train split, seed {sc.calib['seed']})"))
+        for (mode, policy), out in outcomes.items():
+            if out.selection.excluded:
+                print(f"  kept fp32 by {policy} ({mode}): "
+                      + ", ".join(_short(n) for n in out.selection.excluded))
     else:
         shape = (1, 28, 28)
         model = FloatModel.from_prefix(prefix, shape)
@@ -116,7 +119,7 @@ def main(argv=None):
 
     # targets: the deployable int8 model is `auto` under the recipe's calibration mode
     print("\ntargets:")
-    default_mode = "naive"
+    default_mode = QuantizationConfig().calib_mode
     key = (default_mode, "auto") if (default_mode, "auto") in outcomes else next(iter(outcomes))
     out = outcomes[key]
     k = tuple(out.selection.excluded) + tuple(out.selection.exclude_ops)
@@ -131,8 +134,8 @@ def main(argv=None):
             _target(f"auto ({mode}) within {args.budget} point of fp32", drop <= args.budget + 1e-9,
                     f"{-drop:+.2f} points, {len(o.selection.excluded)} layer(s) fp32")
             full = outcomes[(mode, "none")]
-            print(f"  full-int8 drop ({mode}): {full.scorer.fp32_top1 - full.score.top1:+.2f} points "
-                  f"({full.scorer.fp32_top1:.2f} → {full.score.top1:.2f})")
+            print(f"  full int8 ({mode}): {full.score.top1 - full.scorer.fp32_top1:+.2f} points of top-1 "
+                  f"against fp32 ({full.scorer.fp32_top1:.2f} → {full.score.top1:.2f})")
     else:
         print("  auto within 0.5 point: NOT MEASURED (no trained run)")
     for n, l in zip(names[1:], lat[1:]):

@@ -21,7 +21,7 @@ from distill.quantize import (CALIBRATORS, POLICIES, FloatModel, Score, calibrat
 from distill.quantize.policies.auto import AutoExclusion
 from distill.recipe import QuantizationConfig, load_recipe, recipe_from_dict, recipe_to_dict
 from distill.trainer import evaluate, predict
-from helpers import ROOT, run_cli
+from helpers import run_cli
 
 MNIST = {"name": "mnist5k", "mean": [0.1307], "std": [0.3081]}
 

@@ -89,10 +89,10 @@ class FloatModel:
         self.input_shape = tuple(int(s) for s in input_shape)
         self.input_name = input_name
         self.source = source
-        needed = set(symbol.list_arguments()) | set(symbol.list_auxiliary_states())
-        self.arg_params = {k: v for k, v in params.items() if k in symbol.list_arguments()}
-        self.aux_params = {k: v for k, v in params.items() if k in symbol.list_auxiliary_states()}
-        missing = sorted(needed - set(params) - {input_name})
+        args, auxs = set(symbol.list_arguments()), set(symbol.list_auxiliary_states())
+        self.arg_params = {k: v for k, v in params.items() if k in args}
+        self.aux_params = {k: v for k, v in params.items() if k in auxs}
+        missing = sorted((args | auxs) - set(params) - {input_name})
         if missing:
             raise UserError(f"{source}: the params file lacks {', '.join(missing[:6])}"
                             f"{' ...' if len(missing) > 6 else ''}; is it from the same model?")

@@ -16,19 +16,18 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from dataclasses import dataclass
+from typing import Dict, Optional
 
 import mxnet as mx
 import numpy as np
-import yaml
 
 from ..checkpoint import atomic_write_bytes
 from ..errors import UserError
 from ..modelinfo import file_size, load_symbol_block
 from ..trainer import evaluate
 from .calibrators import calibrate, calibration_indices
-from .graph import FloatModel, QuantizedGraph, make_block, save_graph
+from .graph import FloatModel, QuantizedGraph, save_graph
 from .policies import Selection, resolve_policy
 from .scoring import Score, Scorer
 
@@ -281,14 +280,17 @@ def quantize_target(target, recipe_path=None, overrides=None, teacher=True, sens
     repeats = repeats or recipe.output.latency_repeats
     sections = {}
     for role, prefix in tgt.models.items():
-        log(f"\n== int8 {role}: {prefix} ({q.calib_mode} calibration, exclude {q.exclude}, "
+        spec = q.exclude
+        if role == "teacher" and hasattr(resolve_policy(spec), "check"):
+            spec = "auto"           # patterns name the student's layers, not the teacher's
+        log(f"\n== int8 {role}: {prefix} ({q.calib_mode} calibration, exclude {spec}, "
             f"{q.granularity} weights)")
         model = FloatModel.from_prefix(prefix, input_shape)
-        policy = resolve_policy(q.exclude, q.budget)
+        policy = resolve_policy(spec, q.budget)
         if hasattr(policy, "check"):          # a pattern typo fails before any calibration
             policy.check(model)
         scorer = prepare(model, data, q, seed, recipe.trainer.eval_batch_size)
-        outcome = run_policy(scorer, q.exclude, q.budget)
+        outcome = run_policy(scorer, spec, q.budget)
         if sensitivity:
             scorer.sensitivity()
         section = export_outcome(outcome, prefix, repeats, recipe.trainer.eval_batch_size)

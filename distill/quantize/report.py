@@ -71,8 +71,8 @@ def model_report(role, prefix, model, section, data):
     if q.get("all_fp32"):
         parts.append("note: NO int8 variant holds the budget: the exported 'int8' model is the fp32 graph.")
     if q["bytes"] >= 0.9 * f["bytes"]:
-        parts.append("size: MXNet's oneDNN int8 graph stores weights in fp32 and quantizes them when "
-                     "loaded, so the file is not smaller; memory and bandwidth at run time are.")
+        parts.append("size: MXNet's oneDNN int8 graph stores the weights in fp32 and quantizes them "
+                     "when it first runs, so the file is not smaller.")
     parts += speed_lines(q)
     return "\n".join(parts)
 
