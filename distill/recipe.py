@@ -238,7 +238,8 @@ class QuantizationConfig:
     keeps layers in fp32: ``none``, ``first_last``, ``auto`` (the fewest layers that hold top-1
     within ``budget`` points) or name patterns (``"*conv0*"``, a list or ``a,b``).
     ``granularity`` is how weights are scaled: ``channel-wise`` or ``tensor-wise``.
-    ``enabled`` is reserved for running this step at the end of ``distill train``.
+    ``enabled: true`` runs this step at the end of ``distill train`` (same as
+    ``distill quantize RUN_DIR`` afterwards).
     """
     enabled: bool = False
     calib_mode: str = "naive"
@@ -454,7 +455,8 @@ def recipe_to_dict(recipe):
 def recipe_hash(recipe, sections=None):
     """A short, stable hash of the recipe (or of some sections of it)."""
     d = recipe_to_dict(recipe)
-    d.pop("output", None)                      # where results go and how they are shown
+    d.pop("output", None)                      # where results go and how they are shown,
+    d.pop("quantization", None)                # and post-training int8 calibration,
     d.get("trainer", {}).pop("progress", None)  # do not change what is trained
     if sections:
         d = {k: d[k] for k in sections}

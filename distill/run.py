@@ -215,6 +215,10 @@ def run_training(recipe, resume=False, role="student"):
     atomic_write_bytes(os.path.join(run_dir, "metrics.json"),
                        json.dumps(metrics, indent=2, allow_nan=True).encode())
     log(summary_table(metrics))
+    if recipe.quantization.enabled and role != "teacher":
+        from .quantize.pipeline import quantize_target
+        log("\n== int8 calibration (quantization.enabled)")
+        metrics["int8"] = quantize_target(run_dir, log=log)
     log(f"run folder: {run_dir}  (metrics.json, model-symbol.json + model-0000.params, tb/)")
     return metrics
 

@@ -173,3 +173,16 @@ def test_augment_batch_is_seeded_and_shape_preserving():
     flipped = augment_batch(x, ["hflip"], np.random.RandomState(3))
     for i in range(5):
         assert np.array_equal(flipped[i], x[i]) or np.array_equal(flipped[i], x[i, :, :, ::-1])
+
+
+def test_quantization_enabled_calibrates_at_the_end(tmp_path):
+    t = tiny_teacher(tmp_path, epochs=1)
+    s = tiny_student(tmp_path, t, name="q", epochs=2,
+                     quantization={"enabled": True, "exclude": "first_last", "calib_batches": 2})
+    res = run_cli(s)
+    assert res.returncode == 0, res.stderr[-2000:]
+    run = os.path.join(tmp_path, "runs", "q")
+    m = json.load(open(os.path.join(run, "metrics.json")))
+    assert m["int8"]["calib_mode"] == "naive" and len(m["int8"]["excluded"]) == 2
+    assert abs(m["int8"]["top1"] - m["student"]["top1"]) <= 5.0
+    assert os.path.isfile(os.path.join(run, "model-int8-symbol.json"))
