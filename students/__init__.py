@@ -25,7 +25,6 @@ __all__ = ["STUDENTS", "build_student", "list_students", "student_info", "target
 _LOGGER = logging.getLogger(__name__)
 
 _INFO_ATTR = "_distill_student_info"
-_INIT = mx.init.Xavier
 
 
 def build_student(name: str, channels: int, num_classes: int, image_size: Tuple[int, int],
@@ -54,9 +53,12 @@ def build_student(name: str, channels: int, num_classes: int, image_size: Tuple[
     Returns
     -------
     mxnet.gluon.HybridBlock
-        Initialized (Xavier for weights, the layers' own init for BatchNorm and biases), not
+        Initialized (Xavier for weights, the layers' own init for BatchNorm and biases; the last
+        BatchNorm of residual branches starts at gamma = 0, see the family modules), not
         hybridized; maps ``(N, channels, H, W)`` float32 to ``(N, num_classes)`` logits.
-        :func:`student_info` describes the adaptation.
+        :func:`student_info` describes the adaptation. Parameter structure (``save_parameters``
+        names) depends only on ``name`` and ``num_classes``, so a student saved at one image size
+        loads into one built at another.
 
     Raises
     ------
@@ -71,10 +73,10 @@ def build_student(name: str, channels: int, num_classes: int, image_size: Tuple[
     if seed is not None:
         mx.random.seed(seed)
         np.random.seed(seed)
-    net.initialize(_INIT(), ctx=ctx)
+    net.initialize(mx.init.Xavier(), ctx=ctx)
     info = adapt_strides(net, int(channels), image_size, int(num_classes), max_stride, ctx)
-    info.update(name=name, unfrozen_batchnorm=unfrozen, channels=int(channels), num_classes=int(num_classes),
-                image_size=tuple(int(v) for v in image_size))
+    info.update(name=name, channels=int(channels), num_classes=int(num_classes),
+                image_size=tuple(int(v) for v in image_size), unfrozen_batchnorm=unfrozen)
     setattr(net, _INFO_ATTR, info)
     _LOGGER.info("student %s: stride %d (native %d), features %s, %d layers at stride 1",
                  name, info["stride"], info["native_stride"], info["feature_size"],

@@ -10,8 +10,8 @@ stride 1 together with the conv.
 
 ShuffleNetV1's "add" units end their residual branch in a BatchNorm that starts at gamma = 0
 (:func:`students.adapt.zero_init_gamma`): GluonCV's V1 has no BatchNorm after the stem, and with
-gamma = 1 the sum of sixteen residual branches blew the loss up from 4 to 100 in the first steps
-on digits (21% accuracy after 2 epochs; 97% with gamma = 0).
+gamma = 1 the sum of thirteen residual branches blew the loss up from 4 to 100 in the first steps
+on digits (21% accuracy after 2 epochs; 97-98% with gamma = 0).
 """
 import logging
 

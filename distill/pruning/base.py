@@ -4,11 +4,12 @@ A criterion scores weights (unstructured) or the rows of a parameter that belong
 (channel pruning); a schedule says when masks are updated and how sparse they are then. Both are
 numpy-only, so the recipe can check names without loading MXNet.
 """
-import numpy as np
+import logging
 
 from ..registry import Registry
 
 __all__ = ["CRITERIA", "SCHEDULES", "Criterion", "Schedule"]
+_LOGGER = logging.getLogger(__name__)
 
 CRITERIA = Registry("pruning criterion")
 SCHEDULES = Registry("pruning schedule")
@@ -70,7 +71,3 @@ class Schedule:
         if not done:
             return 0.0
         return float(final) * self.fraction(done[-1], len(ev))
-
-
-def _rows_abs(rows):
-    return np.abs(np.asarray(rows, dtype=np.float64))

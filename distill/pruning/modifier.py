@@ -172,6 +172,7 @@ class PruningModifier(Modifier):
         self._grad_np = {}             # restored accumulators (numpy)
         self._grad = {}
         self._grad_steps = 0
+        self._plan_keep = None
         self.graph = None
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -204,6 +205,9 @@ class PruningModifier(Modifier):
             from .graph import analyze
             self.graph = analyze(self.symbol, self.input_shape, self.input_name)
             self.group_ratio = {grp.id: self._group_ratio(grp) for grp in self.graph.groups}
+            if self._plan_keep:                        # resumed: the channels removed so far
+                from .plan import Plan, removed_units
+                self.removed = removed_units(self.graph, Plan(self._plan_keep))
             frozen = [g.name for g in self.graph.groups if self.group_ratio[g.id] == 0]
             self.log(f"pruning: {len(self.graph.groups)} coupled channel groups, "
                      f"{len(self.graph.intact)} layers kept intact"
@@ -275,14 +279,20 @@ class PruningModifier(Modifier):
 
     def state_dict(self):
         grads = {n: a.asnumpy() for n, a in self._grad.items()} if self._grad else self._grad_np
-        return {"done": list(self.done), "removed": sorted(int(u) for u in self.removed),
-                "sparsity": self.sparsity, "grads": grads, "grad_steps": self._grad_steps}
+        keep = None
+        if self.graph is not None:                 # the plan, not graph-internal unit ids
+            from .plan import plan_from_removed
+            keep = plan_from_removed(self.graph, self.removed).keep
+        elif self._plan_keep is not None:
+            keep = self._plan_keep
+        return {"done": list(self.done), "plan_keep": keep, "sparsity": self.sparsity,
+                "grads": grads, "grad_steps": self._grad_steps}
 
     def load_state_dict(self, state):
         if not state:
             return
         self.done = list(state.get("done", []))
-        self.removed = set(state.get("removed", []))
+        self._plan_keep = state.get("plan_keep")     # resolved against the graph in initialize
         self.sparsity = state.get("sparsity", 0.0)
         self._grad_np = state.get("grads", {}) or {}
         self._grad_steps = state.get("grad_steps", 0)

@@ -165,9 +165,12 @@ def unit_scores(graph, groups, criterion, params, grads=None, rng=None):
             if grads is None or s.param not in grads:
                 continue
             gr = np.moveaxis(np.asarray(grads[s.param]), s.axis, 0).reshape(w.shape[0], -1)
-        scores = criterion.row_scores(w, gr, rng=rng)
-        for c in np.unique(s.classes[mine]).tolist():
-            per_role[level].setdefault(c, []).append(float(scores[s.classes == c].mean()))
+        scores = np.asarray(criterion.row_scores(w, gr, rng=rng), dtype=np.float64)
+        units, inverse = np.unique(s.classes, return_inverse=True)
+        means = np.bincount(inverse, weights=scores) / np.bincount(inverse)
+        for c, v in zip(units.tolist(), means.tolist()):
+            if c in unit_ids:
+                per_role[level].setdefault(c, []).append(v)
     out = {}
     for g in groups:
         for u in g.unit_ids.tolist():

@@ -1,10 +1,13 @@
 """BatchNorm scale (Liu et al., 2017, "Learning Efficient Convolutional Networks through Network
 Slimming")."""
+import logging
+
 import numpy as np
 
 from ..base import CRITERIA, Criterion
 
 __all__ = ["BNScale"]
+_LOGGER = logging.getLogger(__name__)
 
 
 @CRITERIA.register("bn_scale")

@@ -1,9 +1,12 @@
 """L1 magnitude (Li et al., 2017, "Pruning Filters for Efficient ConvNets")."""
+import logging
+
 import numpy as np
 
 from ..base import CRITERIA, Criterion
 
 __all__ = ["L1"]
+_LOGGER = logging.getLogger(__name__)
 
 
 @CRITERIA.register("l1")

@@ -1,9 +1,12 @@
 """L2 magnitude (He et al., 2018, "Soft Filter Pruning", filter norm)."""
+import logging
+
 import numpy as np
 
 from ..base import CRITERIA, Criterion
 
 __all__ = ["L2"]
+_LOGGER = logging.getLogger(__name__)
 
 
 @CRITERIA.register("l2")

@@ -1,10 +1,13 @@
 """Random scores: the baseline every criterion must beat (Mittal et al., 2018, "Recovering from
 Random Pruning")."""
+import logging
+
 import numpy as np
 
 from ..base import CRITERIA, Criterion
 
 __all__ = ["RandomCriterion"]
+_LOGGER = logging.getLogger(__name__)
 
 
 @CRITERIA.register("random")

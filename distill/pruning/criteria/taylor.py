@@ -1,10 +1,13 @@
 """First-order Taylor (Molchanov et al., 2017, "Pruning Convolutional Neural Networks for
 Resource Efficient Inference")."""
+import logging
+
 import numpy as np
 
 from ..base import CRITERIA, Criterion
 
 __all__ = ["Taylor"]
+_LOGGER = logging.getLogger(__name__)
 
 
 @CRITERIA.register("taylor")

@@ -1,7 +1,10 @@
 """Automated gradual pruning (Zhu & Gupta, 2017, "To prune, or not to prune")."""
+import logging
+
 from ..base import SCHEDULES, Schedule
 
 __all__ = ["AGP"]
+_LOGGER = logging.getLogger(__name__)
 
 
 @SCHEDULES.register("agp")

@@ -1,7 +1,10 @@
 """Iterative pruning in equal steps (Han et al., 2015, "Learning both Weights and Connections")."""
+import logging
+
 from ..base import SCHEDULES, Schedule
 
 __all__ = ["Iterative"]
+_LOGGER = logging.getLogger(__name__)
 
 
 @SCHEDULES.register("iterative")

@@ -1,7 +1,10 @@
 """One-shot pruning: the final sparsity at once, then fine-tuning (Han et al., 2015)."""
+import logging
+
 from ..base import SCHEDULES, Schedule
 
 __all__ = ["OneShot"]
+_LOGGER = logging.getLogger(__name__)
 
 
 @SCHEDULES.register("oneshot")
