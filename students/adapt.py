@@ -19,7 +19,7 @@ op as a layer in its builder first (see :mod:`students.shufflenet`).
 """
 import logging
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import mxnet as mx
 from mxnet.gluon import nn
