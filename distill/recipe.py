@@ -458,6 +458,8 @@ def recipe_hash(recipe, sections=None):
     d.pop("output", None)                      # where results go and how they are shown,
     d.pop("quantization", None)                # and post-training int8 calibration,
     d.get("trainer", {}).pop("progress", None)  # do not change what is trained
+    if not d.get("pruning", {}).get("enabled"):
+        d.pop("pruning", None)                 # new pruning keys must not make old runs stale
     if sections:
         d = {k: d[k] for k in sections}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]

@@ -324,9 +324,11 @@ def _plot(path, rows, base, names):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 5))
-    for gid in dict.fromkeys(r["group"] for r in rows):
+    colors = plt.get_cmap("tab20").colors
+    for n, gid in enumerate(dict.fromkeys(r["group"] for r in rows)):
         pts = [(0.0, base["top1"])] + [(r["ratio"], r["top1"]) for r in rows if r["group"] == gid]
-        ax.plot(*zip(*pts), marker="o", label=f"{gid} {names[gid][-28:]}")
+        ax.plot(*zip(*pts), marker="o", color=colors[n % 20], linestyle=("-", "--", ":")[n // 20 % 3],
+                label=f"{gid} {names[gid][-28:]}")
     ax.set_xlabel("fraction of the group's channels removed (no fine-tuning)")
     ax.set_ylabel("top-1 %")
     ax.set_title("channel-pruning sensitivity per coupled group")
