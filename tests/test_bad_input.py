@@ -201,3 +201,12 @@ def test_tap_that_matches_nothing(tmp_path, checkpoint):
                            "distillation": [{"loss": "hint", "teacher_layer": "concatenate",
                                              "student_layer": "conv0_fwd"}], **FAST}, "tap")
     _fails(run_cli(r), "teacher_layer", "concatenate", "concat")
+
+
+def test_pruning_exclude_pattern_that_matches_nothing(tmp_path):
+    r = _recipe(tmp_path, {"data": {"name": "synthetic", "num_samples": 64, "image_size": 8},
+                           "student": {"model": "cifar_resnet20_v1"},
+                           "pruning": {"enabled": True, "exclude": ["*no_such_layer*"]}, **FAST}, "ex")
+    res = run_cli(r)
+    _fails(res, "pruning.exclude", "*no_such_layer*", "matches no layer")
+    assert "epoch 1/" not in res.stdout
