@@ -16,14 +16,9 @@ __all__ = ["calibration_indices", "to_pixels", "write_calibration_images", "ncnn
 _LOGGER = logging.getLogger(__name__)
 
 
-def calibration_indices(n, count, seed):
-    """Which train images calibrate: the first ``min(count, n)`` of a permutation seeded by ``seed``.
-
-    The same sample as ``distill quantize`` (``quantization.calib_batches × calib_batch_size``
-    images, seeded by ``trainer.seed``), so the MXNet, onnxruntime and ncnn int8 models are
-    calibrated on the same images. int64, in feed order.
-    """
-    return np.random.RandomState(seed).permutation(n)[:min(int(count), int(n))].astype(np.int64)
+# One sample for every int8 path: the MXNet, onnxruntime and ncnn int8 models calibrate on the
+# same images (``quantization.calib_batches × calib_batch_size``, seeded by ``trainer.seed``).
+from ..quantize.calibrators import calibration_indices  # noqa: E402
 
 
 def to_pixels(x, mean, std):
