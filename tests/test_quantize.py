@@ -291,6 +291,7 @@ def test_cli_writes_the_int8_section_for_student_and_teacher(mnist_run):
     run_dir = mnist_run.run_dir
     res = run_cli("distill", "quantize", run_dir, "--exclude", "first_last", "--calib-batches", "4",
                   "--no-sensitivity", "--repeats", "2")
+    # (the per-layer latency runs by default; --no-layer-latency is tested below)
     assert res.returncode == 0, res.stderr[-3000:]
     m = json.load(open(os.path.join(run_dir, "metrics.json")))
     assert m["student"]["top1"] > 0                           # the rest of metrics.json is kept
@@ -299,13 +300,72 @@ def test_cli_writes_the_int8_section_for_student_and_teacher(mnist_run):
         assert set(sec["latency_ms"]) == {"b1", "b32"} and min(sec["latency_ms"].values()) > 0
         assert sec["calib_mode"] == "naive" and len(sec["excluded"]) == 2 and sec["bytes"] > 0
         assert sec["calib_images"] == 4 * 32 and sec["policy"] == "first_last"
+        assert isinstance(sec["layers_slower_than_fp32"], dict)
+    layers = [r["layer"] for r in m["int8"]["layer_latency"]]
+    assert layers == mnist_run.model.layer_names
+    assert all(r["b32"]["fp32_ms"] > 0 for r in m["int8"]["layer_latency"])
     for f in ("model-int8-symbol.json", "model-int8-0000.params", ".teacher/model-int8-symbol.json"):
         assert os.path.isfile(os.path.join(run_dir, f)), f
     out = res.stdout
     assert "fp32 (oneDNN-fused)" in out and "ms b32" in out and "prune/distill first, then quantize" in out
+    assert "per-layer table" in out and "int8 ms b32" in out
     net = load_symbol_block(os.path.join(run_dir, "model-int8"))
     assert evaluate(net, mnist_run.data.val) == pytest.approx(m["int8"]["top1"], abs=1e-3)
+
+    quick = run_cli("distill", "quantize", run_dir, "--exclude", "none", "--calib-batches", "2",
+                    "--no-sensitivity", "--no-layer-latency", "--no-teacher", "--repeats", "2")
+    assert quick.returncode == 0, quick.stderr[-3000:]
+    assert "layer_latency" not in json.load(open(os.path.join(run_dir, "metrics.json")))["int8"]
+    assert "per-layer table" not in quick.stdout
 
     bad = run_cli("distill", "quantize", run_dir, "--exclude", "*no_such_layer*", "--no-teacher")
     assert bad.returncode == 2 and "*no_such_layer*" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+# -- per-layer latency: which layers int8 makes slower ---------------------------------------------
+
+def test_layer_latency_times_every_weight_layer_in_fp32_and_int8(tiny_model):
+    from distill.quantize.layer_speed import layer_latency
+    model, x = tiny_model
+    before = os.environ.get("MXNET_EXEC_BULK_EXEC_INFERENCE")
+    rows = layer_latency(model, calibrate(model, x, "naive"), batch_sizes=(1, 4), repeats=3, warmup=1)
+    assert os.environ.get("MXNET_EXEC_BULK_EXEC_INFERENCE") == before       # bulking restored
+    assert [r["layer"] for r in rows] == model.layer_names                   # graph order, all of them
+    for r in rows:
+        for key in ("b1", "b4"):
+            t = r[key]
+            assert t["fp32_ms"] > 0 and t["int8_ms"] > 0 and t["boundary_ms"] > 0, (r["layer"], t)
+            assert t["speedup"] == pytest.approx(t["fp32_ms"] / t["int8_ms"], rel=0.01)
+
+
+def _section(b32):
+    """A minimal int8 section whose per-layer times are ``b32``: layer → (fp32 ms, int8 ms)."""
+    from distill.quantize.layer_speed import slower_layers
+    rows = [{"layer": n, "op": "Convolution", "fused": n, "macs": 10,
+             "b1": {"fp32_ms": 0.01, "int8_ms": 0.005, "boundary_ms": 0.002, "speedup": 2.0},
+             "b32": {"fp32_ms": f, "int8_ms": q, "boundary_ms": 0.01, "speedup": f / q}}
+            for n, (f, q) in b32.items()]
+    return {"fp32": {"top1": 90.0, "latency_ms": {"b1": 1.0, "b32": 2.0}, "bytes": 100},
+            "top1": 90.0, "latency_ms": {"b1": 0.5, "b32": 1.0}, "bytes": 100, "excluded": [],
+            "policy": "none", "notes": [], "full_int8_top1": 90.0, "split": "val", "split_images": 10,
+            "calib_mode": "naive", "calib_images": 32, "calib_seed": 0, "sensitivity": [],
+            "layer_latency": rows,
+            "layers_slower_than_fp32": {k: [n for n, _, _ in v] for k, v in slower_layers(rows).items()}}
+
+
+def test_report_names_the_layers_int8_makes_slower():
+    from distill.quantize.report import model_report
+    model = SimpleNamespace(layers=[SimpleNamespace(macs=10), SimpleNamespace(macs=10)])
+    slow = _section({"conv_fast": (0.30, 0.10), "fc_tiny": (0.004, 0.013)})
+    assert slow["layers_slower_than_fp32"] == {"b32": ["fc_tiny"]}
+    text = model_report("student", "p", model, slow, None)
+    assert "SLOWER than fused fp32 at batch 32 for 1 layer(s): fc_tiny (0.004 → 0.013 ms)" in text
+    line = [l for l in text.splitlines() if l.startswith("fc_tiny")][0]
+    assert "int8 slower b32" in line
+    assert "conv_fast" not in [l for l in text.splitlines() if "SLOWER" in l][0]
+
+    fast = model_report("student", "p", model, _section({"a": (0.3, 0.1), "b": (0.2, 0.1)}), None)
+    assert "no weight layer is slower in int8" in fast and "SLOWER" not in fast
+    # within the 5 % timer margin: not called slower
+    assert _section({"a": (0.100, 0.104)})["layers_slower_than_fp32"] == {}

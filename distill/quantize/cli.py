@@ -23,6 +23,8 @@ def add_arguments(p):
     o.add_argument("--no-teacher", action="store_true", help="skip the run's dense teacher")
     o.add_argument("--no-sensitivity", action="store_true",
                    help="skip the per-layer table (auto measures it anyway)")
+    o.add_argument("--no-layer-latency", action="store_true",
+                   help="skip timing each layer alone in fp32 and int8 (quantization.layer_latency: false)")
     o.add_argument("--repeats", type=int, metavar="N", help="latency repeats (default output.latency_repeats)")
 
 
@@ -31,7 +33,8 @@ def main(args):
     from .pipeline import quantize_target
     overrides = {"calib_mode": args.calib_mode, "exclude": args.exclude, "budget": args.budget,
                  "calib_batches": args.calib_batches, "calib_batch_size": args.calib_batch_size,
-                 "granularity": args.granularity}
+                 "granularity": args.granularity,
+                 "layer_latency": False if args.no_layer_latency else None}
     quantize_target(args.target, args.recipe, overrides, teacher=not args.no_teacher,
                     sensitivity=not args.no_sensitivity, repeats=args.repeats)
     return 0

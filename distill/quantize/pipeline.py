@@ -9,6 +9,7 @@ For each model (the run's student ``RUN_DIR/model``, and the dense teacher
 3. the exclusion policy picks the fp32 layers, scoring variants on the held-out split;
 4. export ``model-int8-symbol.json`` + ``model-int8-0000.params`` next to the fp32 model, reload
    it alone, and measure its top-1 and its latency against the fused fp32 graph;
+   then, with ``layer_latency``, every weight layer alone (:mod:`.layer_speed`);
 5. ``metrics.json`` gets an ``int8`` section (the teacher's under ``int8.teacher``), written
    atomically.
 """
@@ -28,10 +29,11 @@ from ..modelinfo import file_size, load_symbol_block
 from ..trainer import evaluate
 from .calibrators import calibrate, calibration_indices
 from .graph import FloatModel, QuantizedGraph, save_graph
+from .layer_speed import layer_latency, slower_layers
 from .policies import Selection, resolve_policy
 from .scoring import Score, Scorer
 
-__all__ = ["Outcome", "prepare", "run_policy", "quantize_target", "paired_latency",
+__all__ = ["Outcome", "prepare", "run_policy", "quantize_target", "paired_latency", "layer_section",
            "resolve_target", "Target", "int8_prefix"]
 _LOGGER = logging.getLogger(__name__)
 
@@ -190,6 +192,18 @@ def export_outcome(outcome, fp32_prefix, repeats=20, batch_size=256):
     }
 
 
+def layer_section(scorer, repeats=20, log=print):
+    """``layer_latency`` (per weight layer, fused fp32 vs int8 alone) and
+    ``layers_slower_than_fp32`` (per batch size, the layers int8 makes slower)."""
+    t0 = time.time()
+    rows = layer_latency(scorer.model, scorer.thresholds, scorer.granularity, repeats=repeats)
+    slow = slower_layers(rows)
+    log(f"per-layer latency: {len(rows)} layers timed alone in fp32 and int8 "
+        f"({time.time() - t0:.1f} s)")
+    return {"layer_latency": rows,
+            "layers_slower_than_fp32": {k: [name for name, _, _ in v] for k, v in slow.items()}}
+
+
 @dataclass
 class Target:
     """What ``distill quantize`` works on: models (role → fp32 prefix), the recipe, and where
@@ -294,6 +308,8 @@ def quantize_target(target, recipe_path=None, overrides=None, teacher=True, sens
         if sensitivity:
             scorer.sensitivity()
         section = export_outcome(outcome, prefix, repeats, recipe.trainer.eval_batch_size)
+        if q.layer_latency:
+            section.update(layer_section(scorer, repeats, log))
         sections[role] = section
         log(model_report(role, prefix, model, section, data))
     main_role = "student" if "student" in sections else "model"

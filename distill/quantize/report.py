@@ -2,7 +2,7 @@
 teacher-vs-student comparison ("prune/distill first, then quantize")."""
 from ..report import format_table
 
-__all__ = ["model_report", "comparison_table", "sensitivity_table", "speed_lines"]
+__all__ = ["model_report", "comparison_table", "sensitivity_table", "speed_lines", "layer_speed_lines"]
 
 
 def _ms(lat, key):
@@ -22,31 +22,106 @@ def speed_lines(section, what="int8"):
     return out
 
 
+def _speed(row, key):
+    t = row.get(key) if row else None
+    return t if isinstance(t, dict) else {}
+
+
 def sensitivity_table(section, macs_total):
-    """Rows per weight layer: top-1 when only it is int8, the output shift, and whether the
-    chosen model keeps it in fp32."""
-    rows = []
+    """Rows per weight layer: top-1 when only it is int8, the output shift, whether the chosen
+    model keeps it in fp32, and (with ``layer_latency``) its fused fp32 and int8 times alone.
+    Either half may be missing (``--no-sensitivity``, ``--no-layer-latency``)."""
+    sens = {r["layer"]: r for r in section.get("sensitivity") or []}
+    speed = {r["layer"]: r for r in section.get("layer_latency") or []}
+    order = [r["layer"] for r in section.get("sensitivity") or section.get("layer_latency") or []]
+    if not order:
+        return ""
     fp32 = section["fp32"]["top1"]
     kept = set(section["excluded"])
-    ranked = sorted(section["sensitivity"], key=lambda r: (-r["kl"], r["top1"]))
+    ranked = sorted(sens.values(), key=lambda r: (-r["kl"], r["top1"]))
     rank = {r["layer"]: i + 1 for i, r in enumerate(ranked)}
-    for i, r in enumerate(section["sensitivity"]):
-        rows.append([r["layer"], r["op"].replace("Convolution", "conv").replace("FullyConnected", "fc"),
-                     f"{100.0 * r['macs'] / max(macs_total, 1):.1f}", f"{r['top1']:.2f}",
-                     f"{r['top1'] - fp32:+.2f}", f"{r['kl'] * 1e3:.3f}", f"{r['changed']:.1f}",
-                     rank[r["layer"]], "fp32" if r["layer"] in kept else ""])
-    title = (f"per-layer sensitivity: only this layer int8, the rest fp32; on {section['split']} "
-             f"({section['split_images']} images); rank 1 = most sensitive (KL)")
-    return format_table(["layer", "op", "MACs %", "top-1 %", "Δ top-1", "KL×1e3", "changed %",
-                         "rank", "kept"], rows, title)
+    slow = {(name, key) for key, names in (section.get("layers_slower_than_fp32") or {}).items()
+            for name in names}
+    head = ["layer", "op", "MACs %"]
+    if sens:
+        head += ["top-1 %", "Δ top-1", "KL×1e3", "changed %", "rank"]
+    if speed:
+        head += ["fp32 ms b32", "int8 ms b32", "× b1", "× b32"]
+    head += ["kept", "note"]
+    rows = []
+    for name in order:
+        base = sens.get(name) or speed.get(name)
+        row = [name, base["op"].replace("Convolution", "conv").replace("FullyConnected", "fc"),
+               f"{100.0 * base['macs'] / max(macs_total, 1):.1f}"]
+        if sens:
+            r = sens.get(name)
+            row += ([f"{r['top1']:.2f}", f"{r['top1'] - fp32:+.2f}", f"{r['kl'] * 1e3:.3f}",
+                     f"{r['changed']:.1f}", rank[name]] if r else ["-"] * 5)
+        if speed:
+            b1, b32 = _speed(speed.get(name), "b1"), _speed(speed.get(name), "b32")
+            row += [_num(b32.get("fp32_ms")), _num(b32.get("int8_ms")), _ratio(b1), _ratio(b32)]
+        notes = [f"int8 slower b{k[1:]}" for k in ("b1", "b32") if (name, k) in slow]
+        if speed and name in speed and _speed(speed[name], "b32").get("int8_ms") is None:
+            notes.append("MXNet keeps it fp32")
+        row += ["fp32" if name in kept else "", ", ".join(notes)]
+        rows.append(row)
+    parts = []
+    if sens:
+        parts.append(f"sensitivity: only this layer int8, the rest fp32, on {section['split']} "
+                     f"({section['split_images']} images); rank 1 = most sensitive (KL)")
+    if speed:
+        parts.append("latency: each fused layer timed alone (MXNet profiler, best of repeats); "
+                     "× = fp32 time / int8 time")
+    return format_table(head, rows, "per-layer table. " + "; ".join(parts))
+
+
+def _num(v):
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _ratio(t):
+    return f"{t['speedup']:.2f}" if t.get("speedup") else "-"
+
+
+def layer_speed_lines(section, what="int8"):
+    """Sentences about per-layer latency: the layers int8 makes slower (or that none is), the
+    summed layer times, and what an fp32 island costs in quantize/dequantize."""
+    rows = section.get("layer_latency") or []
+    if not rows:
+        return []
+    out = []
+    slow = section.get("layers_slower_than_fp32") or {}
+    for key in ("b1", "b32"):
+        names = slow.get(key) or []
+        if names:
+            by = {r["layer"]: _speed(r, key) for r in rows}
+            detail = ", ".join(f"{n} ({by[n]['fp32_ms']:.3f} → {by[n]['int8_ms']:.3f} ms)" for n in names)
+            out.append(f"note: per layer, {what} is SLOWER than fused fp32 at batch {key[1:]} for "
+                       f"{len(names)} layer(s): {detail}. Keeping one in fp32 pays off only when its "
+                       f"neighbours are fp32 too (each fp32 island adds a quantize + dequantize; "
+                       f"see boundary_ms in metrics.json).")
+    timed = [(r["layer"], k, _speed(r, k)) for r in rows for k in ("b1", "b32") if _speed(r, k).get("speedup")]
+    if timed and not any(slow.values()):
+        name, key, t = min(timed, key=lambda x: x[2]["speedup"])
+        margin = ", within the 5 % timer margin" if t["speedup"] < 1 else ""
+        out.append(f"per layer: no weight layer is slower in int8 than in fused fp32 (smallest gain: "
+                   f"{name}, {t['speedup']:.2f}× at batch {key[1:]}{margin}).")
+    for key in ("b32",):
+        f = sum(_speed(r, key).get("fp32_ms") or 0 for r in rows)
+        q = sum(_speed(r, key).get("int8_ms") or _speed(r, key).get("fp32_ms") or 0 for r in rows)
+        if f and q:
+            out.append(f"per layer, summed at batch {key[1:]}: fp32 {f:.3f} ms, int8 {q:.3f} ms "
+                       f"({f / q:.2f}×) without quantize/dequantize between layers.")
+    return out
 
 
 def model_report(role, prefix, model, section, data):
     """The block printed for one model: sensitivity table, fp32 vs int8 table, notes."""
     parts = []
     macs_total = sum(l.macs for l in model.layers)
-    if section["sensitivity"]:
-        parts.append(sensitivity_table(section, macs_total))
+    table = sensitivity_table(section, macs_total)
+    if table:
+        parts.append(table)
     f, q = section["fp32"], section
     mib = lambda b: f"{b / 2**20:.2f}"  # noqa: E731
     ratio = lambda a, b: f"{a / b:.2f}×" if a and b else "-"  # noqa: E731
@@ -74,6 +149,7 @@ def model_report(role, prefix, model, section, data):
         parts.append("size: MXNet's oneDNN int8 graph stores the weights in fp32 and quantizes them "
                      "when it first runs, so the file is not smaller.")
     parts += speed_lines(q)
+    parts += layer_speed_lines(q)
     return "\n".join(parts)
 
 
