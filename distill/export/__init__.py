@@ -68,6 +68,9 @@ def add_arguments(p):
                         "quantize kept in fp32, metrics.json int8.excluded, are kept too)")
     g.add_argument("--int8-max-drop", type=float, default=1.0,
                    help="onnx-int8: largest top-1 drop in points against fp32 MXNet (default 1)")
+    g.add_argument("--int8-max-diff", type=float, default=1.0,
+                   help="onnx-int8: largest top-1 difference in points from MXNet's int8 model "
+                        "built from the same thresholds (default 1)")
     g.add_argument("--threads", type=int, default=None,
                    help="threads for onnxruntime and ncnn (default: OMP_NUM_THREADS or all cores; "
                         "MXNet follows OMP_NUM_THREADS)")
@@ -90,6 +93,7 @@ def main(args):
     opts = ExportOptions(fp16=args.fp16, atol=args.atol, min_agreement=args.min_agreement,
                          calib_size=args.calib_size, calib_mode=args.calib_mode,
                          int8_exclude=tuple(args.int8_exclude), int8_max_drop=args.int8_max_drop,
+                         int8_max_diff=args.int8_max_diff,
                          threads=args.threads, repeats=args.repeats, latency=args.latency,
                          input_name=args.input_name, logits=args.logits)
     card = export_run(args.run_dir, formats=_split_formats(args.formats) or None, model=args.model,

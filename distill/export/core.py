@@ -35,6 +35,7 @@ class ExportOptions:
     calib_mode: Optional[str] = None
     int8_exclude: Tuple[str, ...] = ()
     int8_max_drop: float = 1.0
+    int8_max_diff: float = 1.0
     threads: Optional[int] = None
     repeats: Optional[int] = None
     latency: bool = True
@@ -51,6 +52,8 @@ class ExportOptions:
             raise UserError(f"--calib-size must be ≥ 1, got {self.calib_size}")
         if self.calib_mode not in (None, "naive", "entropy"):
             raise UserError(f"--calib-mode must be naive or entropy, got {self.calib_mode!r}")
+        if not self.int8_max_diff >= 0:
+            raise UserError(f"--int8-max-diff is in points of top-1, ≥ 0; got {self.int8_max_diff}")
         if self.threads is not None and self.threads < 1:
             raise UserError(f"--threads must be ≥ 1, got {self.threads}")
         if self.repeats is not None and self.repeats < 1:
