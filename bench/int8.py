@@ -142,6 +142,23 @@ def main(argv=None):
         for b in ("b1", "b32"):
             if l[b] > f[b]:
                 print(f"  note: {n} is SLOWER than fused fp32 at batch {b[1:]} ({l[b]:.3f} vs {f[b]:.3f} ms)")
+    # per layer: each fused layer alone, fp32 vs int8 (the distill quantize report's table)
+    from distill.quantize.layer_speed import layer_latency, slower_layers
+    sc = outcomes[key].scorer if trained else None
+    th = sc.thresholds if sc else calibrate(model, np.random.RandomState(0).randn(64, *shape).astype("float32"), "naive")
+    layers = layer_latency(model, th, repeats=args.repeats)
+    slow = slower_layers(layers)
+    for b in ("b1", "b32"):
+        fs = sum(r[b]["fp32_ms"] for r in layers)
+        qs = sum(r[b]["int8_ms"] or r[b]["fp32_ms"] for r in layers)
+        worst = min((r for r in layers if r[b]["speedup"]), key=lambda r: r[b]["speedup"])
+        print(f"  per layer, batch {b[1:]}: {len(layers)} weight layers summed fp32 {fs:.3f} ms, int8 "
+              f"{qs:.3f} ms ({fs / qs:.2f}×); smallest gain {_short(worst['layer'])} "
+              f"{worst[b]['speedup']:.2f}×; int8 SLOWER for {len(slow.get(b, []))} layer(s)"
+              + (": " + ", ".join(f"{_short(n)} ({a:.3f} → {q:.3f} ms)" for n, a, q in slow[b]) if slow.get(b) else ""))
+    top = sorted(layers, key=lambda r: -r["b32"]["fp32_ms"])[:3]
+    print("  slowest fp32 layers at batch 32: " + ", ".join(
+        f"{_short(r['layer'])} {r['b32']['fp32_ms']:.3f} ms fp32 → {r['b32']['int8_ms']:.3f} ms int8" for r in top))
     print(f"\nbenchmark time {time.time() - t0:.0f} s")
     return 0
 

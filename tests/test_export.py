@@ -436,3 +436,35 @@ def test_quickstart_student_exports_everywhere(tmp_path):
         p = card["exports"][name]["parity"]
         assert p["max_abs_diff"] <= ATOL and abs(p["top1"] - ref) <= 0.1
     assert ref - card["exports"]["onnx-int8"]["parity"]["top1"] <= 1.0
+
+
+def _trained(name):
+    run_dir = os.path.join(ROOT, "runs", name)
+    metrics = os.path.join(run_dir, "metrics.json")
+    if not (os.path.isfile(metrics) and json.load(open(metrics)).get("complete")):
+        res = run_cli(os.path.join(ROOT, "recipes", name + ".yaml"), timeout=3600)
+        assert res.returncode == 0, res.stderr[-3000:]
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["quickstart", "quickstart_pruned"])
+def test_quickstart_and_its_pruned_variant_int8_in_onnxruntime(name, tmp_path):
+    """Issue 6's acceptance on the real models: the student and its channel-pruned variant in
+    onnxruntime and ncnn like MXNet, and their int8 variant in onnxruntime within 0.1 point of
+    MXNet's int8 model (``distill quantize``, same calibration sample)."""
+    run_dir = _trained(name)
+    res = run_cli("distill", "quantize", run_dir, "--exclude", "auto", "--no-teacher",
+                  "--no-sensitivity", "--no-layer-latency", "--repeats", "3", timeout=1800)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    mx_int8 = json.load(open(os.path.join(run_dir, "metrics.json")))["int8"]["top1"]
+    res = run_cli("distill", "export", run_dir, "--out", str(tmp_path), "--no-latency", timeout=1800)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    card = json.load(open(tmp_path / "model_card.json"))
+    ref = card["reference"]["top1"]
+    for fmt in ("onnx", "ncnn"):
+        p = card["exports"][fmt]["parity"]
+        assert p["max_abs_diff"] <= ATOL and abs(p["top1"] - ref) <= 0.1
+    _, data = _recipe_data(run_dir)
+    logits = _ort(str(tmp_path / "model.int8.onnx"), data.val.x)
+    assert abs(_top1(logits, data.val.y) - mx_int8) <= 0.1
