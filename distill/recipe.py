@@ -237,7 +237,8 @@ class QuantizationConfig:
     ``calib_batch_size`` training images, chosen by ``trainer.seed``, calibrate. ``exclude``
     keeps layers in fp32: ``none``, ``first_last``, ``auto`` (the fewest layers that hold top-1
     within ``budget`` points) or name patterns (``"*conv0*"``, a list or ``a,b``).
-    ``granularity`` is how weights are scaled: ``channel-wise`` or ``tensor-wise``.
+    ``granularity`` is how FullyConnected weights are scaled: ``channel-wise`` or ``tensor-wise``
+    (MXNet 1.9 scales a calibrated convolution's weights per output channel either way).
     ``enabled: true`` runs this step at the end of ``distill train`` (same as
     ``distill quantize RUN_DIR`` afterwards). ``layer_latency`` times every weight layer alone
     in fused fp32 and in int8 and names those int8 makes slower (a few seconds per model).

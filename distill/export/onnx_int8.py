@@ -8,7 +8,7 @@ the same thresholds (MXNet's calibrator runs on the clean pair and its ``(min, m
 node output become onnxruntime ``TensorQuantOverrides`` on the ONNX tensor of the same name), and
 the same layers kept in fp32 (``metrics.json`` ``int8.excluded`` plus ``--int8-exclude``; MXNet
 layer names are the ONNX node names the exporter writes). Weights are int8 per output channel
-(``granularity: channel-wise``), activations uint8: a non-negative range ``[0, max]`` as in MXNet,
+(as MXNet scales every calibrated convolution), activations uint8: a non-negative range ``[0, max]`` as in MXNet,
 a signed one as ``[-t, t]`` with ``t = max(|min|, |max|)``, MXNet's symmetric int8 range.
 
 Checked twice on the test split: against MXNet's int8 model built from the same thresholds
@@ -182,7 +182,9 @@ class OnnxInt8Format(ExportFormat):
         # Tensors without an MXNet threshold (none on the graphs tried) get onnxruntime's own
         # calibration of the same images, by the same method.
         method = {"naive": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy}[job.calib_mode]
-        per_channel = job.recipe.quantization.granularity == "channel-wise"
+        # MXNet 1.9 scales a calibrated convolution's weights per output channel whatever
+        # `granularity` says (it only switches FullyConnected), so ONNX is per channel too.
+        per_channel = True
         with contextlib.redirect_stdout(io.StringIO()):      # it prints its progress
             quantize_static(pre, dst, _Reader(calib, "data"), quant_format=QuantFormat.QDQ,
                             per_channel=per_channel, activation_type=QuantType.QUInt8,
@@ -197,7 +199,7 @@ class OnnxInt8Format(ExportFormat):
         max_diff = job.options.int8_max_diff
         diff = abs(vs_int8["top1"] - vs_int8["top1_mxnet"])
         problem = None
-        if not diff <= max_diff:
+        if not diff <= max_diff + 1e-9:        # top-1 is a multiple of 100/N: no float noise
             problem = (f"onnxruntime int8 top-1 {vs_int8['top1']:.2f}% differs from MXNet int8 "
                        f"({vs_int8['top1_mxnet']:.2f}%, same thresholds) by {diff:.2f} points, more "
                        f"than the allowed {max_diff:g} (--int8-max-diff); predictions agree on "
@@ -211,7 +213,7 @@ class OnnxInt8Format(ExportFormat):
                                "mean_abs_diff": vs_int8["mean_abs_diff"],
                                "distill_quantize_top1": job.int8_section().get("top1")},
                 "quantization": {"format": "QDQ",
-                                 "weights": "int8 per channel" if per_channel else "int8 per tensor",
+                                 "weights": "int8 per channel",
                                  "activations": "uint8",
                                  "calibration": f"{job.calib_mode}: MXNet's thresholds",
                                  "calibration_images": int(len(idx)),

@@ -71,7 +71,7 @@ def check_top1_drop(stats, max_drop):
     drop = stats["top1_mxnet"] - stats["top1"]
     if np.isnan(drop):              # no labels: fall back to agreement with the fp32 model
         drop = 100.0 - stats["top1_agreement"]
-    if drop > max_drop:
+    if drop > max_drop + 1e-9:
         return (f"top-1 {stats['top1']:.2f}% is {drop:.2f} points below fp32 MXNet "
                 f"({stats['top1_mxnet']:.2f}%), more than the allowed {max_drop:g}")
     return None
