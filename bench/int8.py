@@ -146,7 +146,7 @@ def main(argv=None):
     from distill.quantize.layer_speed import layer_latency, slower_layers
     sc = outcomes[key].scorer if trained else None
     th = sc.thresholds if sc else calibrate(model, np.random.RandomState(0).randn(64, *shape).astype("float32"), "naive")
-    layers = layer_latency(model, th, repeats=args.repeats)
+    layers = [r for r in layer_latency(model, th, repeats=args.repeats) if "error" not in r]
     slow = slower_layers(layers)
     for b in ("b1", "b32"):
         fs = sum(r[b]["fp32_ms"] for r in layers)

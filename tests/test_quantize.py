@@ -369,3 +369,18 @@ def test_report_names_the_layers_int8_makes_slower():
     assert "no weight layer is slower in int8" in fast and "SLOWER" not in fast
     # within the 5 % timer margin: not called slower
     assert _section({"a": (0.100, 0.104)})["layers_slower_than_fp32"] == {}
+
+
+def test_layer_latency_keeps_going_when_one_layer_cannot_be_timed(tiny_model, monkeypatch, caplog):
+    from distill.quantize import layer_speed
+    model, x = tiny_model
+    real = layer_speed._time_layer
+    def flaky(model_, graph, node_index, *a, **k):
+        if graph["nodes"][node_index]["name"] == model.layers[0].fused:
+            raise RuntimeError("no kernel for this shape")
+        return real(model_, graph, node_index, *a, **k)
+    monkeypatch.setattr(layer_speed, "_time_layer", flaky)
+    rows = layer_speed.layer_latency(model, calibrate(model, x, "naive"), batch_sizes=(2,), repeats=2, warmup=1)
+    assert [r["layer"] for r in rows] == model.layer_names
+    assert "no kernel" in rows[0]["error"] and all(r["b2"]["fp32_ms"] > 0 for r in rows[1:])
+    assert model.layers[0].name in caplog.text

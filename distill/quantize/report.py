@@ -61,7 +61,9 @@ def sensitivity_table(section, macs_total):
             b1, b32 = _speed(speed.get(name), "b1"), _speed(speed.get(name), "b32")
             row += [_num(b32.get("fp32_ms")), _num(b32.get("int8_ms")), _ratio(b1), _ratio(b32)]
         notes = [f"int8 slower b{k[1:]}" for k in ("b1", "b32") if (name, k) in slow]
-        if speed and name in speed and _speed(speed[name], "b32").get("int8_ms") is None:
+        if speed and name in speed and speed[name].get("error"):
+            notes.append("not timed (see log)")
+        elif speed and name in speed and _speed(speed[name], "b32").get("int8_ms") is None:
             notes.append("MXNet keeps it fp32")
         row += ["fp32" if name in kept else "", ", ".join(notes)]
         rows.append(row)
