@@ -66,26 +66,26 @@ def _top1(logits, y):
 
 # -- the mnist5k student -------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def mnist_export(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("mnist")
+def _train_quantize_export(tmp, name, student, export_args=(), **recipe_extra):
+    """Train a brief mnist5k run, ``distill quantize`` it (full int8), ``distill export`` it.
+
+    The user's order: MXNet int8 first, then export; 4 × 32 = 128 calibration images, the
+    export's ``--calib-size``, so both int8 models calibrate on the same sample.
+    """
     run_dir = str(tmp / "run")
-    recipe = {"name": "mnist_brief", "data": {"name": "mnist5k", "mean": [0.1307], "std": [0.3081],
-                                              "limit": 2000},
-              "student": {"model": "mobilenet0.25"}, "distillation": [{"loss": "ce", "weight": 1.0}],
+    recipe = {"name": name, "data": {"name": "mnist5k", "mean": [0.1307], "std": [0.3081], "limit": 2000},
+              "student": {"model": student}, "distillation": [{"loss": "ce", "weight": 1.0}],
               "trainer": {"epochs": 3, "batch_size": 32, "lr": 0.05, "progress": False},
-              "output": {"dir": run_dir, "latency": False}}
-    path = str(tmp / "mnist_brief.yaml")
+              "output": {"dir": run_dir, "latency": False}, **recipe_extra}
+    path = str(tmp / f"{name}.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(recipe, f)
     res = run_cli(path)
     assert res.returncode == 0, res.stderr[-3000:]
-    # The user's order: MXNet int8 first (distill quantize), then export; 4 × 32 = 128 images,
-    # the export's --calib-size, so both calibrate on the same sample.
     res = run_cli("distill", "quantize", run_dir, "--exclude", "none", "--calib-batches", "4",
                   "--no-sensitivity", "--no-layer-latency", "--repeats", "2")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    res = run_cli("distill", "export", run_dir, "--repeats", "3", "--calib-size", "128")
+    res = run_cli("distill", "export", run_dir, "--calib-size", "128", *export_args)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = os.path.join(run_dir, "export")
     with open(os.path.join(out, "model_card.json")) as f:
@@ -94,6 +94,12 @@ def mnist_export(tmp_path_factory):
     ref = predict(load_symbol_block(os.path.join(run_dir, "model")), data.val.x)
     return {"run": run_dir, "out": out, "card": card, "recipe": recipe, "data": data, "ref": ref,
             "stdout": res.stdout}
+
+
+@pytest.fixture(scope="module")
+def mnist_export(tmp_path_factory):
+    return _train_quantize_export(tmp_path_factory.mktemp("mnist"), "mnist_brief", "mobilenet0.25",
+                                  ("--repeats", "3"))
 
 
 def test_mnist_model_is_not_degenerate(mnist_export):
@@ -361,32 +367,13 @@ def test_cli_errors_name_the_fix(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def pruned_export(tmp_path_factory):
-    """mobilenetv2_0.25 with half the channels of its prunable groups removed during a brief
-    training (physically smaller at the end), quantized by ``distill quantize``, then exported."""
-    tmp = tmp_path_factory.mktemp("pruned")
-    run_dir = str(tmp / "run")
-    recipe = {"name": "pruned_brief", "data": {"name": "mnist5k", "mean": [0.1307], "std": [0.3081],
-                                               "limit": 2000},
-              "student": {"model": "mobilenetv2_0.25"}, "distillation": [{"loss": "ce", "weight": 1.0}],
-              "pruning": {"enabled": True, "granularity": "channel", "final_sparsity": 0.5,
-                          "schedule": "oneshot", "start_epoch": 1, "end_epoch": 1, "round_to": 4},
-              "trainer": {"epochs": 4, "batch_size": 32, "lr": 0.05, "progress": False},
-              "output": {"dir": run_dir, "latency": False}}
-    path = str(tmp / "pruned_brief.yaml")
-    with open(path, "w") as f:
-        yaml.safe_dump(recipe, f)
-    res = run_cli(path)
-    assert res.returncode == 0, res.stderr[-3000:]
-    res = run_cli("distill", "quantize", run_dir, "--exclude", "none", "--calib-batches", "4",
-                  "--no-sensitivity", "--no-layer-latency", "--repeats", "2")
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    res = run_cli("distill", "export", run_dir, "--calib-size", "128", "--no-latency")
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    out = os.path.join(run_dir, "export")
-    recipe, data = _recipe_data(run_dir)
-    ref = predict(load_symbol_block(os.path.join(run_dir, "model")), data.val.x)
-    return {"run": run_dir, "out": out, "card": json.load(open(os.path.join(out, "model_card.json"))),
-            "data": data, "ref": ref}
+    """mobilenetv2_0.25 with half the channels of its prunable groups removed after one epoch
+    (physically smaller at the end), quantized by ``distill quantize``, then exported."""
+    return _train_quantize_export(
+        tmp_path_factory.mktemp("pruned"), "pruned_brief", "mobilenetv2_0.25", ("--no-latency",),
+        pruning={"enabled": True, "granularity": "channel", "final_sparsity": 0.5,
+                 "schedule": "oneshot", "start_epoch": 1, "end_epoch": 1, "round_to": 4},
+        trainer={"epochs": 4, "batch_size": 32, "lr": 0.05, "progress": False})
 
 
 def test_pruned_student_is_physically_smaller(pruned_export):
