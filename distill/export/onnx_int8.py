@@ -17,6 +17,7 @@ Checked twice on the test split: against MXNet's int8 model built from the same 
 """
 import contextlib
 import io
+import json
 import logging
 import os
 
@@ -68,7 +69,6 @@ def onnx_ranges(model, thresholds):
         ONNX tensor name → ``(rmin, rmax)``: ``(0, max)`` for a non-negative range, ``(-t, t)``
         otherwise (MXNet quantizes signed tensors symmetrically).
     """
-    import json
     out = {}
     for node in json.loads(model.fused.tojson())["nodes"]:
         if node["op"] == "null":
@@ -94,8 +94,9 @@ def onnx_ranges(model, thresholds):
     return ranges
 
 
-def mxnet_int8_reference(job, excluded):
-    """MXNet's int8 model of the clean pair, built as ``distill quantize`` builds it.
+def mxnet_int8_reference(job, calib, excluded):
+    """MXNet's int8 model of the clean pair, built as ``distill quantize`` builds it, calibrated
+    on the images ``calib`` ``(N, C, H, W)``.
 
     Returns
     -------
@@ -107,8 +108,7 @@ def mxnet_int8_reference(job, excluded):
     from ..trainer import predict
     q = job.recipe.quantization
     model = FloatModel.from_prefix(job.prefix, job.input_shape)    # the clean pair reads "data"
-    x = np.ascontiguousarray(job.data.train.x[job.calibration()])
-    thresholds = calibrate(model, x, job.calib_mode, q.calib_batch_size)
+    thresholds = calibrate(model, calib, job.calib_mode, q.calib_batch_size)
     known = set(model.layer_names)
     g = quantize(model, thresholds, [n for n in excluded if n in known], q.granularity)
     logits = predict(make_block(g.symbol, g.params, model.input_name), job.x_test,
@@ -174,7 +174,7 @@ class OnnxInt8Format(ExportFormat):
             _LOGGER.warning("onnx-int8: no ONNX node for excluded layer(s) %s", ", ".join(not_found))
         idx = job.calibration()
         calib = np.ascontiguousarray(job.data.train.x[idx])
-        model, thresholds, mx_int8 = mxnet_int8_reference(job, wanted)
+        model, thresholds, mx_int8 = mxnet_int8_reference(job, calib, wanted)
         tensors = {t for n in onnx.load(pre).graph.node for t in list(n.input) + list(n.output)}
         ranges = {t: r for t, r in onnx_ranges(model, thresholds).items() if t in tensors}
         overrides = {t: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}] for t, (lo, hi) in ranges.items()}

@@ -1,7 +1,7 @@
 """Per-layer latency, fused fp32 vs int8: which layers int8 makes slower.
 
-A whole-model ratio hides layers that int8 slows down (a tiny FC, a depthwise conv whose int8
-kernel is no faster, a layer that needs its input re-quantized). Users of other tools find
+A whole-model ratio hides layers that int8 slows down (the ResNet-20 teacher's 64→10 FC is 3×
+slower in int8) and the few layers that make most of its speed-up. Users of other tools find
 them only on the device. Here each weight layer's oneDNN-fused node (conv + BN + activation
 [+ residual add], as deployed) is cut out of the fused graph into a one-node graph with its
 real input shapes, then timed twice in the same process:
@@ -15,8 +15,8 @@ while the graphs are bound, so each op is its own event); a layer's time is the 
 ops' best-of-``repeats`` times. The ``quantize_v2``/``dequantize`` around the int8 node are
 reported apart as ``boundary_ms``: a chain of int8 layers does not pay them, while a layer
 kept in fp32 between int8 neighbours pays one of each. Checked on the quickstart student:
-the per-node fp32 times match the same nodes profiled inside the whole fused graph
-(e.g. the two stride-2 depthwise convs, 2.65 ms each at batch 32 in both).
+the per-node fp32 times match the same nodes profiled inside the whole fused graph (e.g. the two
+1×1 expansions with 12 input channels, 2.65 ms each at batch 32 in both).
 """
 import json
 import logging
@@ -60,11 +60,17 @@ def _unbulked():
 
 
 def _output_name(node, index):
-    """MXNet's name for output ``index`` of ``node`` (``x_output`` or ``x_output1``)."""
-    n_out = int(node.get("attrs", {}).get("num_outputs", 1)) if node["op"] == "SliceChannel" else 1
-    if node["op"] == "SliceChannel" or n_out > 1:
+    """MXNet's name for output ``index`` of ``node``: ``x_output``, or ``x_output1`` for a split."""
+    if node["op"] == "SliceChannel":
         return f"{node['name']}_output{index}"
     return f"{node['name']}_output"
+
+
+def _split_params(symbol, params):
+    """``(arg_params, aux_params)`` of ``symbol`` out of a merged name → NDArray dict."""
+    args, auxs = set(symbol.list_arguments()), set(symbol.list_auxiliary_states())
+    return ({k: v for k, v in params.items() if k in args},
+            {k: v for k, v in params.items() if k in auxs})
 
 
 def _one_node_graph(graph_json, node_index, params):
@@ -95,12 +101,10 @@ def _one_node_graph(graph_json, node_index, params):
 
 def _profile(symbol, params, shapes, repeats, warmup):
     """Best-of-``repeats`` time in ms per operator type of one bound graph."""
-    args, auxs = set(symbol.list_arguments()), set(symbol.list_auxiliary_states())
     with _unbulked(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ex = symbol.simple_bind(mx.cpu(), grad_req="null", **shapes)
-    ex.copy_params_from({k: v for k, v in params.items() if k in args},
-                        {k: v for k, v in params.items() if k in auxs}, allow_extra_params=True)
+    ex.copy_params_from(*_split_params(symbol, params), allow_extra_params=True)
     rng = np.random.RandomState(0)
     feed = {k: mx.nd.array(rng.uniform(size=s).astype("float32")) for k, s in shapes.items()}
     for _ in range(warmup):
@@ -124,7 +128,7 @@ class _OneNode(SimpleNamespace):
 
 
 def layer_latency(model, thresholds, granularity="channel-wise", batch_sizes=(1, 32),
-                  repeats=20, warmup=5, progress=None):
+                  repeats=20, warmup=5):
     """Per weight layer, its fused node's latency in fp32 and in int8.
 
     Parameters
@@ -137,8 +141,6 @@ def layer_latency(model, thresholds, granularity="channel-wise", batch_sizes=(1,
     batch_sizes : tuple of int
     repeats, warmup : int
         Profiled runs (best of) and untimed runs before them.
-    progress : callable, optional
-        Called with ``(done, total)`` after each layer.
 
     Returns
     -------
@@ -152,12 +154,8 @@ def layer_latency(model, thresholds, granularity="channel-wise", batch_sizes=(1,
     index = {n["name"]: i for i, n in enumerate(graph["nodes"])}
     internals = model.fused.get_internals()
     params = model.params
-    rows, seen = [], set()
-    todo = [l for l in model.layers if l.fused in index]
-    for done, layer in enumerate(todo, 1):
-        if layer.fused in seen:          # one fused node never holds two weight layers; be safe
-            continue
-        seen.add(layer.fused)
+    rows = []
+    for layer in (l for l in model.layers if l.fused in index):
         row = {"layer": layer.name, "op": layer.op, "fused": layer.fused, "macs": layer.macs}
         try:
             row.update(_time_layer(model, graph, index[layer.fused], params, internals, thresholds,
@@ -167,8 +165,6 @@ def layer_latency(model, thresholds, granularity="channel-wise", batch_sizes=(1,
                             layer.name, layer.fused, type(e).__name__, str(e).splitlines()[0][:200])
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         rows.append(row)
-        if progress:
-            progress(done, len(todo))
     return rows
 
 
@@ -176,9 +172,8 @@ def _time_layer(model, graph, node_index, params, internals, thresholds, granula
                 repeats, warmup):
     """``{"b1": {...}, "b32": {...}}`` for the fused node ``node_index`` timed alone."""
     sym, data_inputs = _one_node_graph(graph, node_index, params)
-    args, auxs = set(sym.list_arguments()), set(sym.list_auxiliary_states())
-    one = _OneNode(fused=sym, arg_params={k: v for k, v in params.items() if k in args},
-                   aux_params={k: v for k, v in params.items() if k in auxs})
+    arg_params, aux_params = _split_params(sym, params)
+    one = _OneNode(fused=sym, arg_params=arg_params, aux_params=aux_params)
     # Inputs the table lacks (a split's second output, say) only decide int8 vs uint8
     # input: the kernel's speed does not depend on the range.
     table = dict(thresholds)
