@@ -49,8 +49,11 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     from distill.data import load_data
-    from distill.quantize import (FloatModel, Selection, calibrate, prepare, quantize, run_policy,
-                                  save_graph)
+    from distill.graphio import save_pair as save_graph
+    from distill.quantize import Selection
+    from distill.quantize.calibrators import calibrate
+    from distill.quantize.graph import FloatModel, quantize
+    from distill.quantize.pipeline import prepare, run_policy
     from distill.quantize.pipeline import paired_latency
     from distill.recipe import QuantizationConfig, load_recipe
 

@@ -13,7 +13,9 @@ import sys
 import mxnet as mx
 
 from .errors import UserError
+from .graphio import load_pair, symbol_file
 from .report import format_table, human
+from .runfolder import RunFolder
 
 __all__ = ["inspect_model", "add_arguments", "main"]
 _LOGGER = logging.getLogger(__name__)
@@ -31,21 +33,19 @@ def _parse_shape(text):
 
 def _load(model, epoch, input_shape, classes):
     """→ (logits symbol, input shape (C, H, W), description)."""
-    from .teacher import load_symbol_checkpoint
     if os.path.isdir(model):
-        prefix = os.path.join(model, "model")
-        if not os.path.isfile(prefix + "-symbol.json"):
-            raise UserError(f"{model} is a folder without model-symbol.json: pass a run folder, "
-                            f"a checkpoint prefix or a model name.")
+        folder = RunFolder(model)
+        prefix = folder.model_prefix
+        if not os.path.isfile(symbol_file(prefix)):
+            raise UserError(f"{model} is a folder without {os.path.basename(symbol_file(prefix))}: "
+                            f"pass a run folder, a checkpoint prefix or a model name.")
         if input_shape is None:
-            metrics = os.path.join(model, "metrics.json")
-            if os.path.isfile(metrics):
-                with open(metrics) as f:
-                    input_shape = tuple(json.load(f)["data"]["input_shape"])
-        sym, _ = load_symbol_checkpoint(prefix, 0)
+            shape = folder.read_metrics().get("data", {}).get("input_shape")
+            input_shape = tuple(shape) if shape else None
+        sym, _ = load_pair(prefix, 0, what="model")
         return sym, input_shape, f"run folder {model}"
-    if os.path.isfile(f"{model}-symbol.json"):
-        sym, _ = load_symbol_checkpoint(model, epoch)
+    if os.path.isfile(symbol_file(model)):
+        sym, _ = load_pair(model, epoch, what="checkpoint")
         return sym, input_shape, f"checkpoint {model} (epoch {epoch})"
     from students import STUDENTS, build_student
     if model in STUDENTS:
@@ -53,7 +53,7 @@ def _load(model, epoch, input_shape, classes):
         net = build_student(model, shape[0], classes, shape[1:], seed=0)
         net.hybridize()
         return net(mx.sym.var("data")), shape, f"model {model} (random weights)"
-    raise UserError(f"{model!r} is neither a checkpoint prefix ({model}-symbol.json does not exist), "
+    raise UserError(f"{model!r} is neither a checkpoint prefix ({symbol_file(model)} does not exist), "
                     f"a run folder, nor a registered model (`distill list` shows them).")
 
 

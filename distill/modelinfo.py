@@ -7,29 +7,14 @@ every speed ratio a false claim (measured: unfused ``mobilenetv2_0.5`` at 28×28
 """
 import json
 import logging
-import time
-import warnings
 
 import mxnet as mx
 import numpy as np
-from mxnet import gluon
 
-__all__ = ["count_params", "layer_table", "total_macs", "measure_latency", "load_symbol_block",
-           "file_size"]
+from .graphio import AUX_SUFFIXES, best_of_ms, load_symbol_block
+
+__all__ = ["layer_table", "total_macs", "measure_latency", "random_batch"]
 _LOGGER = logging.getLogger(__name__)
-
-# Ops whose parameters are weights (the rest of a node's inputs are activations).
-_AUX_SUFFIXES = ("running_mean", "running_var", "moving_mean", "moving_var")
-
-
-def count_params(net):
-    """Number of learnable parameters of a Gluon block (BN running statistics excluded)."""
-    total = 0
-    for name, p in net.collect_params().items():
-        if name.endswith(_AUX_SUFFIXES):
-            continue
-        total += int(np.prod(p.shape))
-    return total
 
 
 def _node_params(node, nodes, arg_shapes):
@@ -74,7 +59,7 @@ def layer_table(symbol, input_shape, input_name="data"):
         if shape is None:
             shape = next((s for k, s in shapes.items() if k.startswith(name + "_output")), ())
         attrs = node.get("attrs", {})
-        learn = {k: v for k, v in params.items() if not k.endswith(_AUX_SUFFIXES)}
+        learn = {k: v for k, v in params.items() if not k.endswith(AUX_SUFFIXES)}
         nparams = _node_params(node, nodes, learn)
         macs = 0
         op = node["op"]
@@ -102,15 +87,6 @@ def total_macs(symbol, input_shape, input_name="data"):
     return sum(r["macs"] for r in layer_table(symbol, shape, input_name))
 
 
-def load_symbol_block(prefix, epoch=0, input_name="data", ctx=None):
-    """Load an exported ``PREFIX-symbol.json`` + ``PREFIX-%04d.params`` pair as a SymbolBlock."""
-    ctx = ctx or mx.cpu()
-    with warnings.catch_warnings():       # "Cannot decide type for data": harmless, float32
-        warnings.simplefilter("ignore")
-        return gluon.SymbolBlock.imports(f"{prefix}-symbol.json", [input_name],
-                                     f"{prefix}-{epoch:04d}.params", ctx=ctx)
-
-
 def measure_latency(prefix, input_shape, batch_sizes=(1, 32), repeats=20, warmup=5, epoch=0):
     """Best-of-``repeats`` forward latency in ms of an exported model, oneDNN-fused.
 
@@ -130,23 +106,14 @@ def measure_latency(prefix, input_shape, batch_sizes=(1, 32), repeats=20, warmup
     for bs in batch_sizes:
         net = load_symbol_block(prefix, epoch)
         net.hybridize(backend="MKLDNN", static_alloc=True, static_shape=True)
-        x = mx.nd.array(np.random.RandomState(0).uniform(size=(bs,) + tuple(input_shape)).astype("float32"))
-        for _ in range(warmup):
-            net(x).wait_to_read()
+        x = random_batch(bs, input_shape)
         # Several calls per repeat so that a 0.1 ms model is not timed at clock resolution.
-        inner = 10 if bs == 1 else 3
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                y = net(x)
-            y.wait_to_read()
-            best = min(best, (time.perf_counter() - t0) / inner)
-        out[f"b{bs}"] = round(best * 1e3, 4)
+        out[f"b{bs}"] = best_of_ms(lambda: net(x), repeats, warmup, inner=10 if bs == 1 else 3,
+                                   sync=lambda y: y.wait_to_read())
     return out
 
 
-def file_size(*paths):
-    """Total size in bytes of the given files."""
-    import os
-    return sum(os.path.getsize(p) for p in paths)
+def random_batch(batch_size, input_shape, seed=0):
+    """A fixed uniform random batch ``(N, C, H, W)`` for timing."""
+    return mx.nd.array(np.random.RandomState(seed).uniform(
+        size=(batch_size,) + tuple(input_shape)).astype("float32"))

@@ -9,6 +9,7 @@ NDArray ops, deterministic run to run.
 import mxnet as mx
 
 __all__ = ["DeterministicNAG"]
+# Registered with MXNet as "deterministicnag"; the recipe name is `nesterov` (distill.optim).
 
 
 @mx.optimizer.register

@@ -30,6 +30,9 @@ from typing import Any, Dict, List, Optional, Union
 import yaml
 
 from .errors import UserError, closest
+from .optim import LR_SCHEDULES, OPTIMIZERS
+from .pruning import CRITERIA, SCHEDULES            # numpy-only registries
+from .quantize import CALIBRATORS, POLICIES         # the package face: registries only, no MXNet
 
 __all__ = ["Recipe", "DataConfig", "TeacherConfig", "StudentConfig", "LossTerm", "PruningConfig",
            "LayerOverride",
@@ -140,32 +143,27 @@ class StudentConfig:
 class LossTerm:
     """One item of ``distillation:``: a registered loss with its weight and options.
 
-    ``loss`` is ``kd``, ``ce``, ``hint``, ``attention``, ``similarity`` or ``rkd``.
-    ``teacher_layer``/``student_layer`` name internal outputs (``distill inspect`` lists them);
-    unset, a term sees the logits. ``temperature`` is for ``kd``, ``p`` for ``attention``,
-    ``distance_weight``/``angle_weight`` for ``rkd``.
+    ``loss`` is a registered loss (``kd``, ``ce``, ``hint``, ``attention``, ``similarity``,
+    ``rkd``: ``distill list``). ``teacher_layer``/``student_layer`` name internal outputs
+    (``distill inspect`` lists them); unset, a term sees the logits. Every other key is an
+    option of the loss (``temperature`` for ``kd``, ``p`` for ``attention``, ...): the loss
+    declares them and rejects unknown ones (:meth:`distill.losses.LossTermBlock.validate_term`).
     """
     loss: str = "ce"
     weight: float = 1.0
-    temperature: float = 4.0
     teacher_layer: Optional[str] = None
     student_layer: Optional[str] = None
-    p: float = 2.0
-    distance_weight: float = 25.0
-    angle_weight: float = 50.0
+    options: Dict[str, Any] = field(default_factory=dict)
+
+    _EXTRA = "options"        # unknown YAML keys of this section are collected here
 
     def validate(self, p):
         _check(self.weight >= 0, f"{p}.weight", f"must be ≥ 0, got {self.weight}")
-        _check(self.temperature > 0, f"{p}.temperature", f"must be > 0, got {self.temperature}")
-        _check(self.p > 0, f"{p}.p", f"must be > 0, got {self.p}")
-        _check(self.distance_weight >= 0 and self.angle_weight >= 0, p,
-               "`distance_weight` and `angle_weight` must be ≥ 0")
-        if self.loss == "ce":
-            _check(not (self.teacher_layer or self.student_layer), p,
-                   "a `ce` term uses the logits and labels: remove `teacher_layer`/`student_layer`")
-        if self.loss == "hint":
-            _check(bool(self.teacher_layer) and bool(self.student_layer), p,
-                   "a `hint` term needs both `teacher_layer` and `student_layer` (feature maps)")
+        _check(isinstance(self.loss, str) and bool(self.loss), f"{p}.loss", "must be a loss name")
+        for k, v in self.options.items():
+            _check(isinstance(v, (int, float)) and not isinstance(v, bool), f"{p}.{k}",
+                   f"loss options are numbers, got {v!r}")
+            self.options[k] = float(v)
 
 
 @dataclass
@@ -208,7 +206,6 @@ class PruningConfig:
         _check(self.granularity in ("unstructured", "channel"), f"{p}.granularity",
                f"must be unstructured or channel, got {self.granularity!r}")
         _check(self.scope in ("layer", "global"), f"{p}.scope", f"must be layer or global, got {self.scope!r}")
-        from .pruning import CRITERIA, SCHEDULES     # numpy-only registries
         CRITERIA.get(self.criterion, where=f"recipe key `{p}.criterion`")
         SCHEDULES.get(self.schedule, where=f"recipe key `{p}.schedule`")
         _check(self.start_epoch >= 0, f"{p}.start_epoch", f"must be ≥ 0, got {self.start_epoch}")
@@ -253,8 +250,7 @@ class QuantizationConfig:
     layer_latency: bool = True
 
     def validate(self, p):
-        _check(self.calib_mode in ("naive", "entropy"), f"{p}.calib_mode",
-               f"must be one of naive, entropy; got {self.calib_mode!r}")
+        CALIBRATORS.get(self.calib_mode, where=f"recipe key `{p}.calib_mode`")
         _check(self.calib_batches >= 1, f"{p}.calib_batches", f"must be ≥ 1, got {self.calib_batches}")
         _check(self.calib_batch_size >= 1, f"{p}.calib_batch_size",
                f"must be ≥ 1, got {self.calib_batch_size}")
@@ -262,6 +258,12 @@ class QuantizationConfig:
         _check(bool(patterns) and all(s.strip() for s in patterns), f"{p}.exclude",
                "must be none, first_last, auto, or layer-name patterns (e.g. \"*conv0*,*dense*\"); "
                f"got {self.exclude!r}")
+        words = [s.strip() for s in patterns]
+        if len(words) == 1 and words[0] not in POLICIES and not set("*?[") & set(words[0]):
+            near = closest(words[0], POLICIES.names())
+            _check(not near, f"{p}.exclude",
+                   f"{words[0]!r} is not a policy (did you mean {near[0]!r}?); policies: "
+                   f"{', '.join(POLICIES.names())}, or layer-name patterns such as \"*conv0*\"")
         _check(self.budget >= 0, f"{p}.budget", f"must be ≥ 0 (points of top-1), got {self.budget}")
         _check(self.granularity in ("channel-wise", "tensor-wise"), f"{p}.granularity",
                f"must be channel-wise or tensor-wise; got {self.granularity!r}")
@@ -293,12 +295,10 @@ class TrainerConfig:
         _check(self.epochs >= 1, f"{p}.epochs", f"must be ≥ 1, got {self.epochs}")
         _check(self.batch_size >= 1, f"{p}.batch_size", f"must be ≥ 1, got {self.batch_size}")
         _check(self.lr > 0, f"{p}.lr", f"must be > 0, got {self.lr}")
-        _check(self.optimizer in ("sgd", "nesterov", "adam"), f"{p}.optimizer",
-               f"must be one of sgd, nesterov, adam; got {self.optimizer!r}")
+        OPTIMIZERS.get(self.optimizer, where=f"recipe key `{p}.optimizer`")
         _check(0 <= self.momentum < 1, f"{p}.momentum", f"must be in [0, 1), got {self.momentum}")
         _check(self.weight_decay >= 0, f"{p}.weight_decay", f"must be ≥ 0, got {self.weight_decay}")
-        _check(self.lr_schedule in ("cosine", "step", "constant"), f"{p}.lr_schedule",
-               f"must be one of cosine, step, constant; got {self.lr_schedule!r}")
+        LR_SCHEDULES.get(self.lr_schedule, where=f"recipe key `{p}.lr_schedule`")
         _check(0 < self.lr_factor <= 1, f"{p}.lr_factor", f"must be in (0, 1], got {self.lr_factor}")
         _check(0 <= self.warmup_epochs < self.epochs, f"{p}.warmup_epochs",
                f"must be in [0, epochs), got {self.warmup_epochs}")
@@ -412,9 +412,17 @@ def _build(cls, raw, path):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     valid = [_yaml_key(n) for n in fields]
     kwargs = {}
+    extra_field = getattr(cls, "_EXTRA", None)
     for key, value in raw.items():
         fname = _ALIASES.get(key, key)
         full = f"{path}.{key}" if path else str(key)
+        if extra_field and isinstance(key, str) and (fname not in fields or fname == extra_field):
+            if fname == extra_field:
+                raise UserError(f"recipe key `{full}`: write the loss's options as keys of the term "
+                                f"itself, e.g. {{loss: kd, temperature: 4}}")
+            if value is not None:
+                kwargs.setdefault(extra_field, {})[key] = value
+            continue
         if not isinstance(key, str) or fname not in fields:
             near = closest(key, valid)
             hint = f" Did you mean `{near[0]}`?" if near else ""
@@ -447,8 +455,12 @@ def recipe_to_dict(recipe):
     """The recipe as plain data, with YAML key names (``from``, not ``from_``), no ``None``s."""
     def conv(obj):
         if dataclasses.is_dataclass(obj):
-            return {_yaml_key(f.name): conv(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-                    if getattr(obj, f.name) is not None}
+            extra = getattr(obj, "_EXTRA", None)
+            out = {_yaml_key(f.name): conv(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                   if getattr(obj, f.name) is not None and f.name != extra}
+            if extra:
+                out.update(copy.deepcopy(getattr(obj, extra)))
+            return out
         if isinstance(obj, list):
             return [conv(v) for v in obj]
         return obj

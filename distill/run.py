@@ -1,33 +1,43 @@
 """One run, end to end: recipe → data → teacher → student → loop → export → metrics.
 
-The run folder (``output.dir`` or ``runs/<name>``) is the interface every other command reads::
+The run folder (``output.dir`` or ``runs/<name>``) is the interface every other command reads;
+its layout belongs to :mod:`distill.runfolder`.
 
-    recipe.yaml            the resolved recipe (extends and --set applied)
-    checkpoints/           epoch-NNNN.ckpt, written atomically
-    tb/                    tensorboardX event files
-    model-symbol.json      the exported student (inference graph, logits)
-    model-0000.params
-    metrics.json           teacher/student top-1, params, MACs, latency, history
-    train.log              what was printed
+A ``teacher.recipe`` is resolved here (:func:`resolve_teacher`): trained into its own run folder
+on first use, reused while that recipe is unchanged, and handed to :mod:`distill.teacher` as a
+checkpoint prefix.
 """
 import datetime
-import json
 import logging
 import os
 import platform
 import shutil
-import sys
 import time
 
 import mxnet as mx
 import numpy as np
-import yaml
+from tensorboardX import SummaryWriter
 
-from .checkpoint import atomic_write_bytes
+from students import build_student
+
+from .data import load_data
 from .errors import UserError
-from .recipe import recipe_hash, recipe_to_dict
+from .graphio import (count_param_dict, count_params, load_symbol_block, make_block, pair_files,
+                      pair_size, symbol_file)
+from .losses import build_loss, check_terms
+from .modelinfo import measure_latency, total_macs
+from .pruning import build_modifiers
+from .quantize.pipeline import quantize_target
+from .recipe import load_recipe, recipe_from_dict, recipe_hash, recipe_to_dict
+from .recorders import default_recorders
+from .report import summary_table
+from .runfolder import RunFolder
+from .taps import tapped_block
+from .teacher import load_teacher
+from .teacher_cache import TeacherOutputs
+from .trainer import Term, evaluate, fit
 
-__all__ = ["run_training", "versions"]
+__all__ = ["run_training", "resolve_teacher", "teacher_recipe_prefix", "versions"]
 _LOGGER = logging.getLogger(__name__)
 
 
@@ -67,9 +77,50 @@ class _Log:
             f.write(msg + "\n")
 
 
+def recipe_dir_of(recipe):
+    """The folder relative paths of ``recipe`` are resolved against."""
+    return os.path.dirname(getattr(recipe, "source", "")) or "."
+
+
+def _resolve(path, recipe_dir):
+    cand = os.path.join(recipe_dir, path)
+    return cand if not os.path.isabs(path) and os.path.exists(cand) else path
+
+
+def teacher_recipe_prefix(path, recipe_dir="."):
+    """``(prefix, source)`` of the teacher trained by the recipe at ``path``.
+
+    Trained into that recipe's run folder on first use, reused from there while the recipe is
+    unchanged (its hash is in the folder's ``metrics.json``).
+    """
+    rpath = _resolve(path, recipe_dir)
+    if not os.path.isfile(rpath):
+        raise UserError(f"`teacher.recipe: {path}` does not exist (looked in {recipe_dir} and the "
+                        f"current folder).")
+    trecipe = load_recipe(rpath)
+    folder = RunFolder(trecipe.run_dir)
+    h = recipe_hash(trecipe)
+    cached = False
+    if folder.has_model():
+        m = folder.read_metrics()
+        cached = m.get("recipe_hash") == h and m.get("complete")
+    if cached:
+        _LOGGER.info("teacher: reusing the trained teacher in %s (recipe unchanged)", trecipe.run_dir)
+    else:
+        _LOGGER.info("teacher: training it from %s into %s (cached there for later runs)", rpath, trecipe.run_dir)
+        run_training(trecipe, resume="auto", role="teacher")
+    return folder.model_prefix, f"recipe {path} ({trecipe.run_dir})"
+
+
+def resolve_teacher(recipe, data, taps=()):
+    """The frozen :class:`~distill.teacher.Teacher` of ``recipe`` (``teacher.recipe`` trained
+    first when needed)."""
+    rdir = recipe_dir_of(recipe)
+    trained = teacher_recipe_prefix(recipe.teacher.recipe, rdir) if recipe.teacher.recipe else None
+    return load_teacher(recipe.teacher, data, rdir, taps=taps, trained=trained)
+
+
 def _build_student(recipe, data, teacher):
-    from students import build_student
-    from .teacher import make_block
     if recipe.student.from_ == "teacher":
         net = make_block(teacher.symbol, teacher.params, teacher.input_name, trainable=True)
         return net, "copy of the teacher"
@@ -80,11 +131,10 @@ def _build_student(recipe, data, teacher):
 
 
 def _model_summary(prefix, net_params, input_shape, latency_cfg):
-    from .modelinfo import file_size, measure_latency, total_macs
-    sym = mx.sym.load(prefix + "-symbol.json")
+    sym = mx.sym.load(symbol_file(prefix))
     macs = total_macs(sym, (1,) + tuple(input_shape))
     out = {"params": int(net_params), "macs": int(macs), "flops": int(2 * macs),
-           "bytes": file_size(prefix + "-symbol.json", prefix + "-0000.params")}
+           "bytes": pair_size(prefix)}
     if latency_cfg.latency:
         out["latency_ms"] = measure_latency(prefix, input_shape, repeats=latency_cfg.latency_repeats)
     return out
@@ -102,36 +152,25 @@ def run_training(recipe, resume=False, role="student"):
     role : str
         ``"teacher"`` when this run trains a teacher for another recipe (only changes messages).
     """
-    from tensorboardX import SummaryWriter
-    from .data import load_data
-    from .modelinfo import count_params
-    from .report import summary_table
-    from .teacher import load_teacher
-    from .trainer import evaluate, fit
-
     t_start = time.time()
     run_dir = recipe.run_dir
+    folder = RunFolder(run_dir)
     _check_writable(run_dir)
     rdict = recipe_to_dict(recipe)
     h = recipe_hash(recipe)
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    check_terms(recipe.distillation)       # a loss option typo fails now, not after the teacher
     if resume == "auto":        # a teacher trained for another recipe: resume only the same recipe
         try:
-            _check_same_recipe(run_dir, rdict)
+            _check_same_recipe(folder, rdict)
             resume = True
         except UserError:
             resume = False
-    if not resume and os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
-        shutil.rmtree(ckpt_dir)          # a fresh run: old checkpoints must not be resumed by accident
-        shutil.rmtree(os.path.join(run_dir, "tb"), ignore_errors=True)
-        for f in ("train.log", "metrics.json"):
-            if os.path.exists(os.path.join(run_dir, f)):
-                os.unlink(os.path.join(run_dir, f))
+    if not resume and os.path.isdir(folder.checkpoints_dir) and os.listdir(folder.checkpoints_dir):
+        folder.clear_run_state()   # a fresh run: old checkpoints must not be resumed by accident
     if resume:
-        _check_same_recipe(run_dir, rdict)
-    atomic_write_bytes(os.path.join(run_dir, "recipe.yaml"),
-                       yaml.safe_dump(rdict, sort_keys=False).encode())
-    log = _Log(os.path.join(run_dir, "train.log"))
+        _check_same_recipe(folder, rdict)
+    folder.write_recipe_dict(rdict)
+    log = _Log(folder.log_path)
     what = "teacher run" if role == "teacher" else "run"
     log(f"== {what} {recipe.name!r} → {run_dir} ({datetime.datetime.now():%Y-%m-%d %H:%M:%S})")
 
@@ -145,45 +184,42 @@ def run_training(recipe, resume=False, role="student"):
     t_taps = _unique(t.teacher_layer for t in recipe.distillation)
     s_taps = _unique(t.student_layer for t in recipe.distillation)
     if recipe.teacher.given:
-        recipe_dir = os.path.dirname(getattr(recipe, "source", "")) or "."
-        teacher = load_teacher(recipe.teacher, data, recipe_dir, taps=t_taps)
+        teacher = resolve_teacher(recipe, data, taps=t_taps)
         log(f"teacher: {teacher.source}")
 
     student, student_desc = _build_student(recipe, data, teacher)
     student.hybridize(static_alloc=True, static_shape=True)
     train_net = student
     if s_taps:
-        from .taps import tapped_block
         train_net = tapped_block(student, s_taps, where="distillation[].student_layer")
         train_net.hybridize(static_alloc=True, static_shape=True)
     terms = _build_terms(recipe, data, teacher, train_net, s_taps, t_taps)
     teacher_outputs, teacher_cache_s = None, 0.0
     if teacher is not None and any(t.block.needs_teacher for t in terms):
-        from .teacher_cache import TeacherOutputs
         t_cache = time.time()
         teacher_outputs = TeacherOutputs(
             teacher, data.train.x, recipe.trainer.teacher_cache, bool(recipe.data.augment),
-            os.path.join(run_dir, ".cache"), recipe.trainer.teacher_cache_max_mb,
+            folder.cache_dir, recipe.trainer.teacher_cache_max_mb,
             recipe.trainer.eval_batch_size, recipe.trainer.progress)
         teacher_cache_s = time.time() - t_cache
         log(f"teacher outputs: {'computed live every batch' if teacher_outputs.mode == 'off' else f'cached once ({teacher_outputs.mode}, {teacher_outputs.megabytes:.1f} MiB)'}")
 
     modifiers = _build_modifiers(recipe, teacher, log)
-    writer = SummaryWriter(os.path.join(run_dir, "tb"))
+    writer = SummaryWriter(folder.tb_dir)
     try:
-        result = fit(student, train_net, teacher_outputs, data, terms, recipe.trainer, run_dir,
-                     writer, resume=resume, recipe_dict=rdict, log=log, modifiers=modifiers,
-                     augment=recipe.data.augment)
+        recorders = default_recorders(writer, folder.checkpoints_dir, rdict, log)
+        result = fit(student, train_net, teacher_outputs, data, terms, recipe.trainer,
+                     checkpoints=folder.checkpoints_dir, resume=resume, log=log,
+                     modifiers=modifiers + recorders, augment=recipe.data.augment)
     finally:
         writer.close()
     # a modifier may replace the trained net at the end (channel pruning: the physically
     # smaller network, rebuilt from the masked one)
     for m in modifiers:
-        if hasattr(m, "finalize"):
-            student = m.finalize(student, data, log)
+        student = m.finalize(student, data, log)
 
     # export the student's inference graph (logits only) next to the metrics
-    prefix = os.path.join(run_dir, "model")
+    prefix = folder.model_prefix
     student(mx.nd.array(data.val.x[:1]))
     student.export(prefix, epoch=0)
     input_shape = (data.channels,) + tuple(data.image_size)
@@ -193,33 +229,30 @@ def run_training(recipe, resume=False, role="student"):
     if teacher is not None:
         metrics["teacher"] = {"source": teacher.source,
                               "top1": round(evaluate(teacher.net, data.val, recipe.trainer.eval_batch_size), 3)}
-        tprefix = os.path.join(run_dir, ".teacher", "model")
+        tprefix = folder.teacher_prefix
         os.makedirs(os.path.dirname(tprefix), exist_ok=True)
         teacher.net.export(tprefix, epoch=0)
-        metrics["teacher"].update(_model_summary(tprefix, _n_params(teacher.params),
+        metrics["teacher"].update(_model_summary(tprefix, count_param_dict(teacher.params),
                                                  input_shape, recipe.output))
-    from .modelinfo import load_symbol_block
     exported = load_symbol_block(prefix)
     top1 = evaluate(exported, data.val, recipe.trainer.eval_batch_size)
     metrics["student"] = {"model": student_desc, "top1": round(top1, 3)}
     metrics["student"].update(_model_summary(prefix, count_params(student), input_shape, recipe.output))
     for m in modifiers:
-        if hasattr(m, "metrics"):
-            metrics["student"].update(m.metrics(student))
+        metrics["student"].update(m.metrics(student))
     metrics["history"] = result["history"]
     metrics["train_time_s"] = round(result["train_time_s"], 2)
     metrics["teacher_cache_s"] = round(teacher_cache_s, 2)
     metrics["time_s"] = round(time.time() - t_start, 2)
     metrics["versions"] = versions()
     metrics["complete"] = True
-    atomic_write_bytes(os.path.join(run_dir, "metrics.json"),
-                       json.dumps(metrics, indent=2, allow_nan=True).encode())
+    folder.write_metrics(metrics)
     log(summary_table(metrics))
     if recipe.quantization.enabled and role != "teacher":
-        from .quantize.pipeline import quantize_target
         log("\n== int8 calibration (quantization.enabled)")
         metrics["int8"] = quantize_target(run_dir, log=log)
-    log(f"run folder: {run_dir}  (metrics.json, model-symbol.json + model-0000.params, tb/)")
+    log(f"run folder: {run_dir}  ({os.path.basename(folder.metrics_path)}, "
+        f"{' + '.join(os.path.basename(f) for f in pair_files(folder.model_prefix))}, tb/)")
     return metrics
 
 
@@ -233,8 +266,6 @@ def _unique(names):
 
 def _build_terms(recipe, data, teacher, train_net, s_taps, t_taps):
     """One :class:`~distill.trainer.Term` per recipe loss, wired to its student/teacher outputs."""
-    from .losses import build_loss
-    from .trainer import Term
     x = mx.nd.array(data.train.x[:2])
     s_outs = train_net(x)
     s_shapes = [o.shape for o in (s_outs if isinstance(s_outs, (list, tuple)) else [s_outs])]
@@ -258,27 +289,18 @@ def _build_modifiers(recipe, teacher, log):
     """Modifiers from the recipe's sections (pruning schedules and mask keeping)."""
     if not recipe.pruning.enabled:
         return []
-    from .pruning import build_modifiers
     return build_modifiers(recipe, teacher=teacher, log=log)
 
 
-def _n_params(params):
-    from .modelinfo import _AUX_SUFFIXES
-    return sum(int(np.prod(v.shape)) for k, v in params.items() if not k.endswith(_AUX_SUFFIXES))
-
-
-def _check_same_recipe(run_dir, rdict):
+def _check_same_recipe(folder, rdict):
     """``--resume`` only continues a run started with the same recipe (same hash)."""
-    from .recipe import recipe_from_dict
-    saved = os.path.join(run_dir, "recipe.yaml")
-    if not os.path.isfile(saved):
+    if not folder.has_recipe():
         return
-    with open(saved) as f:
-        old = recipe_from_dict(yaml.safe_load(f), saved)
+    old = recipe_from_dict(folder.read_recipe_dict(), folder.recipe_path)
     new = recipe_from_dict(rdict)
     if recipe_hash(old) != recipe_hash(new):
         od, nd = recipe_to_dict(old), recipe_to_dict(new)
         diff = sorted(k for k in set(od) | set(nd) if k != "output" and od.get(k) != nd.get(k))
-        raise UserError(f"--resume: the recipe differs from the one this run folder ({run_dir}) was "
+        raise UserError(f"--resume: the recipe differs from the one this run folder ({folder.path}) was "
                         f"started with (sections: {', '.join(diff)}). Resume with the same recipe, or "
                         f"start a fresh run without --resume (or with another `output.dir`).")

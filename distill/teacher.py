@@ -6,10 +6,10 @@ Sources (``teacher:`` section, exactly one):
   ``PREFIX-0000.params`` with ``arg:``/``aux:`` names) or a Gluon ``export()`` pair.
   Training-only heads (``SoftmaxOutput`` and other loss layers) are stripped to logits.
 * ``recipe: OTHER.yaml``: trained from another recipe into that recipe's run folder, and reused
-  from there while the recipe is unchanged (its hash is stored in the run's ``metrics.json``).
+  from there while the recipe is unchanged. The run (:func:`distill.run.resolve_teacher_recipe`)
+  does that and hands this module the trained pair's prefix: the teacher does not train.
 * ``model: NAME`` + ``params: FILE``: a registered model with a ``save_parameters`` file.
 """
-import json
 import logging
 import os
 import warnings
@@ -17,15 +17,14 @@ import warnings
 import mxnet as mx
 from mxnet import gluon
 
-from .errors import UserError, closest
+from students import STUDENTS, build_student
 
-__all__ = ["Teacher", "load_teacher", "strip_training_head", "load_symbol_checkpoint"]
+from .errors import UserError
+from .graphio import SYMBOL_SUFFIX, check_params, load_pair, make_block, symbol_file
+from .taps import resolve_tap
+
+__all__ = ["Teacher", "load_teacher"]
 _LOGGER = logging.getLogger(__name__)
-
-# Output ops that exist for training only: the logits are their first input.
-_HEAD_OPS = {"SoftmaxOutput", "Softmax", "SoftmaxActivation", "softmax", "log_softmax",
-             "LogisticRegressionOutput", "LinearRegressionOutput", "MAERegressionOutput",
-             "SVMOutput", "MakeLoss", "make_loss", "BlockGrad", "stop_gradient"}
 
 
 class Teacher:
@@ -46,7 +45,6 @@ class Teacher:
     """
 
     def __init__(self, symbol, params, source, input_name="data", taps=(), where="teacher_layer"):
-        from .taps import resolve_tap
         self.symbol = symbol
         self.params = params
         self.source = source
@@ -70,107 +68,7 @@ class Teacher:
         return self.net(x)
 
 
-def make_block(symbol, params, input_name="data", trainable=True):
-    """A SymbolBlock over ``symbol`` with (a copy of) ``params``."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        net = gluon.SymbolBlock(symbol, mx.sym.var(input_name))
-    for name, p in net.collect_params().items():
-        if p.shape is None:      # JSON without shapes: _load_init would leave it unset (resume, count_params)
-            p.shape = tuple(params[name].shape)
-        p._load_init(params[name].copy(), mx.cpu())
-        if not trainable:
-            p.grad_req = "null"
-    return net
-
-
-def _op_of_head(sym):
-    graph = json.loads(sym.tojson())
-    return graph["nodes"][graph["heads"][0][0]]["op"]
-
-
-def strip_training_head(sym, output=None, where="teacher"):
-    """Return the logits of ``sym``: the named internal ``output``, or the graph with its
-    training-only head layers (``SoftmaxOutput``, loss layers) removed."""
-    if output:
-        internals = sym.get_internals()
-        names = internals.list_outputs()
-        key = output if output in names else output + "_output"
-        if key not in names:
-            near = closest(output, [n[:-7] if n.endswith("_output") else n for n in names])
-            raise UserError(f"{where}: `teacher.output: {output}` is not a layer of the graph. "
-                            f"Closest: {', '.join(near) or 'none'}.")
-        return internals[key]
-    if len(sym.list_outputs()) > 1:
-        sym = sym[0]
-    while _op_of_head(sym) in _HEAD_OPS:
-        sym = sym.get_children()[0]
-    return sym
-
-
-def load_symbol_checkpoint(prefix, epoch=0, output=None):
-    """Read ``PREFIX-symbol.json`` + ``PREFIX-%04d.params`` → (logits symbol, params dict)."""
-    sym_file, params_file = f"{prefix}-symbol.json", f"{prefix}-{epoch:04d}.params"
-    for f in (sym_file, params_file):
-        if not os.path.isfile(f):
-            raise UserError(f"teacher checkpoint file {f} does not exist. `teacher.checkpoint` is "
-                            f"a prefix: PREFIX-symbol.json and PREFIX-{epoch:04d}.params must exist "
-                            f"(check `teacher.epoch`).")
-    try:
-        sym = mx.sym.load(sym_file)
-    except mx.base.MXNetError as e:
-        raise UserError(f"{sym_file} is not a valid MXNet symbol file: {str(e).splitlines()[0]}") from None
-    try:
-        raw = mx.nd.load(params_file)
-    except mx.base.MXNetError as e:
-        raise UserError(f"{params_file} is not a valid MXNet params file: {str(e).splitlines()[0]}") from None
-    params = {}
-    for k, v in raw.items():
-        params[k.split(":", 1)[1] if k.startswith(("arg:", "aux:")) else k] = v
-    logits = strip_training_head(sym, output, where=sym_file)
-    # parameters of the stripped part (a loss head, layers after `teacher.output`) are expected
-    # leftovers; any other name in the file is an error check_params reports
-    full = set(sym.list_arguments()) | set(sym.list_auxiliary_states())
-    kept = set(logits.list_arguments()) | set(logits.list_auxiliary_states())
-    params = {k: v for k, v in params.items() if k in kept or k not in full}
-    return logits, params
-
-
-def check_params(sym, params, input_name, input_shape, where):
-    """Missing, extra or shape-mismatched parameters → :class:`UserError` naming them."""
-    needed = [n for n in sym.list_arguments() if n != input_name] + sym.list_auxiliary_states()
-    missing = [n for n in needed if n not in params]
-    if missing:
-        raise UserError(f"{where}: the graph needs parameters the params file does not have: "
-                        f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}. Is the "
-                        f"params file from the same model and epoch?")
-    extra = sorted(set(params) - set(needed))
-    if extra:
-        raise UserError(f"{where}: the params file has parameters the graph does not use: "
-                        f"{', '.join(extra[:8])}{' ...' if len(extra) > 8 else ''}. Is it the params "
-                        f"file of another model? Pair PREFIX-symbol.json with its own PREFIX-NNNN.params.")
-    try:
-        arg_shapes, out_shapes, aux_shapes = sym.infer_shape(**{input_name: input_shape})
-    except mx.base.MXNetError as e:
-        first = str(e).splitlines()[0]
-        raise UserError(f"{where}: the graph does not accept input of shape {input_shape} "
-                        f"(channels, size from the data): {first}. Set `data.grayscale`, "
-                        f"`data.image_size` so the input matches what the teacher was trained on.") from None
-    names = sym.list_arguments() + sym.list_auxiliary_states()
-    for n, s in zip(names, list(arg_shapes) + list(aux_shapes)):
-        if n == input_name:
-            continue
-        if tuple(params[n].shape) != tuple(s):
-            hint = ""
-            if n.endswith("weight") and len(s) == 4 and s[1] != params[n].shape[1]:
-                hint = (f" The first convolution expects {params[n].shape[1]} input channels: "
-                        f"set `data.grayscale` to match.")
-            raise UserError(f"{where}: parameter {n!r} has shape {tuple(params[n].shape)} in the "
-                            f"params file but the graph, fed {input_shape}, needs {tuple(s)}.{hint}")
-    return tuple(out_shapes[0])
-
-
-def load_teacher(cfg, data, recipe_dir=".", taps=()):
+def load_teacher(cfg, data, recipe_dir=".", taps=(), trained=None):
     """Build the frozen :class:`Teacher` for the ``teacher:`` section ``cfg``.
 
     Parameters
@@ -182,6 +80,9 @@ def load_teacher(cfg, data, recipe_dir=".", taps=()):
         Relative ``teacher.recipe``/``checkpoint`` paths are resolved against it first.
     taps : list of str
         Internal layers the loss terms read (``teacher_layer``).
+    trained : (str, str), optional
+        ``(prefix, source)`` of the pair trained from ``teacher.recipe``
+        (:func:`distill.run.resolve_teacher_recipe`); required when ``cfg.recipe`` is set.
     """
     input_shape = (1, data.channels) + tuple(data.image_size)
     if cfg.input_shape and tuple(cfg.input_shape) != input_shape[1:]:
@@ -189,11 +90,15 @@ def load_teacher(cfg, data, recipe_dir=".", taps=()):
                         f"differs from the data's {list(input_shape[1:])} (channels, height, width): "
                         f"set `data.grayscale` for the channels and `data.image_size` for the size.")
     if cfg.recipe:
-        prefix, source = _teacher_from_recipe(cfg.recipe, recipe_dir)
-        sym, params = load_symbol_checkpoint(prefix, 0)
+        if trained is None:
+            raise UserError(f"`teacher.recipe: {cfg.recipe}` must be trained first: run the recipe "
+                            f"with `distill train` (it trains and caches the teacher), or give "
+                            f"`teacher.checkpoint`.")
+        prefix, source = trained
+        sym, params = load_pair(prefix, 0)
     elif cfg.checkpoint:
-        prefix = _resolve(cfg.checkpoint + "-symbol.json", recipe_dir)[:-len("-symbol.json")]
-        sym, params = load_symbol_checkpoint(prefix, cfg.epoch, cfg.output)
+        prefix = _resolve(symbol_file(cfg.checkpoint), recipe_dir)[:-len(SYMBOL_SUFFIX)]
+        sym, params = load_pair(prefix, cfg.epoch, cfg.output)
         source = f"checkpoint {prefix} (epoch {cfg.epoch})"
     elif cfg.model:
         sym, params, source = _teacher_from_model(cfg, data, recipe_dir)
@@ -213,39 +118,13 @@ def _resolve(path, recipe_dir):
     return cand if not os.path.isabs(path) and os.path.exists(cand) else path
 
 
-def _teacher_from_recipe(path, recipe_dir):
-    from .recipe import load_recipe, recipe_hash
-    from .run import run_training
-    rpath = _resolve(path, recipe_dir)
-    if not os.path.isfile(rpath):
-        raise UserError(f"`teacher.recipe: {path}` does not exist (looked in {recipe_dir} and the "
-                        f"current folder).")
-    trecipe = load_recipe(rpath)
-    prefix = os.path.join(trecipe.run_dir, "model")
-    metrics_file = os.path.join(trecipe.run_dir, "metrics.json")
-    h = recipe_hash(trecipe)
-    cached = False
-    if os.path.isfile(metrics_file) and os.path.isfile(prefix + "-0000.params"):
-        with open(metrics_file) as f:
-            m = json.load(f)
-        cached = m.get("recipe_hash") == h and m.get("complete")
-    if cached:
-        _LOGGER.info("teacher: reusing the trained teacher in %s (recipe unchanged)", trecipe.run_dir)
-    else:
-        _LOGGER.info("teacher: training it from %s into %s (cached there for later runs)", rpath, trecipe.run_dir)
-        run_training(trecipe, resume="auto", role="teacher")
-    return prefix, f"recipe {path} ({trecipe.run_dir})"
-
-
 def _teacher_from_model(cfg, data, recipe_dir):
-    from students import build_student
     if not cfg.params:
         raise UserError(f"`teacher.model: {cfg.model}` needs `teacher.params` (a .params file "
                         f"written by save_parameters).")
     pfile = _resolve(cfg.params, recipe_dir)
     if not os.path.isfile(pfile):
         raise UserError(f"`teacher.params: {cfg.params}` does not exist.")
-    from students import STUDENTS
     if cfg.model in STUDENTS:
         net = build_student(cfg.model, data.channels, data.num_classes, tuple(data.image_size))
     else:                      # any GluonCV model-zoo name, built as trained (no adaptation)

@@ -7,7 +7,6 @@ last complete epoch with the same result as an uninterrupted one: the batch orde
 RNG are derived from ``(seed, epoch)``, and parameters and optimizer state are checkpointed.
 """
 import logging
-import math
 import os
 import sys
 import time
@@ -17,9 +16,11 @@ import numpy as np
 from mxnet import autograd, gluon
 from tqdm import tqdm
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint
 from .errors import UserError
-from . import optim  # noqa: F401  (registers deterministicnag)
+from .modifier import LoopState, Modifier
+from . import nag  # noqa: F401  (registers deterministicnag with MXNet)
+from .optim import lr_at, optimizer_spec
 
 __all__ = ["fit", "evaluate", "predict", "lr_at", "Modifier", "Term", "Trainable", "augment_batch",
            "TrainingDiverged"]
@@ -28,19 +29,6 @@ _LOGGER = logging.getLogger(__name__)
 
 class TrainingDiverged(UserError):
     """A NaN or Inf loss: the run stops, the last good checkpoint is kept."""
-
-
-def lr_at(cfg, epoch_float):
-    """Learning rate at fractional epoch ``epoch_float`` (warm-up, then cosine / step / constant)."""
-    if cfg.warmup_epochs > 0 and epoch_float < cfg.warmup_epochs:
-        return cfg.lr * (epoch_float + 1e-8) / cfg.warmup_epochs
-    if cfg.lr_schedule == "cosine":
-        span = max(cfg.epochs - cfg.warmup_epochs, 1e-8)
-        prog = min(max((epoch_float - cfg.warmup_epochs) / span, 0.0), 1.0)
-        return 0.5 * cfg.lr * (1 + math.cos(math.pi * prog))
-    if cfg.lr_schedule == "step":
-        return cfg.lr * cfg.lr_factor ** sum(1 for s in cfg.lr_steps if epoch_float >= s)
-    return cfg.lr
 
 
 def _batches(n, batch_size, rng=None, drop_last=False):
@@ -70,48 +58,9 @@ def _make_trainer(net, cfg):
     for name, p in net.collect_params().items():
         if name.endswith(("gamma", "beta", "bias")):   # no weight decay on BN affine and biases
             p.wd_mult = 0.0
-    if cfg.optimizer == "adam":
-        opt, kw = "adam", {}
-    else:
-        opt = "deterministicnag" if cfg.optimizer == "nesterov" else "sgd"
-        kw = {"momentum": cfg.momentum}
+    opt, kw = optimizer_spec(cfg)
     return gluon.Trainer(net.collect_params(), opt,
                          {"learning_rate": cfg.lr, "wd": cfg.weight_decay, **kw}, kvstore=None)
-
-
-class Modifier:
-    """A unit that acts on the loop without living in it (SparseML's lifecycle, trimmed).
-
-    Every hook is optional; the loop calls them in this order::
-
-        initialize(net, trainer, data)         once, before the first epoch (and after resume)
-        epoch_start(epoch)                     0-based epoch
-        after_step(epoch, step, steps_per_epoch)   right after optimizer.step(): e.g. re-apply masks
-        epoch_end(epoch, writer) -> dict       scalars to add to the epoch's history row
-        state_dict() / load_state_dict(d)      saved in every checkpoint, restored on --resume
-
-    Pruning schedules and mask keeping are modifiers.
-    """
-
-    name = "modifier"
-
-    def initialize(self, net, trainer, data):
-        pass
-
-    def epoch_start(self, epoch):
-        pass
-
-    def after_step(self, epoch, step, steps_per_epoch):
-        pass
-
-    def epoch_end(self, epoch, writer):
-        return {}
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
 
 
 class Term:
@@ -150,8 +99,8 @@ def augment_batch(x, ops, rng):
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def fit(student, train_net, teacher_outputs, data, terms, cfg, run_dir, writer, resume=False,
-        recipe_dict=None, log=print, modifiers=(), augment=()):
+def fit(student, train_net, teacher_outputs, data, terms, cfg, checkpoints=None, resume=False,
+        log=print, modifiers=(), augment=()):
     """Train ``student`` on ``data`` with the weighted loss ``terms``.
 
     Parameters
@@ -166,11 +115,13 @@ def fit(student, train_net, teacher_outputs, data, terms, cfg, run_dir, writer, 
     data : DataBundle
     terms : list of Term
     cfg : TrainerConfig
-    run_dir : str
-        Checkpoints go to ``run_dir/checkpoints``.
-    writer : tensorboardX.SummaryWriter
+    checkpoints : str or None
+        The checkpoints folder (written by the :class:`~distill.recorders.Checkpointer` modifier).
+    resume : bool
+        Continue from the newest complete checkpoint in ``checkpoints``, if any.
     modifiers : list of Modifier
-        Hooks (pruning, mask keeping) called around each step and epoch.
+        Hooks around each step and epoch: pruning, mask keeping, and the recorders (console
+        log, tensorboard, checkpoint: :mod:`distill.recorders`), in that order.
     augment : list of str
         Random train-batch augmentation (``crop``, ``hflip``), seeded by (seed, epoch).
 
@@ -179,7 +130,6 @@ def fit(student, train_net, teacher_outputs, data, terms, cfg, run_dir, writer, 
     dict
         ``{"history": [...per-epoch metrics], "train_time_s": float}``.
     """
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
     owner = Trainable(student, terms)
     trainer = _make_trainer(owner, cfg)
     history, start, prior_time = [], 0, 0.0
@@ -189,22 +139,23 @@ def fit(student, train_net, teacher_outputs, data, terms, cfg, run_dir, writer, 
                         "(`data.labels: false`): drop the `ce` term or provide labels.")
     # parameters must exist (deferred init) before checkpoints, optimizer state or modifiers
     train_net(mx.nd.array(data.train.x[:1]))
-    if resume:
-        path = latest_checkpoint(ckpt_dir)
-        if path:
-            payload = load_checkpoint(path, owner, trainer)
-            for m in modifiers:
-                m.load_state_dict(payload.get("modifiers", {}).get(m.name, {}))
-            start, history = payload["epoch"] + 1, payload["history"]
-            prior_time = payload.get("train_time_s", 0.0)
-            if start < cfg.epochs:
-                log(f"resumed from {path}: continuing at epoch {start + 1}/{cfg.epochs}")
-            else:
-                log(f"resumed from {path}: all {cfg.epochs} epochs were already done")
+    path = latest_checkpoint(checkpoints) if resume and checkpoints else None
+    if path:
+        payload = load_checkpoint(path, owner, trainer)
+        for m in modifiers:
+            m.load_state_dict(payload.get("modifiers", {}).get(m.name, {}))
+        start, history = payload["epoch"] + 1, payload["history"]
+        prior_time = payload.get("train_time_s", 0.0)
+        if start < cfg.epochs:
+            log(f"resumed from {path}: continuing at epoch {start + 1}/{cfg.epochs}")
+        else:
+            log(f"resumed from {path}: all {cfg.epochs} epochs were already done")
     need_teacher = teacher_outputs is not None and any(t.block.needs_teacher for t in terms)
     n = len(data.train.x)
     steps_per_epoch = max(1, len(range(0, n - n % cfg.batch_size if n > cfg.batch_size else n, cfg.batch_size)))
     t_start = time.time()
+    loop = LoopState(owner, trainer, list(modifiers), history, cfg, labelled,
+                     lambda: prior_time + time.time() - t_start)
     for m in modifiers:
         m.initialize(student, trainer, data)
     for epoch in range(start, cfg.epochs):
@@ -212,73 +163,75 @@ def fit(student, train_net, teacher_outputs, data, terms, cfg, run_dir, writer, 
             m.epoch_start(epoch)
         rng = np.random.RandomState(cfg.seed * 100003 + epoch)
         mx.random.seed(cfg.seed * 100003 + epoch)
-        sums = {t.name: 0.0 for t in terms}
-        total_sum, correct, seen = 0.0, 0, 0
         t0 = time.time()
-        bar = tqdm(_batches(n, cfg.batch_size, rng, drop_last=True), total=steps_per_epoch,
-                   desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr,
-                   disable=None if cfg.progress else True, dynamic_ncols=True)  # None: off when not a TTY
-        for step, idx in enumerate(bar):
-            lr = lr_at(cfg, epoch + step / steps_per_epoch)
-            trainer.set_learning_rate(lr)
-            xb = data.train.x[idx]
-            if augment:
-                xb = augment_batch(xb, augment, rng)
-            x = mx.nd.array(xb)
-            y = mx.nd.array(data.train.y[idx]) if labelled else None
-            t_out = teacher_outputs(idx, x) if need_teacher else None
-            with autograd.record():
-                outs = train_net(x)
-                outs = outs if isinstance(outs, (list, tuple)) else [outs]
-                parts = [(t, t.block(outs[t.s_idx], y, t_out[t.t_idx] if t_out else None).mean())
-                         for t in terms]
-                loss = mx.nd.add_n(*[t.weight * v for t, v in parts]) if len(parts) > 1 \
-                    else parts[0][0].weight * parts[0][1]
-            loss.backward()
-            trainer.step(1)
-            for m in modifiers:
-                m.after_step(epoch, step, steps_per_epoch)
-            values = {t.name: float(v.asscalar()) for t, v in parts}
-            total = float(loss.asscalar())
-            if not np.isfinite(total):
-                bad = [name for name, v in values.items() if not np.isfinite(v)] or ["total"]
-                raise TrainingDiverged(
-                    f"loss became {total} at epoch {epoch + 1}, step {step + 1} (loss term "
-                    f"{', '.join(bad)}). The run stopped; the last good checkpoint in {ckpt_dir} is "
-                    f"kept. Lower `trainer.lr` (now {cfg.lr}) or add `trainer.warmup_epochs`.")
-            for name in sums:
-                sums[name] += values[name] * len(idx)
-            total_sum += total * len(idx)
-            if labelled:
-                correct += int((outs[0].argmax(axis=1) == y).sum().asscalar())
-            seen += len(idx)
-            bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.4f}")
-        bar.close()
+        sums, seen, correct, lr = _train_epoch(train_net, trainer, teacher_outputs if need_teacher else None,
+                                               data, terms, cfg, epoch, steps_per_epoch, rng,
+                                               modifiers, augment, labelled, checkpoints)
         elapsed = time.time() - t0
         val_top1 = evaluate(student, data.val, cfg.eval_batch_size)
+        total_sum = sums.pop("__total__")
         row = {"epoch": epoch + 1, "lr": lr, "loss": total_sum / seen,
                "losses": {k: v / seen for k, v in sums.items()},
                "train_top1": correct / seen * 100.0 if labelled else None,
                "val_top1": val_top1, "images_per_s": seen / elapsed, "epoch_time_s": elapsed}
         for m in modifiers:
-            row.update(m.epoch_end(epoch, writer) or {})
+            row.update(m.epoch_end(epoch) or {})
         history.append(row)
-        step_no = epoch + 1
-        for k, v in row["losses"].items():
-            writer.add_scalar(f"loss/{k}", v, step_no)
-        writer.add_scalar("loss/total", row["loss"], step_no)
-        writer.add_scalar("lr", lr, step_no)
-        if labelled:
-            writer.add_scalar("top1/train", row["train_top1"], step_no)
-        writer.add_scalar("top1/val", val_top1, step_no)
-        writer.add_scalar("speed/images_per_s", row["images_per_s"], step_no)
-        writer.flush()
-        save_checkpoint(ckpt_dir, epoch, owner, trainer,
-                        {"history": history, "recipe": recipe_dict,
-                         "modifiers": {m.name: m.state_dict() for m in modifiers},
-                         "train_time_s": prior_time + time.time() - t_start})
-        train_txt = f"train {row['train_top1']:.2f}%  " if labelled else ""
-        log(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['loss']:.4f}  "
-            + "  ".join(f"{k} {v:.4f}" for k, v in row["losses"].items())
-            + f"  {train_txt}val {val_top1:.2f}%  {row['images_per_s']:.0f} img/s")
+        for m in modifiers:
+            m.record(epoch, row, loop)
     return {"history": history, "train_time_s": prior_time + time.time() - t_start}
+
+
+def _train_epoch(train_net, trainer, teacher_outputs, data, terms, cfg, epoch, steps_per_epoch,
+                 rng, modifiers, augment, labelled, checkpoints):
+    """One epoch of steps → (per-term loss sums incl. ``__total__``, images, correct, last lr).
+
+    Loss values stay on the device during the epoch (summed as NDArrays) and are read once at
+    its end; only the NaN check reads the total every step.
+    """
+    ckpt_hint = f"the last good checkpoint in {checkpoints} is kept" if checkpoints else \
+        "no checkpoint was written"
+    n = len(data.train.x)
+    sums = {t.name: 0.0 for t in terms}
+    total_sum, correct, seen, lr = 0.0, 0, 0, cfg.lr
+    bar = tqdm(_batches(n, cfg.batch_size, rng, drop_last=True), total=steps_per_epoch,
+               desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr,
+               disable=None if cfg.progress else True, dynamic_ncols=True)  # None: off when not a TTY
+    for step, idx in enumerate(bar):
+        lr = lr_at(cfg, epoch + step / steps_per_epoch)
+        trainer.set_learning_rate(lr)
+        xb = data.train.x[idx]
+        if augment:
+            xb = augment_batch(xb, augment, rng)
+        x = mx.nd.array(xb)
+        y = mx.nd.array(data.train.y[idx]) if labelled else None
+        t_out = teacher_outputs(idx, x) if teacher_outputs is not None else None
+        with autograd.record():
+            outs = train_net(x)
+            outs = outs if isinstance(outs, (list, tuple)) else [outs]
+            parts = [(t, t.block(outs[t.s_idx], y, t_out[t.t_idx] if t_out else None).mean())
+                     for t in terms]
+            loss = mx.nd.add_n(*[t.weight * v for t, v in parts]) if len(parts) > 1 \
+                else parts[0][0].weight * parts[0][1]
+        loss.backward()
+        trainer.step(1)
+        for m in modifiers:
+            m.after_step(epoch, step, steps_per_epoch)
+        values = {t.name: float(v.asscalar()) for t, v in parts}
+        total = float(loss.asscalar())
+        if not np.isfinite(total):
+            bad = [name for name, v in values.items() if not np.isfinite(v)] or ["total"]
+            raise TrainingDiverged(
+                f"loss became {total} at epoch {epoch + 1}, step {step + 1} (loss term "
+                f"{', '.join(bad)}). The run stopped; {ckpt_hint}. Lower `trainer.lr` (now "
+                f"{cfg.lr}) or add `trainer.warmup_epochs`.")
+        for name in sums:
+            sums[name] += values[name] * len(idx)
+        total_sum += total * len(idx)
+        if labelled:
+            correct += int((outs[0].argmax(axis=1) == y).sum().asscalar())
+        seen += len(idx)
+        bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.4f}")
+    bar.close()
+    sums["__total__"] = total_sum
+    return sums, seen, correct, lr

@@ -19,7 +19,7 @@ from distill.export import ExportOptions, export_run
 from distill.export.calib import calibration_indices
 from distill.export.formats import FORMATS
 from distill.export.parity import ExportMismatch, check_agreement, check_max_abs, compare_logits
-from distill.modelinfo import load_symbol_block
+from distill.graphio import load_symbol_block
 from distill.recipe import recipe_from_dict, recipe_hash
 from distill.trainer import predict
 from helpers import ROOT, run_cli

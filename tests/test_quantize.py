@@ -14,10 +14,12 @@ from hypothesis import given, settings, strategies as st
 
 from distill.data import load_data
 from distill.errors import UserError
-from distill.modelinfo import load_symbol_block
-from distill.quantize import (CALIBRATORS, POLICIES, FloatModel, Score, calibrate,
-                              calibration_indices, make_block, prepare, resolve_policy,
-                              run_policy, save_graph)
+from distill.graphio import load_symbol_block, save_pair as save_graph
+from distill.quantize import CALIBRATORS, POLICIES, calibration_indices, resolve_policy
+from distill.quantize.calibrators import calibrate
+from distill.quantize.graph import FloatModel, inference_block as make_block
+from distill.quantize.pipeline import prepare, run_policy
+from distill.quantize.scoring import Score
 from distill.quantize.policies.auto import AutoExclusion
 from distill.recipe import QuantizationConfig, load_recipe, recipe_from_dict, recipe_to_dict
 from distill.trainer import evaluate, predict
@@ -99,7 +101,7 @@ def test_every_calibrator_covers_every_output(tiny_model, mode):
 def test_every_policy_builds_a_graph_that_runs(tiny_model, policy):
     model, x = tiny_model
     from distill.data import Split
-    from distill.quantize import Scorer
+    from distill.quantize.scoring import Scorer
     th = calibrate(model, x, "naive")
     fp32 = make_block(model.fused, model.params)
     split = Split(x=x, y=predict(fp32, x).argmax(1).astype(np.int32))   # fp32 is 100% by definition

@@ -11,8 +11,8 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from distill.modelinfo import load_symbol_block
-from distill.tbread import read_scalars
+from distill.graphio import load_symbol_block
+from tbread import read_scalars
 from helpers import ROOT, run_cli, tiny_student, tiny_teacher
 
 

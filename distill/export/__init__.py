@@ -25,21 +25,24 @@ _LOGGER = logging.getLogger(__name__)
 
 
 def __getattr__(name):          # library API without importing mxnet when the CLI starts
-    if name in ("export_run", "ExportOptions"):
+    if name == "export_run":
         from . import core
-        return getattr(core, name)
+        return core.export_run
+    if name == "ExportOptions":
+        from . import options
+        return options.ExportOptions
     raise AttributeError(name)
 
 
 def add_arguments(p):
     """The ``distill export`` arguments."""
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (its recipe.yaml gives the data)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (its resolved recipe gives the data)")
     g = p.add_argument_group("what to export")
     g.add_argument("--format", "-f", dest="formats", action="append", default=[], metavar="FMT",
-                   help="mxnet, onnx, onnx-int8, ncnn or all; repeat or comma-separate "
+                   help="mxnet, onnx, onnx-int8, ncnn, ncnn-int8 or all; repeat or comma-separate "
                         "(default: all whose runtime is installed)")
     g.add_argument("--model", default=None, metavar="PREFIX",
-                   help="export PREFIX-symbol.json + PREFIX-%%04d.params instead of the run's "
+                   help="export the MXNet pair at PREFIX (symbol + PREFIX-%%04d.params) instead of the run's "
                         "student (a pruned or int8 variant, a Module-API checkpoint); "
                         "`teacher` exports the run's teacher")
     g.add_argument("--epoch", type=int, default=0, help="which PREFIX-%%04d.params (default 0)")
@@ -64,10 +67,16 @@ def add_arguments(p):
                    help="onnx-int8 calibration: naive = min/max, entropy = KL (default: the "
                         "recipe's quantization.calib_mode)")
     g.add_argument("--int8-exclude", action="append", default=[], metavar="LAYER",
-                   help="onnx-int8: keep this MXNet layer in fp32 (repeatable; the layers distill "
-                        "quantize kept in fp32, metrics.json int8.excluded, are kept too)")
+                   help="onnx-int8, ncnn-int8: keep this MXNet layer (or ncnn layer) in fp32 (repeatable; the layers distill "
+                        "quantize kept in fp32, the run metrics' int8.excluded, are kept too)")
     g.add_argument("--int8-max-drop", type=float, default=1.0,
                    help="onnx-int8: largest top-1 drop in points against fp32 MXNet (default 1)")
+    g.add_argument("--ncnn-calib", choices=("mxnet", "kl"), default="mxnet",
+                   help="ncnn-int8 blob scales: mxnet = MXNet's thresholds (the int8 model of distill "
+                        "quantize and onnx-int8), kl = ncnn2table's KL method on ncnn's blobs")
+    g.add_argument("--policies", dest="ncnn_policies", action="store_true",
+                   help="ncnn-int8: also measure full int8, first_last and auto in ncnn (top-1, "
+                        "size, latency)")
     g.add_argument("--int8-max-diff", type=float, default=1.0,
                    help="onnx-int8: largest top-1 difference in points from MXNet's int8 model "
                         "built from the same thresholds (default 1)")
@@ -88,14 +97,16 @@ def _split_formats(values):
 
 def main(args):
     """Run ``distill export``; print the report; 0 when every check passed."""
-    from .core import ExportOptions, export_run
+    from .core import export_run
+    from .options import ExportOptions
     from .report import export_table
     opts = ExportOptions(fp16=args.fp16, atol=args.atol, min_agreement=args.min_agreement,
                          calib_size=args.calib_size, calib_mode=args.calib_mode,
                          int8_exclude=tuple(args.int8_exclude), int8_max_drop=args.int8_max_drop,
                          int8_max_diff=args.int8_max_diff,
                          threads=args.threads, repeats=args.repeats, latency=args.latency,
-                         input_name=args.input_name, logits=args.logits)
+                         input_name=args.input_name, logits=args.logits,
+                         ncnn_calib=args.ncnn_calib, ncnn_policies=args.ncnn_policies)
     card = export_run(args.run_dir, formats=_split_formats(args.formats) or None, model=args.model,
                       epoch=args.epoch, out_dir=args.out, options=opts, raise_on_failure=False)
     print(export_table(card))

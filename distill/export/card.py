@@ -14,6 +14,8 @@ import sys
 import numpy as np
 
 from ..checkpoint import atomic_write_bytes
+from ..runfolder import METRICS_FILE, RECIPE_FILE
+from .options import options_dict
 
 __all__ = ["build_card", "write_card", "render_markdown", "weight_sparsity"]
 _LOGGER = logging.getLogger(__name__)
@@ -86,16 +88,16 @@ def build_card(job, reference, results, previous, run_dir):
     """
     from ..recipe import recipe_hash, recipe_to_dict
     from .calib import ncnn_int8_commands
-    from .core import options_dict
     d, m, src = job.data, job.metrics, job.source
     c, h, w = job.input_shape
     role = {"student": "student", "teacher": "teacher", "model": "model"}[src.kind]
     exports = dict(previous)
     exports.update(results)
     calib = None
-    if any(n in results for n in ("ncnn", "onnx-int8")):
+    if any(n in results for n in ("ncnn", "ncnn-int8", "onnx-int8")):
         idx = job.calibration()
-        list_file = results.get("ncnn", {}).get("calibration_list")
+        list_file = (results.get("ncnn", {}).get("calibration_list")
+                     or results.get("ncnn-int8", {}).get("calibration_list"))
         calib = {"split": "train", "images": int(len(idx)), "seed": job.recipe.trainer.seed,
                  "rule": "first N of numpy RandomState(trainer.seed).permutation(len(train)) "
                          "(the sample distill quantize calibrates with)",
@@ -143,7 +145,7 @@ def build_card(job, reference, results, previous, run_dir):
     if m.get("student"):
         card["metrics"]["student_top1"] = m["student"].get("top1")
     if m.get("recipe_hash") and m["recipe_hash"] != card["recipe_hash"]:
-        card["metrics"]["note"] = (f"metrics.json records recipe hash {m['recipe_hash']}; recipe.yaml "
+        card["metrics"]["note"] = (f"{METRICS_FILE} records recipe hash {m['recipe_hash']}; {RECIPE_FILE} "
                                    f"as read now hashes to {card['recipe_hash']} (an edited recipe, or "
                                    f"keys added to the recipe format since the run)")
     return card
@@ -185,6 +187,8 @@ def render_markdown(card):
     lines.append("")
     for name, e in card["exports"].items():
         lines.append(f"* **{name}**: {e['check']['rule']}.")
+    for name, e in card["exports"].items():
+        lines += e.get("card_notes") or []          # a format's own section (ncnn-int8)
     lines += ["", "## Where it came from", ""]
     d = card["data"]
     lines.append(f"* data: `{d['name']}`: {d['source']}; {d['train']} train / {d['test']} test images, "

@@ -5,59 +5,31 @@ its clean inference pair (:mod:`~distill.export.source`) → MXNet's reference l
 split and batch-1 latency → each format writes its files, runs them in its own runtime and
 compares with the reference → ``MODEL_CARD.md`` + ``model_card.json``.
 """
-import json
 import logging
 import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
-from typing import Optional, Tuple
 
-import yaml
-
+from ..data import load_data
 from ..errors import UserError
+from ..graphio import check_params, load_symbol_block, symbol_file
+from ..modelinfo import measure_latency
+from ..recipe import recipe_from_dict
+from ..runfolder import MODEL, RunFolder, read_json
+from ..trainer import predict
+from .calib import calibration_indices, write_calibration_images
+from .card import build_card, write_card
 from .formats import FORMATS, ordered_formats
+from .options import ExportOptions
+from .parity import ExportMismatch
+from .runtimes import default_threads
+from .source import load_source, resolve_prefix, write_inference_pair
 # Importing the format modules registers them on FORMATS.
-from . import mxnet_pair, ncnn_pnnx, onnx_fp32, onnx_int8  # noqa: F401  (registration)
+from . import mxnet_pair, ncnn_int8, ncnn_pnnx, onnx_fp32, onnx_int8  # noqa: F401  (registration)
 
 __all__ = ["ExportOptions", "ExportJob", "export_run", "default_out_dir", "available_formats"]
 _LOGGER = logging.getLogger(__name__)
-
-
-@dataclass
-class ExportOptions:
-    """Options of ``distill export`` (the command-line flags, same names)."""
-    fp16: bool = False
-    atol: float = 1e-3
-    min_agreement: float = 99.0
-    calib_size: Optional[int] = None
-    calib_mode: Optional[str] = None
-    int8_exclude: Tuple[str, ...] = ()
-    int8_max_drop: float = 1.0
-    int8_max_diff: float = 1.0
-    threads: Optional[int] = None
-    repeats: Optional[int] = None
-    latency: bool = True
-    input_name: str = "data"
-    logits: Optional[str] = None
-    eval_batch_size: int = 256
-
-    def validate(self):
-        if not self.atol > 0:
-            raise UserError(f"--atol must be > 0, got {self.atol}")
-        if not 0 <= self.min_agreement <= 100:
-            raise UserError(f"--min-agreement is a percentage in [0, 100], got {self.min_agreement}")
-        if self.calib_size is not None and self.calib_size < 1:
-            raise UserError(f"--calib-size must be ≥ 1, got {self.calib_size}")
-        if self.calib_mode not in (None, "naive", "entropy"):
-            raise UserError(f"--calib-mode must be naive or entropy, got {self.calib_mode!r}")
-        if not self.int8_max_diff >= 0:
-            raise UserError(f"--int8-max-diff is in points of top-1, ≥ 0; got {self.int8_max_diff}")
-        if self.threads is not None and self.threads < 1:
-            raise UserError(f"--threads must be ≥ 1, got {self.threads}")
-        if self.repeats is not None and self.repeats < 1:
-            raise UserError(f"--repeats must be ≥ 1, got {self.repeats}")
 
 
 class ExportJob:
@@ -79,24 +51,19 @@ class ExportJob:
     """
 
     def __init__(self, recipe, data, metrics, source, out_dir, work_dir, options):
-        from ..modelinfo import load_symbol_block
-        from ..teacher import check_params
-        from ..trainer import predict
-        from .runtimes import default_threads
-        from .source import write_inference_pair
         self.recipe, self.data, self.metrics, self.source = recipe, data, metrics, source
         self.out_dir, self.work_dir, self.options = out_dir, work_dir, options
         self.input_shape = (data.channels,) + tuple(data.image_size)
         self.threads = options.threads or default_threads()
         self.repeats = options.repeats or recipe.output.latency_repeats
-        where = f"{source.prefix}-symbol.json"
+        where = symbol_file(source.prefix)
         out_shape = check_params(source.symbol, source.params, source.input_name,
                                  (1,) + self.input_shape, where=where)
         if len(out_shape) != 2 or out_shape[1] != data.num_classes:
             raise UserError(f"{where}: the graph outputs shape {out_shape} per image, but the run's "
                             f"data ({data.name}) has {data.num_classes} classes: export a classifier "
                             f"for these classes, or name its logits layer with --logits.")
-        self.prefix = write_inference_pair(source, os.path.join(work_dir, "model"))
+        self.prefix = write_inference_pair(source, os.path.join(work_dir, MODEL))
         self.x_test, self.y_test = data.val.x, data.val.y
         self.ref = predict(load_symbol_block(self.prefix), self.x_test, options.eval_batch_size)
         self._onnx = None
@@ -117,7 +84,6 @@ class ExportJob:
 
     def calibration(self):
         """Indices into ``data.train`` of the int8 calibration sample (fixed, seeded)."""
-        from .calib import calibration_indices
         if self._calib is None:
             self._calib = calibration_indices(len(self.data.train.x), self.calib_size,
                                               self.recipe.trainer.seed)
@@ -132,7 +98,6 @@ class ExportJob:
 
     def write_calibration_images(self):
         """Write the calibration sample as ``calib/*.png`` + ``calib/images.txt`` (once)."""
-        from .calib import write_calibration_images
         if self._calib_list is None:
             path = write_calibration_images(self.data.train.x, self.calibration(), self.data.mean,
                                             self.data.std, os.path.join(self.out_dir, "calib"))
@@ -170,7 +135,7 @@ def _choose_formats(requested):
 
 def default_out_dir(run_dir, kind, prefix):
     """``RUN_DIR/export`` for the student, ``.../export/teacher``, ``.../export/<name>`` for --model."""
-    base = os.path.join(run_dir, "export")
+    base = RunFolder(run_dir).export_dir
     if kind == "student":
         return base
     if kind == "teacher":
@@ -182,34 +147,21 @@ def default_out_dir(run_dir, kind, prefix):
 
 
 def _read_run(run_dir):
-    from ..recipe import recipe_from_dict
-    if not os.path.isdir(run_dir):
+    folder = RunFolder(run_dir)
+    if not folder.exists():
         raise UserError(f"run folder {run_dir} does not exist. Give the folder a run wrote "
                         f"(runs/<name>/ or the recipe's output.dir).")
-    path = os.path.join(run_dir, "recipe.yaml")
-    if not os.path.isfile(path):
-        raise UserError(f"{run_dir} is not a run folder: it has no recipe.yaml (the data and test "
-                        f"split of the export checks come from it). Give the folder `distill "
-                        f"train` wrote.")
-    with open(path) as f:
-        recipe = recipe_from_dict(yaml.safe_load(f), path)
-    metrics = {}
-    mpath = os.path.join(run_dir, "metrics.json")
-    if os.path.isfile(mpath):
-        with open(mpath) as f:
-            metrics = json.load(f)
-    return recipe, metrics
+    recipe = recipe_from_dict(folder.read_recipe_dict(), folder.recipe_path)
+    return recipe, folder.read_metrics()
 
 
 def _previous_card(out_dir, source, keep_formats):
     """Entries of an earlier card in ``out_dir`` worth keeping; stale files of another model removed."""
-    path = os.path.join(out_dir, "model_card.json")
-    if not os.path.isfile(path):
-        return {}
     try:
-        with open(path) as f:
-            old = json.load(f)
-    except (OSError, ValueError):
+        old = read_json(os.path.join(out_dir, "model_card.json"))
+    except (OSError, UserError):
+        return {}
+    if not old:
         return {}
     entries = old.get("exports", {})
     if old.get("model", {}).get("sha256") == source.sha256:
@@ -253,11 +205,6 @@ def export_run(run_dir, formats=None, model=None, epoch=0, out_dir=None, options
     dict
         The model card (also in ``out_dir/model_card.json``).
     """
-    from ..data import load_data
-    from ..modelinfo import measure_latency
-    from .card import build_card, write_card
-    from .parity import ExportMismatch
-    from .source import load_source, resolve_prefix
     t_start = time.time()
     options = options or ExportOptions()
     options.validate()
@@ -313,10 +260,3 @@ def _top1(logits, labels):
     if labels is None or not len(labels):
         return float("nan")
     return round(float((logits.argmax(1) == labels).mean() * 100.0), 3)
-
-
-def options_dict(options):
-    """The options as plain data (for the model card)."""
-    d = asdict(options)
-    d["int8_exclude"] = list(d["int8_exclude"])
-    return d

@@ -13,6 +13,9 @@ import warnings
 
 import mxnet as mx
 
+from ..graphio import load_symbol_block, make_block, pair_files
+from ..runfolder import MODEL
+from ..trainer import predict
 from .formats import FORMATS, ExportFormat, check_result, files_bytes
 from .parity import check_max_abs, compare_logits
 
@@ -35,15 +38,12 @@ def module_predict(prefix, x, batch_size=256, epoch=0):
 class MXNetFormat(ExportFormat):
     """The MXNet inference pair (always available)."""
     order = 0
-    files = ("model-symbol.json", "model-0000.params")
+    files = tuple(os.path.basename(f) for f in pair_files(MODEL))
 
     def export(self, job):
-        from ..teacher import make_block
-        from ..trainer import predict
-        from ..modelinfo import load_symbol_block
         for f in self.files:
             shutil.copyfile(os.path.join(job.work_dir, f), os.path.join(job.out_dir, f))
-        prefix = os.path.join(job.out_dir, "model")
+        prefix = os.path.join(job.out_dir, MODEL)
         bs = job.options.eval_batch_size
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -14,6 +14,7 @@ import shutil
 import numpy as np
 
 from ..errors import UserError
+from ..graphio import pair_files, symbol_file
 from .formats import FORMATS, ExportFormat, check_result, files_bytes
 from .parity import check_max_abs, compare_logits
 
@@ -34,7 +35,7 @@ def _unsupported_ops(symbol_json):
 
 def onnx_blocker(job):
     """Why the job's graph cannot become ONNX (operators the exporter lacks), or ``None``."""
-    with open(job.prefix + "-symbol.json") as f:
+    with open(symbol_file(job.prefix)) as f:
         bad = _unsupported_ops(f.read())
     if not bad:
         return None
@@ -56,7 +57,7 @@ def export_onnx(job, path):
     """
     import onnx
     from mxnet import onnx as mx_onnx
-    sym_file, params_file = job.prefix + "-symbol.json", job.prefix + "-0000.params"
+    sym_file, params_file = pair_files(job.prefix)
     blocker = onnx_blocker(job)
     if blocker:
         raise UserError(f"{job.source.prefix}: {blocker}")

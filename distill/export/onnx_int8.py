@@ -23,6 +23,9 @@ import os
 
 import numpy as np
 
+from ..quantize.calibrators import calibrate
+from ..quantize.graph import FloatModel, inference_block, quantize
+from ..trainer import predict
 from .formats import FORMATS, ExportFormat, check_result, files_bytes
 from .parity import check_top1_drop, compare_logits
 
@@ -103,15 +106,12 @@ def mxnet_int8_reference(job, calib, excluded):
     (FloatModel, dict, np.ndarray)
         The fp32 model, its calibration thresholds, and the int8 model's logits on the test split.
     """
-    from ..quantize.calibrators import calibrate
-    from ..quantize.graph import FloatModel, make_block, quantize
-    from ..trainer import predict
     q = job.recipe.quantization
     model = FloatModel.from_prefix(job.prefix, job.input_shape)    # the clean pair reads "data"
     thresholds = calibrate(model, calib, job.calib_mode, q.calib_batch_size)
     known = set(model.layer_names)
     g = quantize(model, thresholds, [n for n in excluded if n in known], q.granularity)
-    logits = predict(make_block(g.symbol, g.params, model.input_name), job.x_test,
+    logits = predict(inference_block(g.symbol, g.params, model.input_name), job.x_test,
                      job.options.eval_batch_size)
     return model, thresholds, logits
 

@@ -5,9 +5,10 @@ other runtimes are timed like it: after warm-up, several calls per repeat, best 
 """
 import logging
 import os
-import time
 
 import numpy as np
+
+from ..graphio import best_of_ms
 
 __all__ = ["default_threads", "best_of_ms", "ort_session", "ort_predict", "ncnn_net",
            "ncnn_predict", "ncnn_latency", "ort_latency"]
@@ -20,19 +21,6 @@ def default_threads():
         return max(1, int(os.environ.get("OMP_NUM_THREADS", "")))
     except ValueError:
         return os.cpu_count() or 1
-
-
-def best_of_ms(fn, repeats=20, warmup=5, inner=10):
-    """Best-of-``repeats`` time of ``fn()`` in ms, ``inner`` calls per repeat after warm-up."""
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / inner)
-    return round(best * 1e3, 4)
 
 
 # -- onnxruntime ---------------------------------------------------------------------------------

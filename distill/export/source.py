@@ -3,7 +3,7 @@
 Any MXNet pair exports the same way: the run's student (``RUN_DIR/model``), its teacher
 (``RUN_DIR/.teacher/model``), or ``--model PREFIX`` (a pruned or int8 variant, a Module-API
 checkpoint with ``arg:``/``aux:`` names). Training-only heads (``SoftmaxOutput`` and other loss
-layers, see :func:`distill.teacher.strip_training_head`) and parameters the logits graph does
+layers, see :func:`distill.graphio.strip_training_head`) and parameters the logits graph does
 not use (adapters, auxiliary heads) are removed.
 """
 import hashlib
@@ -16,7 +16,9 @@ from typing import Dict, List
 
 import mxnet as mx
 
-from ..errors import UserError
+from ..errors import UserError, closest
+from ..graphio import SYMBOL_SUFFIX, load_pair, pair_files, symbol_file
+from ..runfolder import RunFolder
 
 __all__ = ["Source", "resolve_prefix", "load_source", "write_inference_pair", "file_sha256"]
 _LOGGER = logging.getLogger(__name__)
@@ -75,18 +77,19 @@ def resolve_prefix(run_dir, model=None):
     ``None`` → the run's student ``RUN_DIR/model``; ``"teacher"`` → ``RUN_DIR/.teacher/model``;
     otherwise a prefix, relative to the current folder or else to ``run_dir``.
     """
+    folder = RunFolder(run_dir)
     if model is None:
-        return os.path.join(run_dir, "model"), "student"
+        return folder.model_prefix, "student"
     if model == "teacher":
-        return os.path.join(run_dir, ".teacher", "model"), "teacher"
+        return folder.teacher_prefix, "teacher"
     prefix = model
-    m = re.match(r"^(.*?)(-symbol\.json|-\d{4}\.params)$", prefix)
+    m = re.match(r"^(.*?)(" + re.escape(SYMBOL_SUFFIX) + r"|-\d{4}\.params)$", prefix)
     if m:
         raise UserError(f"--model {model}: give the prefix, not a file name: --model {m.group(1)}"
                         f" (with --epoch for PREFIX-NNNN.params).")
-    if not os.path.isfile(prefix + "-symbol.json") and not os.path.isabs(prefix):
+    if not os.path.isfile(symbol_file(prefix)) and not os.path.isabs(prefix):
         cand = os.path.join(run_dir, prefix)
-        if os.path.isfile(cand + "-symbol.json"):
+        if os.path.isfile(symbol_file(cand)):
             prefix = cand
     return prefix, "model"
 
@@ -99,25 +102,23 @@ def load_source(prefix, epoch=0, kind="model", logits=None, input_name="data"):
     UserError
         A missing or unreadable file, or a ``--logits`` layer that is not in the graph.
     """
-    from ..teacher import load_symbol_checkpoint
     what = {"student": "the run's model", "teacher": "the run's teacher", "model": "--model"}[kind]
-    sym_file, params_file = f"{prefix}-symbol.json", f"{prefix}-{epoch:04d}.params"
+    sym_file, params_file = pair_files(prefix, epoch)
     for f in (sym_file, params_file):
         if not os.path.isfile(f):
             hint = {"student": " Has the run finished? `distill train` writes it at the end.",
                     "teacher": " Only runs with a teacher have one (RUN_DIR/.teacher/).",
-                    "model": f" --model is a prefix: PREFIX-symbol.json and PREFIX-{epoch:04d}.params "
+                    "model": f" --model is a prefix: {symbol_file('PREFIX')} and PREFIX-{epoch:04d}.params "
                              f"must exist (check --epoch)."}[kind]
             raise UserError(f"{what}: {f} does not exist.{hint}")
     if logits:
-        from ..errors import closest
         names = [n[:-len("_output")] if n.endswith("_output") else n
                  for n in mx.sym.load(sym_file).get_internals().list_outputs()]
         if logits not in names:
             near = closest(logits, names)
             raise UserError(f"--logits {logits}: no such layer in {sym_file}. Closest: "
                             f"{', '.join(near) or 'none'} (`distill inspect` lists every layer).")
-    symbol, params = load_symbol_checkpoint(prefix, epoch, logits)
+    symbol, params = load_pair(prefix, epoch, logits)
     removed_head = []                     # what strip_training_head took off, outermost first
     head = mx.sym.load(sym_file)
     head = head[0] if len(head.list_outputs()) > 1 else head
@@ -169,6 +170,7 @@ def write_inference_pair(source, prefix):
         elif k in args:
             save["arg:" + k] = v.as_in_context(mx.cpu())
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-    sym.save(prefix + "-symbol.json")
-    mx.nd.save(prefix + "-0000.params", save)
+    sym_file, par_file = pair_files(prefix)
+    sym.save(sym_file)
+    mx.nd.save(par_file, save)
     return prefix

@@ -4,18 +4,20 @@ Logit terms (``kd``, ``ce``) see the logits; feature terms (``hint``, ``attentio
 ``similarity``, ``rkd``) see the outputs named by ``teacher_layer``/``student_layer`` (the
 logits when a layer is not given) and get both shapes at construction.
 """
-import inspect
-
 from .base import LOSSES, LossTermBlock
 from . import attention, ce, hint, kd, rkd, similarity  # noqa: F401  (registration)
 
-__all__ = ["LOSSES", "LossTermBlock", "build_loss"]
-
-# recipe keys of a LossTerm that a loss may take as constructor arguments
-_OPTIONS = ("temperature", "p", "distance_weight", "angle_weight")
+__all__ = ["LOSSES", "LossTermBlock", "build_loss", "check_terms"]
 
 
-def build_loss(term, student_shape=None, teacher_shape=None):
+def check_terms(terms, where="distillation"):
+    """Validate every recipe loss term against its loss (name, options, layers): run before
+    any work so that a typo fails in seconds, not after the teacher trained."""
+    for i, t in enumerate(terms):
+        LOSSES.get(t.loss, where=f"{where}[{i}].loss").validate_term(t, f"{where}[{i}]")
+
+
+def build_loss(term, student_shape=None, teacher_shape=None, where="distillation[]"):
     """Build the block for one recipe :class:`~distill.recipe.LossTerm`.
 
     Parameters
@@ -24,9 +26,6 @@ def build_loss(term, student_shape=None, teacher_shape=None):
     student_shape, teacher_shape : tuple, optional
         Shapes of what the term will see (feature terms need them, e.g. for the hint adapter).
     """
-    cls = LOSSES.get(term.loss, where="distillation[].loss")
-    accepted = inspect.signature(cls.__init__).parameters
-    kwargs = {k: getattr(term, k) for k in _OPTIONS if k in accepted and getattr(term, k, None) is not None}
-    if "student_shape" in accepted:
-        kwargs.update(student_shape=student_shape, teacher_shape=teacher_shape)
-    return cls(**kwargs)
+    cls = LOSSES.get(term.loss, where=f"{where}.loss")
+    options = cls.validate_term(term, where)
+    return cls(student_shape=student_shape, teacher_shape=teacher_shape, **options)

@@ -30,7 +30,11 @@ class AttentionLoss(LossTermBlock):
     """
 
     needs_teacher = True
-    needs_features = True
+    OPTIONS = {"p": 2.0}
+
+    @classmethod
+    def check(cls, options):
+        return None if options["p"] > 0 else f"p must be > 0, got {options['p']}"
 
     def __init__(self, student_shape, teacher_shape, p=2.0, **kwargs):
         super().__init__(**kwargs)

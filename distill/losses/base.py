@@ -3,9 +3,15 @@
 A loss term is a Gluon ``HybridBlock`` called as ``term(student, label, teacher)`` that
 returns one loss per sample, shape ``(N,)``. ``student``/``teacher`` are logits ``(N, K)``;
 ``label`` is ``(N,)``. Which tensors a term sees is decided by the recipe, never by the loop.
+
+Each loss declares its own recipe options (:attr:`LossTermBlock.OPTIONS`, name → default) and
+checks their values (:meth:`LossTermBlock.check`); a recipe's ``distillation`` item carries
+``loss``, ``weight``, ``teacher_layer``, ``student_layer`` and passes every other key to the
+loss, which rejects the ones it does not take. Adding a loss touches one file.
 """
 from mxnet import gluon
 
+from ..errors import UserError, closest
 from ..registry import Registry
 
 __all__ = ["LOSSES", "LossTermBlock"]
@@ -14,11 +20,48 @@ LOSSES = Registry("loss")
 
 
 class LossTermBlock(gluon.HybridBlock):
-    """Base class: declares what a term needs, so the loop can skip the teacher or labels."""
+    """Base class: declares what a term needs, so the loop can skip the teacher or labels.
 
+    Attributes
+    ----------
+    OPTIONS : dict
+        Recipe options this loss takes (name → default); passed to the constructor.
+    needs_teacher, needs_labels : bool
+        Whether the term reads the teacher's outputs / the labels.
+    layers : str
+        ``"logits"`` (no ``teacher_layer``/``student_layer`` allowed), ``"both"`` (both
+        required) or ``"any"``.
+    """
+
+    OPTIONS = {}
     needs_teacher = False
     needs_labels = False
+    layers = "any"
 
-    def __init__(self, cfg=None, **kwargs):
-        super().__init__(**kwargs)
-        self.cfg = cfg
+    @classmethod
+    def check(cls, options):
+        """Value checks of the options (already known names): ``None`` or what is wrong."""
+        return None
+
+    @classmethod
+    def validate_term(cls, term, where):
+        """:class:`UserError` for an option this loss does not take, a bad value, or layers it
+        cannot use. ``term`` is a recipe :class:`~distill.recipe.LossTerm`."""
+        unknown = sorted(set(term.options) - set(cls.OPTIONS))
+        if unknown:
+            valid = ["loss", "weight", "teacher_layer", "student_layer"] + sorted(cls.OPTIONS)
+            near = closest(unknown[0], valid)
+            hint = f" Did you mean `{near[0]}`?" if near else ""
+            raise UserError(f"recipe key `{where}.{unknown[0]}`: loss `{term.loss}` takes no option "
+                            f"{unknown[0]!r}.{hint} Valid keys for `{term.loss}`: {', '.join(valid)}.")
+        opts = {**cls.OPTIONS, **term.options}
+        bad = cls.check(opts)
+        if bad:
+            raise UserError(f"recipe key `{where}`: {bad}")
+        if cls.layers == "logits" and (term.teacher_layer or term.student_layer):
+            raise UserError(f"recipe key `{where}`: a `{term.loss}` term uses the logits and labels: "
+                            f"remove `teacher_layer`/`student_layer`")
+        if cls.layers == "both" and not (term.teacher_layer and term.student_layer):
+            raise UserError(f"recipe key `{where}`: a `{term.loss}` term needs both `teacher_layer` "
+                            f"and `student_layer` (feature maps)")
+        return opts

@@ -15,9 +15,9 @@ class CELoss(LossTermBlock):
     """
 
     needs_labels = True
+    layers = "logits"
 
-    def __init__(self, **kwargs):
-        kwargs.pop("temperature", None)
+    def __init__(self, student_shape=None, teacher_shape=None, **kwargs):
         super().__init__(**kwargs)
 
     def hybrid_forward(self, F, student, label, teacher):

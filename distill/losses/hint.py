@@ -27,7 +27,7 @@ class HintLoss(LossTermBlock):
     """
 
     needs_teacher = True
-    needs_features = True
+    layers = "both"
 
     def __init__(self, student_shape, teacher_shape, **kwargs):
         super().__init__(**kwargs)

@@ -21,7 +21,15 @@ class KDLoss(LossTermBlock):
           - {loss: kd, weight: 0.9, temperature: 4}
     """
 
+    OPTIONS = {"temperature": 4.0}
     needs_teacher = True
+    layers = "logits"
+
+    @classmethod
+    def check(cls, options):
+        if not options["temperature"] > 0:
+            return f"temperature must be > 0, got {options['temperature']}"
+        return None
 
     def __init__(self, temperature=4.0, student_shape=None, teacher_shape=None, **kwargs):
         super().__init__(**kwargs)

@@ -41,7 +41,13 @@ class RKDLoss(LossTermBlock):
     """
 
     needs_teacher = True
-    needs_features = True
+    OPTIONS = {"distance_weight": 25.0, "angle_weight": 50.0}
+
+    @classmethod
+    def check(cls, options):
+        if options["distance_weight"] < 0 or options["angle_weight"] < 0:
+            return "`distance_weight` and `angle_weight` must be ≥ 0"
+        return None
 
     def __init__(self, student_shape=None, teacher_shape=None, distance_weight=25.0,
                  angle_weight=50.0, **kwargs):

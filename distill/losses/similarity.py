@@ -24,7 +24,6 @@ class SimilarityLoss(LossTermBlock):
     """
 
     needs_teacher = True
-    needs_features = True
 
     def __init__(self, student_shape=None, teacher_shape=None, **kwargs):
         super().__init__(**kwargs)

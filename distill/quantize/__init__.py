@@ -15,14 +15,11 @@ Recipe example::
       exclude: auto              # none | first_last | auto | ["*conv0_fwd", "*dense*"]
       budget: 0.5                # points of top-1 `auto` may lose
       granularity: channel-wise
-"""
-from .calibrators import CALIBRATORS, calibrate, calibration_indices
-from .graph import FloatModel, QuantizedGraph, make_block, quantize, save_graph
-from .pipeline import Outcome, export_outcome, paired_latency, prepare, quantize_target, run_policy
-from .policies import POLICIES, Selection, resolve_policy
-from .scoring import Score, Scorer
 
-__all__ = ["CALIBRATORS", "POLICIES", "FloatModel", "QuantizedGraph", "Score", "Scorer", "Selection",
-           "Outcome", "calibrate", "calibration_indices", "quantize", "make_block", "save_graph",
-           "prepare", "run_policy", "export_outcome", "paired_latency", "quantize_target",
-           "resolve_policy"]
+This package's face holds only the name registries (no MXNet import), so the recipe checks
+``calib_mode`` and ``exclude`` against them at load time; the work is in the submodules.
+"""
+from .calibrators import CALIBRATORS, calibration_indices
+from .policies import POLICIES, Selection, resolve_policy
+
+__all__ = ["CALIBRATORS", "POLICIES", "Selection", "calibration_indices", "resolve_policy"]

@@ -8,8 +8,8 @@ __all__ = ["add_arguments", "main"]
 
 def add_arguments(p):
     """Options of ``distill quantize``."""
-    p.add_argument("target", help="a run folder (runs/NAME) or a model prefix (PREFIX of PREFIX-symbol.json)")
-    p.add_argument("--recipe", help="recipe whose data calibrate and evaluate (default: RUN_DIR/recipe.yaml; "
+    p.add_argument("target", help="a run folder (runs/NAME) or a model prefix (the PREFIX of an MXNet symbol + params pair)")
+    p.add_argument("--recipe", help="recipe whose data calibrate and evaluate (default: the run folder's resolved recipe; "
                                     "required for a model prefix)")
     g = p.add_argument_group("calibration (each overrides the recipe's quantization: key)")
     g.add_argument("--calib-mode", choices=("naive", "entropy"), help="min/max or KL thresholds")

@@ -13,21 +13,18 @@ the fused nodes that contain them.
 """
 import json
 import logging
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
 import mxnet as mx
-from mxnet import gluon
 from mxnet.contrib import quantization as mxq
 
 from ..errors import UserError
+from ..graphio import check_params, load_pair, make_block
 from ..modelinfo import layer_table
 
-__all__ = ["Layer", "FloatModel", "QuantizedGraph", "quantize", "make_block", "save_graph",
-           "WEIGHT_OPS"]
+__all__ = ["Layer", "FloatModel", "QuantizedGraph", "quantize", "inference_block", "WEIGHT_OPS"]
 _LOGGER = logging.getLogger(__name__)
 
 WEIGHT_OPS = ("Convolution", "FullyConnected")
@@ -110,8 +107,7 @@ class FloatModel:
     @classmethod
     def from_prefix(cls, prefix, input_shape, epoch=0, input_name="data"):
         """Load ``PREFIX-symbol.json`` + ``PREFIX-%04d.params`` (Gluon export or Module API)."""
-        from ..teacher import check_params, load_symbol_checkpoint
-        sym, params = load_symbol_checkpoint(prefix, epoch)
+        sym, params = load_pair(prefix, epoch, what="model")
         check_params(sym, params, input_name, (1,) + tuple(input_shape), where=prefix)
         return cls(sym, params, input_shape, input_name, source=prefix)
 
@@ -190,36 +186,6 @@ def quantize(model, thresholds, excluded=(), granularity="channel-wise", exclude
     return QuantizedGraph(qsym, params, excluded, need)
 
 
-def make_block(symbol, params, input_name="data"):
-    """A frozen, hybridized :class:`~mxnet.gluon.SymbolBlock` over ``symbol`` with ``params``,
-    loaded the way ``SymbolBlock.imports`` loads a params file (dtype taken from the data)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        net = gluon.SymbolBlock(symbol, mx.sym.var(input_name))
-    for name, p in net.collect_params().items():
-        p._load_init(params[name], mx.cpu(), cast_dtype=True, dtype_source="saved")
-        p.grad_req = "null"
-    net.hybridize(static_alloc=True, static_shape=True)
-    return net
-
-
-def save_graph(prefix, symbol, params):
-    """Write ``PREFIX-symbol.json`` + ``PREFIX-0000.params``, each atomically (temp + rename)."""
-    folder = os.path.dirname(os.path.abspath(prefix))
-    os.makedirs(folder, exist_ok=True)
-    sym_path, par_path = prefix + "-symbol.json", prefix + "-0000.params"
-    fd, tmp_sym = tempfile.mkstemp(prefix=".tmp-", suffix="-symbol.json", dir=folder)
-    os.close(fd)
-    fd, tmp_par = tempfile.mkstemp(prefix=".tmp-", suffix=".params", dir=folder)
-    os.close(fd)
-    try:
-        symbol.save(tmp_sym)
-        args = set(symbol.list_arguments())
-        mx.nd.save(tmp_par, {("arg:" if k in args else "aux:") + k: v for k, v in params.items()})
-        os.replace(tmp_par, par_path)
-        os.replace(tmp_sym, sym_path)
-    finally:
-        for t in (tmp_sym, tmp_par):
-            if os.path.exists(t):
-                os.unlink(t)
-    return sym_path, par_path
+def inference_block(symbol, params, input_name="data"):
+    """A frozen, hybridized SymbolBlock over an fp32 or int8 graph (:func:`distill.graphio.make_block`)."""
+    return make_block(symbol, params, input_name, trainable=False, hybridize=True)

@@ -13,24 +13,25 @@ For each model (the run's student ``RUN_DIR/model``, and the dense teacher
 5. ``metrics.json`` gets an ``int8`` section (the teacher's under ``int8.teacher``), written
    atomically.
 """
-import json
 import logging
 import os
 import time
 from dataclasses import dataclass
 from typing import Dict, Optional
 
-import mxnet as mx
-import numpy as np
-
-from ..checkpoint import atomic_write_bytes
+from ..data import load_data
 from ..errors import UserError
-from ..modelinfo import file_size, load_symbol_block
+from ..graphio import best_of_ms, load_symbol_block, pair_files, pair_size, \
+    save_pair, strip_prefix, symbol_file
+from ..modelinfo import random_batch
+from ..recipe import load_recipe, recipe_from_dict, recipe_to_dict
+from ..runfolder import METRICS_FILE, RunFolder, int8_prefix, merge_json
 from ..trainer import evaluate
 from .calibrators import calibrate, calibration_indices
-from .graph import FloatModel, QuantizedGraph, save_graph
+from .graph import FloatModel, QuantizedGraph
 from .layer_speed import layer_latency, slower_layers
 from .policies import Selection, resolve_policy
+from .report import comparison_table, model_report
 from .scoring import Score, Scorer
 
 __all__ = ["Outcome", "prepare", "run_policy", "quantize_target", "paired_latency", "layer_section",
@@ -100,11 +101,6 @@ def run_policy(scorer, spec, budget):
     return Outcome(scorer, spec_s, sel, graph, score, scorer.score([]), float(budget))
 
 
-def int8_prefix(prefix):
-    """``runs/x/model`` → ``runs/x/model-int8``."""
-    return prefix + "-int8"
-
-
 def paired_latency(prefixes, input_shape, batch_sizes=(1, 32), repeats=20, warmup=5):
     """Best-of-``repeats`` latency in ms of several exported models, timed alternately.
 
@@ -119,8 +115,9 @@ def paired_latency(prefixes, input_shape, batch_sizes=(1, 32), repeats=20, warmu
         ``{"b1": ms, "b32": ms}`` per prefix.
     """
     out = [{} for _ in prefixes]
+    sync = lambda y: y.wait_to_read()  # noqa: E731
     for bs in batch_sizes:
-        x = mx.nd.array(np.random.RandomState(0).uniform(size=(bs,) + tuple(input_shape)).astype("float32"))
+        x = random_batch(bs, input_shape)
         nets = []
         for p in prefixes:
             net = load_symbol_block(p)
@@ -130,20 +127,16 @@ def paired_latency(prefixes, input_shape, batch_sizes=(1, 32), repeats=20, warmu
             nets.append(net)
         inner = 10 if bs == 1 else 3        # a 0.1 ms model is not timed at clock resolution
         best = [float("inf")] * len(nets)
-        for _ in range(repeats):
+        for _ in range(repeats):            # one repeat of each model in turn
             for i, net in enumerate(nets):
-                t0 = time.perf_counter()
-                for _ in range(inner):
-                    y = net(x)
-                y.wait_to_read()
-                best[i] = min(best[i], (time.perf_counter() - t0) / inner)
+                best[i] = min(best[i], best_of_ms(lambda: net(x), 1, 0, inner, sync))
         for i, b in enumerate(best):
-            out[i][f"b{bs}"] = round(b * 1e3, 4)
+            out[i][f"b{bs}"] = b
     return out
 
 
 def _bytes(prefix):
-    return file_size(prefix + "-symbol.json", prefix + "-0000.params")
+    return pair_size(prefix)
 
 
 def export_outcome(outcome, fp32_prefix, repeats=20, batch_size=256):
@@ -157,7 +150,7 @@ def export_outcome(outcome, fp32_prefix, repeats=20, batch_size=256):
     """
     sc = outcome.scorer
     qprefix = int8_prefix(fp32_prefix)
-    save_graph(qprefix, outcome.graph.symbol, outcome.graph.params)
+    save_pair(qprefix, outcome.graph.symbol, outcome.graph.params)
     reloaded = load_symbol_block(qprefix, input_name=sc.model.input_name)
     reloaded.hybridize(static_alloc=True, static_shape=True)
     top1 = evaluate(reloaded, sc.split, batch_size)
@@ -187,7 +180,7 @@ def export_outcome(outcome, fp32_prefix, repeats=20, batch_size=256):
         "fp32": {"top1": round(sc.fp32_top1, 3), "latency_ms": fp32_lat, "bytes": _bytes(fp32_prefix)},
         "speedup": speedup,
         "slower_than_fp32": [k for k, v in speedup.items() if v < 1.0],
-        "files": [os.path.basename(qprefix) + "-symbol.json", os.path.basename(qprefix) + "-0000.params"],
+        "files": [os.path.basename(f) for f in pair_files(qprefix)],
         "sensitivity": sens,
     }
 
@@ -218,33 +211,33 @@ def resolve_target(target, recipe_path=None, teacher=True):
     """A run folder (``RUN_DIR/model`` + ``RUN_DIR/.teacher/model`` + ``recipe.yaml``) or a model
     prefix (``PREFIX-symbol.json``; needs ``--recipe`` for its data)."""
     if os.path.isdir(target):
-        prefix = os.path.join(target, "model")
-        if not os.path.isfile(prefix + "-symbol.json"):
-            raise UserError(f"{target} is a folder without model-symbol.json: give a finished run "
-                            f"folder (python train.py RECIPE.yaml writes one) or a model prefix.")
-        recipe_path = recipe_path or os.path.join(target, "recipe.yaml")
+        folder = RunFolder(target)
+        prefix = folder.model_prefix
+        if not os.path.isfile(symbol_file(prefix)):
+            raise UserError(f"{target} is a folder without {os.path.basename(symbol_file(prefix))}: "
+                            f"give a finished run folder (python train.py RECIPE.yaml writes one) "
+                            f"or a model prefix.")
+        recipe_path = recipe_path or folder.recipe_path
         if not os.path.isfile(recipe_path):
-            raise UserError(f"{target} has no recipe.yaml: pass the recipe it was trained with "
-                            f"(--recipe RECIPE.yaml) so its data can calibrate.")
+            raise UserError(f"{target} has no {os.path.basename(folder.recipe_path)}: pass the recipe "
+                            f"it was trained with (--recipe RECIPE.yaml) so its data can calibrate.")
         models = {"student": prefix}
-        tprefix = os.path.join(target, ".teacher", "model")
-        if teacher and os.path.isfile(tprefix + "-symbol.json"):
-            models["teacher"] = tprefix
-        return Target(models, recipe_path, os.path.join(target, "metrics.json"), target)
-    prefix = target[:-len("-symbol.json")] if target.endswith("-symbol.json") else target
-    if not os.path.isfile(prefix + "-symbol.json"):
+        if teacher and os.path.isfile(symbol_file(folder.teacher_prefix)):
+            models["teacher"] = folder.teacher_prefix
+        return Target(models, recipe_path, folder.metrics_path, target)
+    prefix = strip_prefix(target)
+    if not os.path.isfile(symbol_file(prefix)):
         raise UserError(f"{target}: neither a run folder nor a model prefix (no "
-                        f"{prefix}-symbol.json). Give runs/NAME or PREFIX of PREFIX-symbol.json.")
+                        f"{symbol_file(prefix)}). Give runs/NAME or PREFIX of {symbol_file('PREFIX')}.")
     if not recipe_path:
         raise UserError(f"{target} is a model prefix: pass --recipe RECIPE.yaml so its `data:` "
                         f"section gives the calibration and evaluation images.")
-    return Target({"model": prefix}, recipe_path, int8_prefix(prefix) + "-metrics.json")
+    return Target({"model": prefix}, recipe_path, int8_prefix(prefix) + "-" + METRICS_FILE)
 
 
 def load_with_overrides(recipe_path, overrides):
     """The recipe at ``recipe_path`` with ``quantization`` keys replaced by ``overrides``
     (command-line values; ``None`` means "as the recipe says")."""
-    from ..recipe import load_recipe, recipe_from_dict, recipe_to_dict
     recipe = load_recipe(recipe_path)
     given = {k: v for k, v in overrides.items() if v is not None}
     if not given:
@@ -282,8 +275,6 @@ def quantize_target(target, recipe_path=None, overrides=None, teacher=True, sens
     dict
         The ``int8`` section written to the metrics file.
     """
-    from ..data import load_data
-    from .report import comparison_table, model_report
     t0 = time.time()
     tgt = resolve_target(target, recipe_path, teacher)
     recipe = load_with_overrides(tgt.recipe_path, overrides or {})
@@ -319,18 +310,10 @@ def quantize_target(target, recipe_path=None, overrides=None, teacher=True, sens
         log(comparison_table(sections))
     out["time_s"] = round(time.time() - t0, 2)
     _write_metrics(tgt.metrics_path, out)
-    log(f"int8 export: {', '.join(int8_prefix(p) + '-symbol.json' for p in tgt.models.values())}; "
+    log(f"int8 export: {', '.join(symbol_file(int8_prefix(p)) for p in tgt.models.values())}; "
         f"metrics: {tgt.metrics_path} (key int8)")
     return out
 
 
 def _write_metrics(path, section):
-    metrics = {}
-    if os.path.isfile(path):
-        with open(path) as f:
-            try:
-                metrics = json.load(f)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} is not valid JSON ({e}); move it away and rerun.") from None
-    metrics["int8"] = section
-    atomic_write_bytes(path, json.dumps(metrics, indent=2, allow_nan=True).encode())
+    merge_json(path, int8=section)

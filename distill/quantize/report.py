@@ -101,7 +101,7 @@ def layer_speed_lines(section, what="int8"):
             out.append(f"note: per layer, {what} is SLOWER than fused fp32 at batch {key[1:]} for "
                        f"{len(names)} layer(s): {detail}. Keeping one in fp32 pays off only when its "
                        f"neighbours are fp32 too (each fp32 island adds a quantize + dequantize; "
-                       f"see boundary_ms in metrics.json).")
+                       f"see boundary_ms in the run's metrics).")
     timed = [(r["layer"], k, _speed(r, k)) for r in rows for k in ("b1", "b32") if _speed(r, k).get("speedup")]
     if timed and not any(slow.values()):
         name, key, t = min(timed, key=lambda x: x[2]["speedup"])

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..trainer import predict
-from .graph import make_block, quantize
+from .graph import inference_block, quantize
 
 __all__ = ["Score", "Scorer", "output_shift"]
 _LOGGER = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ class Scorer:
         self.batch_size = batch_size
         self._cache = {}
         self._sensitivity = None
-        fp32 = make_block(model.fused, model.params, model.input_name)
+        fp32 = inference_block(model.fused, model.params, model.input_name)
         self.fp32_logits = predict(fp32, split.x, batch_size)
         self.fp32_top1 = self._top1(self.fp32_logits)
 
@@ -106,7 +106,7 @@ class Scorer:
         key = (frozenset(excluded), frozenset(exclude_ops))
         if key not in self._cache:
             g = self.build(excluded, exclude_ops)
-            logits = predict(make_block(g.symbol, g.params, self.model.input_name),
+            logits = predict(inference_block(g.symbol, g.params, self.model.input_name),
                              self.split.x, self.batch_size)
             kl, changed = output_shift(self.fp32_logits, logits)
             self._cache[key] = Score(self._top1(logits), kl, changed)

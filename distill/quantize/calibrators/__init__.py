@@ -16,18 +16,13 @@ Recipe example::
 """
 import logging
 
-import mxnet as mx
 import numpy as np
 
-from ...registry import Registry
-from .base import Calibrator
+from .base import CALIBRATORS, Calibrator
+from . import entropy, naive  # noqa: F401  (registration)
 
 __all__ = ["CALIBRATORS", "Calibrator", "calibrate", "calibration_indices"]
 _LOGGER = logging.getLogger(__name__)
-
-CALIBRATORS = Registry("calibration mode")
-
-from . import entropy, naive  # noqa: E402,F401  (registration)
 
 
 def calibration_indices(n, count, seed):
@@ -68,6 +63,7 @@ def calibrate(model, x, mode, batch_size=32):
     dict
         Output name → ``(min, max)`` as Python floats.
     """
+    import mxnet as mx    # lazily: the recipe checks calib_mode against CALIBRATORS without MXNet
     calibrator = CALIBRATORS.get(mode, where="quantization.calib_mode")()
     names = model.calib_outputs()
     internals = model.fused.get_internals()

@@ -1,5 +1,9 @@
-"""The calibrator interface."""
-__all__ = ["Calibrator"]
+"""The calibrator registry and interface."""
+from ...registry import Registry
+
+__all__ = ["CALIBRATORS", "Calibrator"]
+
+CALIBRATORS = Registry("calibration mode")
 
 
 class Calibrator:

@@ -1,8 +1,7 @@
 """``naive``: each tensor's range is the min and max seen on the calibration images."""
 import numpy as np
 
-from . import CALIBRATORS
-from .base import Calibrator
+from .base import CALIBRATORS, Calibrator
 
 __all__ = ["NaiveCalibrator"]
 

@@ -9,35 +9,10 @@ Recipe example::
 
     quantization: {exclude: auto, budget: 0.5}      # or: exclude: "*conv0_fwd,*output_pred*"
 """
-from dataclasses import dataclass, field
-from typing import List
-
-from ...registry import Registry
+from .base import POLICIES, Selection
+from . import auto, first_last, none, patterns  # noqa: F401  (registration)
 
 __all__ = ["POLICIES", "Selection", "resolve_policy"]
-
-POLICIES = Registry("exclusion policy")
-
-
-@dataclass
-class Selection:
-    """What a policy chose.
-
-    Attributes
-    ----------
-    excluded : list of str
-        Weight layers kept in fp32, by original name.
-    exclude_ops : list of str
-        Further nodes kept fp32 (only when nothing int8 holds the budget: then all of them).
-    notes : list of str
-        One line each, for the report (how the choice was made).
-    """
-    excluded: List[str]
-    exclude_ops: List[str] = field(default_factory=list)
-    notes: List[str] = field(default_factory=list)
-
-
-from . import auto, first_last, none, patterns  # noqa: E402,F401  (registration)
 
 
 def resolve_policy(spec, budget=0.5):

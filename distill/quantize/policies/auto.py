@@ -15,7 +15,7 @@ export is then the fp32 graph) and the report says so.
 """
 import logging
 
-from . import POLICIES, Selection
+from .base import POLICIES, Selection
 
 __all__ = ["AutoExclusion", "rank_layers"]
 _LOGGER = logging.getLogger(__name__)

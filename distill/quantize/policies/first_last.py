@@ -1,6 +1,6 @@
 """``first_last``: the first convolution and the classifier stay fp32 (the usual rule of thumb:
 the first layer sees raw pixels with few channels, the last one writes the logits)."""
-from . import POLICIES, Selection
+from .base import POLICIES, Selection
 
 __all__ = ["FirstLast", "first_last_layers"]
 

@@ -1,5 +1,5 @@
 """``none``: full int8, every layer quantized (the baseline the others are judged against)."""
-from . import POLICIES, Selection
+from .base import POLICIES, Selection
 
 __all__ = ["NoExclusion"]
 

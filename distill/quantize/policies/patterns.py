@@ -7,7 +7,7 @@ must match at least one weight layer: a typo would otherwise silently quantize e
 import fnmatch
 
 from ...errors import UserError, closest
-from . import POLICIES, Selection
+from .base import POLICIES, Selection
 
 __all__ = ["PatternPolicy", "match_layers"]
 

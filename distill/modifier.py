@@ -1,0 +1,90 @@
+"""The modifier lifecycle: units that act on the training loop without living in it.
+
+SparseML's lifecycle, trimmed. The loop (:func:`distill.trainer.fit`) calls every hook of every
+modifier in list order; each hook is optional::
+
+    initialize(net, trainer, data)             once, before the first epoch (and after resume)
+    epoch_start(epoch)                         0-based epoch
+    after_step(epoch, step, steps_per_epoch)   right after optimizer.step(): e.g. re-apply masks
+    epoch_end(epoch) -> dict                   entries to add to the epoch's history row
+    scalars(epoch) -> dict                     tensorboard tag -> value for this epoch
+    record(epoch, row, loop)                   the finished row: log, tensorboard, checkpoint
+    finalize(net, data, log) -> net            after training: may replace the trained network
+    metrics(net) -> dict                       entries for ``metrics.json``'s ``student`` section
+    state_dict() / load_state_dict(d)          saved in every checkpoint, restored on --resume
+
+Pruning schedules, mask keeping, tensorboard, checkpoints and the console log are modifiers
+(:mod:`distill.pruning.modifier`, :mod:`distill.loop_modifiers`).
+"""
+import logging
+
+__all__ = ["Modifier", "LoopState"]
+_LOGGER = logging.getLogger(__name__)
+
+
+class LoopState:
+    """What :meth:`Modifier.record` may read: the loop's objects and its history so far.
+
+    Attributes
+    ----------
+    owner : gluon.Block
+        Everything the optimizer updates (student + loss-term parameters).
+    trainer : gluon.Trainer
+    modifiers : list of Modifier
+    history : list of dict
+        One row per finished epoch.
+    cfg : TrainerConfig
+    labelled : bool
+    """
+
+    def __init__(self, owner, trainer, modifiers, history, cfg, labelled, train_time):
+        self.owner, self.trainer, self.modifiers = owner, trainer, modifiers
+        self.history, self.cfg, self.labelled = history, cfg, labelled
+        self._train_time = train_time
+
+    def train_time_s(self):
+        """Training time so far in seconds, resumed runs included."""
+        return self._train_time()
+
+    def scalars(self, epoch):
+        """Every modifier's tensorboard scalars for ``epoch``."""
+        out = {}
+        for m in self.modifiers:
+            out.update(m.scalars(epoch) or {})
+        return out
+
+
+class Modifier:
+    """Base of every modifier: all hooks do nothing (see the module docstring)."""
+
+    name = "modifier"
+
+    def initialize(self, net, trainer, data):
+        pass
+
+    def epoch_start(self, epoch):
+        pass
+
+    def after_step(self, epoch, step, steps_per_epoch):
+        pass
+
+    def epoch_end(self, epoch):
+        return {}
+
+    def scalars(self, epoch):
+        return {}
+
+    def record(self, epoch, row, loop):
+        pass
+
+    def finalize(self, net, data, log):
+        return net
+
+    def metrics(self, net):
+        return {}
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
