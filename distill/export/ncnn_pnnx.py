@@ -109,6 +109,7 @@ class NcnnFormat(ExportFormat):
         fp16 = job.options.fp16
         param, bin_ = (os.path.join(job.out_dir, f) for f in self.files)
         onnx_to_ncnn(job.onnx_path(), job.input_shape, param, bin_, fp16=fp16, work_dir=job.work_dir)
+        job.ncnn_fp32 = None if fp16 else (param, bin_)      # ncnn-int8 starts from these
         calib_list = job.write_calibration_images()
         # One thread for the parity pass: ncnn wakes its OpenMP pool on every call, which costs
         # more than a small image's compute (measured 15× slower over 300 images on 2 busy cores).

@@ -42,6 +42,8 @@ def export_table(card):
                      f"{m['top1_agreement']:.2f}%)"
                      + (f"; distill quantize's model-int8: {m['distill_quantize_top1']:.2f}%"
                         if m.get("distill_quantize_top1") is not None else ""))
+    for n in card["export_run"]["formats"]:
+        notes += card["exports"][n].get("report_notes") or []     # a format's own lines (ncnn-int8)
     for n, why in (card["export_run"].get("skipped") or {}).items():
         notes.append(f"skipped {n}: {why}")
     cal = card.get("calibration")
