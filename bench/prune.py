@@ -31,15 +31,26 @@ sys.path.insert(0, ROOT)
 import mxnet as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-TEACHER = os.path.join("runs", "teacher_mnist", "model")
+from distill.data import load_data  # noqa: E402
+from distill.graphio import load_pair, make_block  # noqa: E402
+from distill.modelinfo import measure_latency, total_macs  # noqa: E402
+from distill.pruning.apply import mask_params, shrink, shrunk_block  # noqa: E402
+from distill.pruning.base import CRITERIA  # noqa: E402
+from distill.pruning.graph import analyze  # noqa: E402
+from distill.pruning.plan import choose_removed, plan_from_removed, unit_scores  # noqa: E402
+from distill.recipe import load_recipe  # noqa: E402
+from distill.run import run_training  # noqa: E402
+from distill.runfolder import RunFolder  # noqa: E402
+from distill.trainer import evaluate  # noqa: E402
+
+TEACHER_RUN = RunFolder(os.path.join("runs", "teacher_mnist"))
+TEACHER = TEACHER_RUN.model_prefix
 OUT = os.path.join("runs", "bench_prune")
 
 
 def ensure_teacher():
     """``runs/teacher_mnist/model`` (trained from its recipe only when missing)."""
-    if not os.path.isfile(TEACHER + "-0000.params"):
-        from distill.recipe import load_recipe
-        from distill.run import run_training
+    if not TEACHER_RUN.has_model():
         print("teacher: runs/teacher_mnist does not exist: training it (recipes/teacher_mnist.yaml)")
         run_training(load_recipe(os.path.join("recipes", "teacher_mnist.yaml")), resume="auto",
                      role="teacher")
@@ -48,17 +59,7 @@ def ensure_teacher():
 
 def speed(prefix, repeats, rounds):
     """Part 1: MACs and fused-latency ratios of the half-channel teacher."""
-    from distill.data import load_data
-    from distill.modelinfo import measure_latency, total_macs
-    from distill.pruning.apply import mask_params, shrink, shrunk_block
-    from distill.pruning.base import CRITERIA
-    from distill.pruning.graph import analyze
-    from distill.pruning.plan import choose_removed, plan_from_removed, unit_scores
-    from distill.recipe import load_recipe
-    from distill.teacher import load_symbol_checkpoint, make_block
-    from distill.trainer import evaluate
-
-    sym, params = load_symbol_checkpoint(prefix, 0)
+    sym, params = load_pair(prefix, 0)
     shape = (1, 1, 28, 28)
     graph = analyze(sym, shape)
     np_params = {k: v.asnumpy() for k, v in params.items()}
@@ -104,8 +105,6 @@ VARIANTS = [
 
 def accuracy(prefix, epochs=None, only=None):
     """Part 2: the four pruned runs (same epochs), via the recipes."""
-    from distill.recipe import load_recipe
-    from distill.run import run_training
     out = {}
     for name, recipe_file, kd in VARIANTS:
         if only and name not in only:

@@ -15,10 +15,12 @@ import warnings
 import mxnet as mx
 import numpy as np
 
-from .graph import PruningGraphError
+from ..graphio import make_block
+from .graph import PruningGraphError, _infer_shapes, _node_out_shapes
+from .ops import _parse
 
 __all__ = ["param_keeps", "channel_masks", "mask_params", "shrink", "tensor_new_shape",
-           "shrunk_block"]
+           "shrunk_block", "first_divergence"]
 _LOGGER = logging.getLogger(__name__)
 
 
@@ -181,7 +183,6 @@ def shrink(graph, params, removed):
             if rw["kind"] == "slice_axis":
                 attrs["begin"], attrs["end"] = str(b), str(e)
             else:
-                from .ops import _parse
                 begin = list(_parse(attrs.get("begin"), ()))
                 end = list(_parse(attrs.get("end"), ()))
                 while len(end) < 2:
@@ -197,7 +198,6 @@ def shrink(graph, params, removed):
 
 
 def _verify(graph, sym, new_params, expected):
-    from .graph import _infer_shapes, _node_out_shapes
     try:
         by_name, pshapes = _infer_shapes(sym, graph.input_name, graph.input_shape)
     except mx.base.MXNetError as e:
@@ -217,10 +217,63 @@ def _verify(graph, sym, new_params, expected):
 
 def shrunk_block(sym, params, input_name="data"):
     """A trainable, hybridized SymbolBlock over the shrunk ``(sym, params)``."""
-    from ..teacher import make_block
     net = make_block(sym, params, input_name, trainable=True)
     for name, p in net.collect_params().items():
         if p.shape is None or 0 in p.shape:      # _load_init leaves a SymbolBlock's shapes unset
             p.shape = tuple(params[name].shape)
     net.hybridize(static_alloc=True, static_shape=True)
     return net
+
+
+def _internal_outputs(sym, params, input_name, names, x):
+    internals = sym.get_internals()
+    group = mx.sym.Group([internals[n] for n in names])
+    used = set(group.list_arguments()) | set(group.list_auxiliary_states())
+    net = make_block(group, {k: mx.nd.array(_np(v)) for k, v in params.items() if k in used},
+                     input_name, trainable=False)
+    return [o.asnumpy() for o in net(x)]
+
+
+def first_divergence(graph, sym, params, small_sym, small_params, x, removed, rtol=1e-4):
+    """The first layer, in graph order, whose shrunk output differs from the masked one.
+
+    Each layer's masked output, with the removed channels cut out, is compared with the shrunk
+    graph's: ``max |Δ| > rtol · max(1, max |masked|)`` is a difference.
+
+    Parameters
+    ----------
+    sym, params : mx.sym.Symbol, dict
+        The masked network (name → NDArray or ndarray).
+    small_sym, small_params :
+        The shrunk network (:func:`shrink`).
+    x : NDArray
+        ``(N, C, H, W)`` input.
+
+    Returns
+    -------
+    (str, float, float) or None
+        ``(layer, max |Δ|, scale)``; ``None`` when every layer output agrees.
+    """
+    small_names = set(small_sym.get_internals().list_outputs())
+    keys = []
+    for (i, k), t in graph.tensors.items():
+        node = graph.nodes[i]
+        if k != 0 or node["op"] == "null" or t.ids is None or t.ids.ndim != 1:
+            continue
+        if node["name"] + "_output" in small_names:
+            keys.append((i, node["name"] + "_output", t))
+    if not keys:
+        return None
+    names = [n for _, n, _ in keys]
+    big = _internal_outputs(sym, params, graph.input_name, names, x)
+    small = _internal_outputs(small_sym, small_params, graph.input_name, names, x)
+    for (i, _, t), a, b in zip(keys, big, small):
+        keep = graph.keep_mask(t.ids, removed)
+        a = np.compress(keep, a, axis=1)
+        if a.shape != b.shape:
+            return graph.nodes[i]["name"], float("inf"), 1.0
+        scale = max(1.0, float(np.abs(a).max(initial=0.0)))
+        diff = float(np.abs(a - b).max(initial=0.0))
+        if not diff <= rtol * scale:
+            return graph.nodes[i]["name"], diff, scale
+    return None

@@ -8,11 +8,13 @@ import logging
 
 from ..registry import Registry
 
-__all__ = ["CRITERIA", "SCHEDULES", "Criterion", "Schedule"]
+__all__ = ["CRITERIA", "SCHEDULES", "PRUNERS", "Criterion", "Schedule"]
 _LOGGER = logging.getLogger(__name__)
 
 CRITERIA = Registry("pruning criterion")
 SCHEDULES = Registry("pruning schedule")
+# granularity -> pruning modifier class (filled by distill.pruning.channel / .unstructured)
+PRUNERS = Registry("pruning granularity")
 
 
 class Criterion:

@@ -32,12 +32,18 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from ..errors import UserError
+from .ops import handle
+from .tensor import Tensor
+
 __all__ = ["analyze", "ChannelGraph", "Group", "ParamSlice", "Tensor", "PruningGraphError"]
 _LOGGER = logging.getLogger(__name__)
 
 
-class PruningGraphError(RuntimeError):
-    """A plan would produce a broken graph (an internal error: it is raised, never emitted)."""
+class PruningGraphError(UserError, RuntimeError):
+    """A plan would produce a broken graph, or the shrunk graph does not compute what the masked
+    one does: raised, never emitted. A :class:`~distill.errors.UserError` so that the command
+    line prints it as one paragraph (it names the layer), not as a traceback."""
 
 
 class _UnionFind:
@@ -73,24 +79,6 @@ class _UnionFind:
 
     def roots(self):
         return np.array([self.find(i) for i in range(len(self.parent))], dtype=np.int64)
-
-
-@dataclass
-class Tensor:
-    """One output of one graph node.
-
-    Attributes
-    ----------
-    shape : tuple
-        Inferred shape (batch first).
-    ids : ndarray or None
-        Element ids along the channel axes ``1 .. ids.ndim`` (``None``: no channel axis).
-    derived : bool
-        The ids are a repetition of another tensor's (Flatten): not used to define groups.
-    """
-    shape: Tuple[int, ...]
-    ids: Optional[np.ndarray]
-    derived: bool = False
 
 
 @dataclass(eq=False)
@@ -301,7 +289,6 @@ def analyze(symbol, input_shape, input_name="data"):
     -------
     ChannelGraph
     """
-    from .ops import handle
     input_shape = (2,) + tuple(input_shape[1:])
     graph_json = json.loads(symbol.tojson())
     by_name, param_shapes = _infer_shapes(symbol, input_name, input_shape)

@@ -13,7 +13,7 @@ import logging
 
 import numpy as np
 
-from .graph import Tensor
+from .tensor import Tensor
 
 __all__ = ["RULES", "handle", "CHANNEL_LOCAL"]
 _LOGGER = logging.getLogger(__name__)

@@ -4,15 +4,18 @@ A plan is computed from unit scores (a criterion) and per-group ratios, rounded 
 pruned group keeps a multiple of ``round_to`` channels (odd channel counts can make a pruned
 network *slower* on a CPU engine), and applied by :mod:`distill.pruning.apply`.
 
-File format (``pruning-plan.json``)::
+File format (the run folder's plan file, :data:`distill.runfolder.PLAN_FILE`)::
 
     {"version": 1, "granularity": "channel", "input_name": "data", "input_shape": [1, 1, 28, 28],
      "round_to": 8,
+     "counts": "units: `units`, `kept` and `keep` count prunable units ...",
      "groups": [{"id": "g3", "name": "..._conv1_fwd", "channels": 32, "units": 32, "kept": 16,
-                 "keep": [0, 3, ...], "producers": [...], "layers": [...]}],
+                 "kept_channels": 16, "keep": [0, 3, ...], "producers": [...], "layers": [...]}],
      "intact": [{"layer": "...", "reason": "the network output"}],
      "unsafe": [{"layer": "...", "op": "LRN", "reason": "it mixes neighbouring channels"}]}
 
+``kept`` counts *units*, ``kept_channels`` the channels they are (32-group convolutions tie
+channels in blocks: ``kept: 2`` can be ``kept_channels: 64``); ``counts`` says so in the file.
 ``keep`` lists the kept units of each group: for a group with one unit per channel (most), the
 kept output channels of its first layer ``name``. ``units`` < ``channels`` means channels tied in
 blocks (grouped convolutions, channel shuffles); units are ordered by their first channel in
@@ -28,8 +31,18 @@ from ..checkpoint import atomic_write_bytes
 from ..errors import UserError
 
 __all__ = ["Plan", "removed_units", "plan_from_removed", "choose_removed", "round_keep",
-           "unit_scores"]
+           "unit_scores", "global_pool", "element_scores", "element_masks", "kept_channels"]
 _LOGGER = logging.getLogger(__name__)
+
+_COUNTS_NOTE = ("units: `units`, `kept` and `keep` count prunable units (channels tied together, "
+                "e.g. by a grouped convolution, are one unit); `channels` and `kept_channels` count "
+                "the output channels of the group's layer `name`")
+
+
+def kept_channels(graph, group, keep):
+    """Channels of ``group``'s anchor layer that stay when its units ``keep`` (indices) stay."""
+    roots = graph.root[graph.tensors[group.anchor].ids.ravel()]
+    return int(np.isin(roots, group.units[list(keep)]).sum())
 
 
 class Plan:
@@ -49,6 +62,8 @@ class Plan:
 
     def to_dict(self, graph=None):
         d = {"version": 1, "granularity": "channel", **self.meta}
+        if graph is not None:
+            d["counts"] = _COUNTS_NOTE
         groups = []
         if graph is not None:
             d.update({"input_name": graph.input_name,
@@ -56,7 +71,8 @@ class Plan:
             for g in graph.groups:
                 keep = self.keep.get(g.id, list(range(len(g.units))))
                 groups.append({"id": g.id, "name": g.name, "channels": g.channels,
-                               "units": len(g.units), "kept": len(keep), "keep": list(keep),
+                               "units": len(g.units), "kept": len(keep),
+                               "kept_channels": kept_channels(graph, g, keep), "keep": list(keep),
                                "producers": g.producers, "layers": g.layers})
             d["intact"] = graph.intact
             d["unsafe"] = graph.unsafe
@@ -68,7 +84,7 @@ class Plan:
     @classmethod
     def from_dict(cls, d):
         meta = {k: v for k, v in d.items()
-                if k not in ("groups", "version", "granularity", "intact", "unsafe")}
+                if k not in ("groups", "version", "granularity", "intact", "unsafe", "counts")}
         keep = {}
         for g in d.get("groups", []):
             if "units" not in g or len(g["keep"]) < g["units"]:
@@ -179,6 +195,102 @@ def unit_scores(graph, groups, criterion, params, grads=None, rng=None):
     return out
 
 
+def global_pool(items):
+    """The items a ``scope: global`` selection ranks together: those at the most common ratio.
+
+    Items with another (override) ratio are pruned on their own; ratio 0 is never pooled.
+
+    Parameters
+    ----------
+    items : list of (key, float)
+        ``(key, ratio)`` in a fixed order (graph order): ties between equally common ratios go
+        the same way every run.
+
+    Returns
+    -------
+    (float, list)
+        The common ratio (0 when no item has a positive one) and the keys at it, in order.
+    """
+    values = [r for _, r in items if r > 0]
+    if not values:
+        return 0, []
+    common = max(set(values), key=values.count)
+    return common, [k for k, r in items if r == common]
+
+
+def element_scores(criterion, names, weights, grads=None, masks=None, rng=None):
+    """Per-weight importance of each named weight, pruned weights at ``-inf``.
+
+    Parameters
+    ----------
+    criterion : Criterion
+    names : list of str
+        Weights to score, in graph order (the order ``rng`` is drawn in).
+    weights, grads : dict
+        name → ndarray (``grads``: for criteria that need them).
+    masks : dict, optional
+        name → bool array of the masks in force: a weight pruned once stays pruned.
+
+    Returns
+    -------
+    dict
+        name → float64 array shaped like the weight (higher = keep).
+    """
+    masks = masks or {}
+    scores = {}
+    for w in names:
+        s = criterion.element_scores(weights[w], None if grads is None else grads[w], rng=rng)
+        s = np.asarray(s, dtype=np.float64)
+        if w in masks:
+            s = np.where(masks[w], s, -np.inf)          # once pruned, always pruned
+        scores[w] = s
+    return scores
+
+
+def element_masks(scores, ratios, frac, scope="layer"):
+    """Unstructured masks: remove ``ratio * frac`` of each weight's elements, lowest scores first.
+
+    Parameters
+    ----------
+    scores : dict
+        name → float64 score array (:func:`element_scores`).
+    ratios : list of (str, float)
+        ``(weight name, final ratio)`` in graph order, ratios > 0.
+    frac : float
+        Fraction of the final ratio the schedule has reached.
+    scope : str
+        ``layer``: each weight on its own. ``global``: the weights at the most common ratio
+        (:func:`global_pool`) are ranked together; the others on their own.
+
+    Returns
+    -------
+    dict
+        name → bool array (``True`` keeps), shaped like the weight.
+    """
+    masks = {}
+    common, pool = global_pool(ratios) if scope == "global" else (0, [])
+    if pool:
+        flat = np.concatenate([scores[w].ravel() for w in pool])
+        n_rm = int(round(common * frac * flat.size))
+        order = np.argsort(flat, kind="stable")
+        keep = np.ones(flat.size, bool)
+        keep[order[:n_rm]] = False
+        off = 0
+        for w in pool:
+            n = scores[w].size
+            masks[w] = keep[off:off + n].reshape(scores[w].shape)
+            off += n
+    for w, ratio in ratios:
+        if w in masks:
+            continue
+        s = scores[w].ravel()
+        n_rm = int(round(ratio * frac * s.size))
+        keep = np.ones(s.size, bool)
+        keep[np.argsort(s, kind="stable")[:n_rm]] = False
+        masks[w] = keep.reshape(scores[w].shape)
+    return masks
+
+
 def choose_removed(graph, scores, ratios, round_to=8, scope="layer", already=()):
     """The units to remove: per group ``ratios[gid]`` of its units, lowest scores first.
 
@@ -211,9 +323,7 @@ def choose_removed(graph, scores, ratios, round_to=8, scope="layer", already=())
 
     pool, budget = [], {}
     if scope == "global" and groups:
-        values = [ratios[g.id] for g in groups if ratios.get(g.id, 0) > 0]
-        common = max(set(values), key=values.count) if values else 0
-        pool = [g for g in groups if ratios.get(g.id) == common]
+        common, pool = global_pool([(g, ratios.get(g.id, 0)) for g in groups])
         cands = sorted((u not in already, scores.get(u, 0.0), u, g.id)
                        for g in pool for u in g.unit_ids.tolist())
         n_remove = int(round(common * sum(len(g.unit_ids) for g in pool)))

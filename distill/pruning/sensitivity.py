@@ -9,7 +9,8 @@ largest saving of *measured* latency (a multiple-choice knapsack over the table)
 proposal by measuring it, and print it as ``pruning.overrides`` for the recipe.
 
 The network is the teacher for ``student.from: teacher``, else the student trained by the recipe
-(its run folder's ``model-symbol.json``). Output in ``RUN_DIR/sensitivity/``::
+(its run folder's model pair, :attr:`distill.runfolder.RunFolder.model_prefix`). Output in the
+run folder's :attr:`~distill.runfolder.RunFolder.sensitivity_dir`::
 
     sensitivity.csv     one row per (group, ratio): channels kept, top-1, drop, MACs, latency
     sensitivity.png     top-1 vs ratio, one line per group
@@ -31,7 +32,19 @@ import mxnet as mx
 import numpy as np
 import yaml
 
+from ..data import load_data
 from ..errors import UserError
+from ..graphio import load_pair, make_block, pair_exists, pair_files
+from ..modelinfo import measure_latency, total_macs
+from ..recipe import load_recipe
+from ..run import resolve_teacher
+from ..runfolder import RunFolder
+from ..trainer import evaluate
+from .apply import shrink, shrunk_block
+from .base import CRITERIA
+from .gradients import accumulate_grads
+from .graph import analyze
+from .plan import choose_removed, plan_from_removed, unit_scores
 
 __all__ = ["add_arguments", "main", "run_sensitivity", "propose"]
 _LOGGER = logging.getLogger(__name__)
@@ -52,7 +65,6 @@ def add_arguments(p):
 
 
 def main(args):
-    from ..recipe import load_recipe
     for r in args.ratios:
         if not 0 < r < 1:
             raise UserError(f"--ratios: each ratio must be in (0, 1), got {r}")
@@ -66,46 +78,29 @@ def main(args):
 
 def _network(recipe, data):
     """(symbol, params, input name, description) of the network to probe."""
-    from ..teacher import load_teacher
     if recipe.student.from_ == "teacher":
-        recipe_dir = os.path.dirname(getattr(recipe, "source", "")) or "."
-        t = load_teacher(recipe.teacher, data, recipe_dir)
+        t = resolve_teacher(recipe, data)
         return t.symbol, dict(t.params), t.input_name, f"teacher ({t.source})"
-    prefix = os.path.join(recipe.run_dir, "model")
-    if not os.path.isfile(prefix + "-symbol.json"):
+    prefix = RunFolder(recipe.run_dir).model_prefix
+    if not pair_exists(prefix):
         raise UserError(f"sensitivity: `student.model: {recipe.student.model}` has no trained "
-                        f"weights yet ({prefix}-symbol.json does not exist). Train it first "
-                        f"(python train.py {getattr(recipe, 'source', 'RECIPE')}), or probe a "
+                        f"weights yet ({' / '.join(pair_files(prefix))} do not exist). Train it "
+                        f"first (python train.py {getattr(recipe, 'source', 'RECIPE')}), or probe a "
                         f"copy of the teacher with `--set student.from=teacher`.")
-    from ..teacher import load_symbol_checkpoint
-    sym, params = load_symbol_checkpoint(prefix, 0)
+    sym, params = load_pair(prefix, 0, what="trained student")
     return sym, params, "data", f"trained student {prefix}"
 
 
 def _grads(sym, params, input_name, data, names, batches=8, batch_size=32):
     """Mean gradients of the cross-entropy over a few training batches (for ``taylor``)."""
-    from mxnet import autograd
-    from ..teacher import make_block
     if data.train.y is None:
         raise UserError("sensitivity: criterion taylor needs labels; set `pruning.criterion: l1`.")
     net = make_block(sym, params, input_name, trainable=True)
-    ce = mx.gluon.loss.SoftmaxCrossEntropyLoss()
     pd = net.collect_params()
-    acc = {n: 0 for n in names}
-    order = np.random.RandomState(0).permutation(len(data.train.x))
-    n = 0
-    for b in range(batches):
-        idx = order[b * batch_size:(b + 1) * batch_size]
-        if len(idx) == 0:
-            break
-        with autograd.record(train_mode=False):
-            loss = ce(net(mx.nd.array(data.train.x[idx])), mx.nd.array(data.train.y[idx]))
-        loss.backward()
-        for k in names:
-            if pd[k].grad_req != "null":
-                acc[k] = acc[k] + pd[k].grad().asnumpy()
-        n += 1
-    return {k: v / max(n, 1) for k, v in acc.items() if not np.isscalar(v)}
+    acc = {k: mx.nd.zeros(pd[k].shape) for k in names if pd[k].grad_req != "null"}
+    n = accumulate_grads(net, data.train.x, data.train.y, acc, seed=0, batches=batches,
+                         batch_size=batch_size)
+    return {k: v.asnumpy() / max(n, 1) for k, v in acc.items()}
 
 
 class _Probe:
@@ -118,7 +113,6 @@ class _Probe:
         self.n = 0
 
     def export(self, removed):
-        from .apply import shrink, shrunk_block
         sym, params = shrink(self.graph, self.params, removed)
         net = shrunk_block(sym, params, self.input_name)
         self.n += 1
@@ -128,14 +122,11 @@ class _Probe:
         return sym, net, prefix
 
     def latency(self, prefix):
-        from ..modelinfo import measure_latency
         shape = tuple(self.data.val.x.shape[1:])
         lat = measure_latency(prefix, shape, batch_sizes=(self.batch_size,), repeats=self.repeats)
         return lat[f"b{self.batch_size}"]
 
     def measure(self, removed, keep_files=False):
-        from ..modelinfo import total_macs
-        from ..trainer import evaluate
         sym, net, prefix = self.export(removed)
         top1 = evaluate(net, self.data.val, self.eval_batch_size)
         shape = tuple(self.data.val.x.shape[1:])
@@ -144,7 +135,7 @@ class _Probe:
         if keep_files:
             out["prefix"] = prefix
         else:
-            for f in (prefix + "-symbol.json", prefix + "-0000.params"):
+            for f in pair_files(prefix):
                 os.unlink(f)
         return out
 
@@ -208,14 +199,7 @@ def run_sensitivity(recipe, ratios=(0.25, 0.5, 0.75), budget=1.0, batch_size=32,
     dict
         What ``sensitivity.json`` holds.
     """
-    from ..data import load_data
-    from ..trainer import evaluate
-    from .apply import shrunk_block
-    from .base import CRITERIA
-    from .graph import analyze
-    from .plan import choose_removed, plan_from_removed, unit_scores
-
-    out = out or os.path.join(recipe.run_dir, "sensitivity")
+    out = out or RunFolder(recipe.run_dir).sensitivity_dir
     os.makedirs(out, exist_ok=True)
     data = load_data(recipe.data, seed=recipe.trainer.seed)
     sym, params, input_name, desc = _network(recipe, data)
@@ -320,7 +304,7 @@ def _write_csv(path, rows):
 
 
 def _plot(path, rows, base, names):
-    import matplotlib
+    import matplotlib          # lazy: only this plot needs it, and it is slow to import
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 5))
