@@ -406,6 +406,31 @@ def test_pruned_int8_variant_runs_in_onnxruntime_like_mxnet_int8(pruned_export):
     assert abs(_top1(logits, d.val.y) - mx_int8) <= 1.0 and e["mxnet_int8"]["top1_agreement"] >= 97.0
 
 
+
+@pytest.mark.parametrize("which", ["mnist_export", "pruned_export"])
+def test_ncnn_int8_written_by_the_tool_runs_in_ncnn(which, request):
+    """Issue 11 on the mnist student and its channel-pruned MobileNetV2: the int8 ncnn model the
+    export wrote runs in ncnn's runtime (int8 inference) within a point of fp32 MXNet, with
+    ≥ 80% of its Convolution/DepthWise/InnerProduct layers int8 and ≤ 0.4× the fp32 .bin."""
+    from test_ncnn_int8 import int8_layer_share, ncnn_int8_logits
+    m = request.getfixturevalue(which)
+    d, ref, out = m["data"], m["ref"], m["out"]
+    e = m["card"]["exports"]["ncnn-int8"]
+    logits = ncnn_int8_logits(os.path.join(out, "model-int8.ncnn.param"),
+                              os.path.join(out, "model-int8.ncnn.bin"), d.val.x)
+    assert _top1(logits, d.val.y) == pytest.approx(e["parity"]["top1"], abs=1e-6)
+    assert _top1(ref, d.val.y) - _top1(logits, d.val.y) <= 1.0 + 1e-9 and e["check"]["passed"]
+    n8, n = int8_layer_share(os.path.join(out, "model-int8.ncnn.param"))
+    assert n8 >= 0.8 * n and n >= 10
+    assert os.path.getsize(os.path.join(out, "model-int8.ncnn.bin")) <= 0.4 * os.path.getsize(
+        os.path.join(out, "model.ncnn.bin"))
+    # one int8 model across runtimes: every ncnn input blob took MXNet's threshold
+    q = e["quantization"]
+    assert q["blobs_calibrated_in_ncnn"] == 0 and q["blobs_from_mxnet"] >= 10
+    assert e["mxnet_int8"]["top1_agreement"] >= 97.0
+    with open(os.path.join(out, "model.table")) as f:
+        assert sum("_param_0" in line for line in f) == n8
+
 # -- the real quickstart student (minutes: trains it when runs/quickstart is missing) --------------
 
 @pytest.mark.slow

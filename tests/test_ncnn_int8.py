@@ -198,7 +198,8 @@ def pruned_module_export(tmp_path_factory):
             "dense_params": params, "small": small}
 
 
-def _ncnn_int8_logits(param, bin_, x):
+def ncnn_int8_logits(param, bin_, x):
+    """Logits of an int8 ncnn model in ncnn's runtime (int8 inference on), one image at a time."""
     import ncnn
     net = ncnn.Net()
     net.opt.use_vulkan_compute = False
@@ -230,7 +231,7 @@ def test_pruned_module_graph_int8_in_ncnn(pruned_module_export):
     with open(os.path.join(out, "model.ncnn.param")) as f:
         types = [line.split()[0] for line in f.read().splitlines()[2:]]
     assert {"Concat", "ConvolutionDepthWise", "InnerProduct"} <= set(types)
-    logits = _ncnn_int8_logits(os.path.join(out, "model-int8.ncnn.param"),
+    logits = ncnn_int8_logits(os.path.join(out, "model-int8.ncnn.param"),
                                os.path.join(out, "model-int8.ncnn.bin"), d.val.x)
     top1 = float((logits.argmax(1) == d.val.y).mean() * 100)
     assert top1 == pytest.approx(e["parity"]["top1"], abs=1e-6)             # the card tells the truth
