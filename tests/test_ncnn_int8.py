@@ -195,7 +195,7 @@ def pruned_module_export(tmp_path_factory):
     card = export_run(run_dir, formats=["ncnn", "ncnn-int8"], model=prefix,
                       options=ExportOptions(calib_size=128, repeats=2))
     return {"card": card, "data": data, "out": os.path.join(run_dir, "export", "branchy_pruned"),
-            "dense_params": params, "small": small}
+            "dense_params": params, "small": small, "run": run_dir, "prefix": prefix}
 
 
 def ncnn_int8_logits(param, bin_, x):
@@ -248,3 +248,42 @@ def test_pruned_module_graph_int8_in_ncnn(pruned_module_export):
     assert e["latency_ms"]["b1"] > 0 and e["ncnn_fp32"]["latency_ms"]["b1"] > 0
     text = open(os.path.join(os.path.dirname(out), "branchy_pruned", "MODEL_CARD.md")).read()
     assert "## ncnn int8" in text and "use_int8_inference" in text and "x86" in text
+
+
+def test_int8_exclude_and_policy_rows_in_ncnn(pruned_module_export, tmp_path):
+    """``--int8-exclude`` keeps that MXNet layer fp32 in ncnn too (no blob scale, no ``8=``), and
+    ``--policies`` measures full int8, first_last and auto in ncnn's runtime."""
+    from distill.export import ExportOptions, export_run
+    m = pruned_module_export
+    card = export_run(m["run"], formats=["ncnn-int8"], model=m["prefix"], out_dir=str(tmp_path),
+                      options=ExportOptions(calib_size=128, latency=False, int8_exclude=("dw_conv",),
+                                            ncnn_policies=True))
+    e = card["exports"]["ncnn-int8"]
+    dw = [n for n, layer in e["quantization"]["layer_map"].items() if layer == "dw_conv"]
+    assert len(dw) == 1 and e["quantization"]["excluded_ncnn_layers"] == dw
+    with open(tmp_path / "model-int8.ncnn.param") as f:
+        model = parse_param(f.read())
+    assert model.layer(dw[0]).get(8, 0) == 0
+    n8, n = int8_layer_share(str(tmp_path / "model-int8.ncnn.param"))
+    assert n8 == n - 1 and dw[0] not in read_table((tmp_path / "model.table").read_text())[1]
+    rows = {r["policy"]: r for r in e["policies"]}
+    assert rows["none"]["int8_layers"] == n and rows["first_last"]["int8_layers"] == n - 2
+    assert set(rows["first_last"]["mxnet_layers_fp32"]) == {"stem_conv", "fc"}
+    assert all(abs(r["top1"] - e["parity"]["top1_mxnet"]) <= 5 for r in rows.values())
+    assert "ncnn int8 policy first_last" in "\n".join(e["report_notes"])
+
+
+def test_a_crash_in_ncnn_becomes_an_error_message(tmp_path, monkeypatch):
+    import sys
+    from distill.export.ncnn_worker import NcnnWorkerError, run_ncnn
+    with pytest.raises(NcnnWorkerError, match=r"exited with code 1 .*could not load"):
+        run_ncnn([{"task": "predict", "param": str(tmp_path / "none.param"), "bin": "x", "x": "x"}],
+                 {"x": np.zeros((1, 1, 2, 2), np.float32)}, str(tmp_path))
+    crash = tmp_path / "crash.sh"                  # stands in for a segfault inside ncnn
+    crash.write_text("#!/bin/sh\nkill -SEGV $$\n")
+    crash.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(crash))
+    with pytest.raises(NcnnWorkerError, match="killed by signal 11"):
+        run_ncnn([{"task": "predict", "param": "p", "bin": "b", "x": "x"}],
+                 {"x": np.zeros((1, 1, 2, 2), np.float32)}, str(tmp_path))
+    assert not [f for f in os.listdir(tmp_path) if f.startswith("ncnn-")]     # exchange files removed

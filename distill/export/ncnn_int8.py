@@ -267,7 +267,12 @@ class NcnnInt8Format(ExportFormat):
         from .ncnn_worker import NcnnWorkerError
         src_param, src_bin = self._fp32_pair(job)
         wanted = excluded_layers(job.int8_section(), job.options.int8_exclude)
-        cal = _Calibrated(job, src_param, src_bin, wanted)
+        try:
+            cal = _Calibrated(job, src_param, src_bin, wanted)
+        except NcnnWorkerError as e:          # before any int8 file exists: stop, say why
+            raise UserError(f"ncnn-int8: calibrating on the fp32 ncnn model failed: {e}. The fp32 "
+                            f"model.ncnn.* files are unchanged; export without ncnn-int8, or make "
+                            f"int8 with ncnn's own ncnn2table/ncnn2int8.") from None
         keep, not_found = cal.fp32_layers(wanted)
         if not_found:
             _LOGGER.warning("ncnn-int8: no ncnn layer for excluded layer(s) %s", ", ".join(not_found))
