@@ -13,11 +13,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from distill.errors import UserError
-from distill.modelinfo import load_symbol_block, total_macs
+from distill.graphio import load_pair, load_symbol_block, make_block
+from distill.modelinfo import total_macs
 from distill.pruning.apply import mask_params, shrink, shrunk_block
 from distill.pruning.graph import analyze
 from distill.pruning.plan import Plan, choose_removed, plan_from_removed, removed_units, round_keep
-from distill.teacher import load_symbol_checkpoint, make_block
 
 TOL = 1e-4
 
@@ -68,7 +68,7 @@ def _zoo_symbol(name, size=16):
     net(mx.nd.zeros((1, 3, size, size)))
     with tempfile.TemporaryDirectory() as tmp:
         net.export(os.path.join(tmp, "net"), epoch=0)
-        sym, params = load_symbol_checkpoint(os.path.join(tmp, "net"), 0)
+        sym, params = load_pair(os.path.join(tmp, "net"), 0)
     rand = _random_params(sym, (1, 3, size, size))
     for k in params:
         if k.endswith(("gamma", "beta", "mean", "var")):
@@ -133,7 +133,7 @@ def test_module_api_graph_with_concat_grouped_conv_and_residual(tmp_path):
     aux = {k: v for k, v in params.items() if k in full.list_auxiliary_states()}
     prefix = str(tmp_path / "modnet")
     mx.model.save_checkpoint(prefix, 0, full, {k: v for k, v in arg.items() if k != "softmax_label"}, aux)
-    sym, loaded = load_symbol_checkpoint(prefix, 0)           # head stripped, arg:/aux: merged
+    sym, loaded = load_pair(prefix, 0)           # head stripped, arg:/aux: merged
     g, removed, ssym, sparams, x, small = _check_shrink_equals_mask(sym, loaded, (1, 3, 8, 8))
     nodes = {n["name"]: n for n in json.loads(ssym.tojson())["nodes"]}
     # grouped conv: still 4 groups, input and output divisible by them
@@ -193,6 +193,46 @@ def test_plan_round_trips_through_json(tmp_path):
     assert "g99" in str(e.value)
     with pytest.raises(UserError):
         removed_units(g, Plan({"g0": []}))
+
+
+def test_plan_says_kept_counts_units_and_gives_channels():
+    """32 groups of 2 channels: a unit is a block of 2 channels, `kept` counts units."""
+    data = mx.sym.var("data")
+    x = mx.sym.Convolution(data, num_filter=64, kernel=(1, 1), name="c0")
+    x = mx.sym.Activation(mx.sym.BatchNorm(x, fix_gamma=False, name="bn0"), act_type="relu")
+    x = mx.sym.Convolution(x, num_filter=64, kernel=(3, 3), pad=(1, 1), num_group=32, name="gconv")
+    x = mx.sym.Activation(mx.sym.BatchNorm(x, fix_gamma=False, name="bn1"), act_type="relu")
+    x = mx.sym.Pooling(x, global_pool=True, kernel=(1, 1), pool_type="avg")
+    x = mx.sym.FullyConnected(mx.sym.Flatten(x), num_hidden=4, name="fc")
+    g = analyze(x, (1, 3, 8, 8))
+    removed = choose_removed(g, {u: float(u % 5) for u in g.prunable_units()},
+                             {grp.id: 0.5 for grp in g.groups}, round_to=1)
+    d = plan_from_removed(g, removed).to_dict(g)
+    assert "units" in d["counts"] and "kept_channels" in d["counts"]
+    tied = [grp for grp in d["groups"] if grp["units"] < grp["channels"]]
+    assert tied
+    for grp in d["groups"]:
+        mult = grp["channels"] // grp["units"]
+        assert grp["kept_channels"] == grp["kept"] * mult
+        assert grp["kept"] == len(grp["keep"])
+    assert any(grp["kept_channels"] != grp["kept"] for grp in tied)
+    assert "counts" not in Plan.from_dict(d).meta          # not carried into a re-saved plan
+
+
+def test_shrink_mismatch_names_the_first_layer_that_differs():
+    from distill.pruning.apply import first_divergence
+    from distill.pruning.graph import PruningGraphError
+    assert issubclass(PruningGraphError, UserError)        # printed as one paragraph by the CLI
+    sym, params = _zoo_symbol("cifar_resnet20_v1")
+    g, removed, ssym, sparams, x, small = _check_shrink_equals_mask(sym, params, (1, 3, 16, 16))
+    masked = mask_params(g, params, removed)
+    assert first_divergence(g, sym, masked, ssym, sparams, x, removed) is None
+    layer = [grp for grp in g.groups if len(grp.producers) == 1][2].producers[0]
+    weight = next(sl.param for sl in g.slices if sl.layer == layer and sl.role == "out")
+    broken = dict(sparams)
+    broken[weight] = sparams[weight] * 1.5
+    name, diff, scale = first_divergence(g, sym, masked, ssym, broken, x, removed)
+    assert name == layer and diff > 1e-4 * scale
 
 
 def test_round_to_and_global_scope():

@@ -14,15 +14,15 @@ import yaml
 from mxnet import autograd, gluon
 
 from distill.errors import UserError
-from distill.modelinfo import load_symbol_block
+from distill.graphio import load_symbol_block
 from distill.pruning import CRITERIA, SCHEDULES
 from distill.pruning.apply import channel_masks
 from distill.pruning.graph import analyze
-from distill.pruning.modifier import MaskKeeper, prunable_layers, resolve_patterns
+from distill.pruning.modifier import MaskKeeper, build_modifiers, prunable_layers, resolve_patterns
 from distill.pruning.plan import choose_removed
 from distill.recipe import recipe_from_dict, recipe_to_dict
-from distill.tbread import read_scalars
-from distill.teacher import make_block
+from tbread import read_scalars
+from distill.graphio import make_block
 from helpers import run_cli, tiny_teacher
 
 
@@ -112,6 +112,58 @@ def test_patterns_that_match_nothing_are_user_errors():
     with pytest.raises(UserError) as e:
         resolve_patterns(["conv_2"], layers, "pruning.exclude")
     assert "pruning.exclude" in str(e.value) and "conv_2" in str(e.value)
+
+
+class _Split:
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+
+class _Data:
+    def __init__(self, shape=(3, 8, 8), n=64, classes=4):
+        rs = np.random.RandomState(0)
+        self.train = _Split(rs.normal(size=(n,) + shape).astype("float32"), rs.randint(0, classes, n))
+        self.val = _Split(rs.normal(size=(32,) + shape).astype("float32"), rs.randint(0, classes, 32))
+
+
+def _prune_once(tmp, sym, pruning):
+    """Build the recipe's modifiers for ``sym`` (random weights), update once, finalize."""
+    os.makedirs(str(tmp), exist_ok=True)
+    r = recipe_from_dict({"pruning": {"enabled": True, "schedule": "oneshot", "start_epoch": 0,
+                                      "round_to": 1, **pruning},
+                          "trainer": {"epochs": 2}, "output": {"dir": str(tmp)}})
+    rs = np.random.RandomState(0)
+    args, _, auxs = sym.infer_shape(data=(2, 3, 8, 8))
+    names = sym.list_arguments() + sym.list_auxiliary_states()
+    params = {n: mx.nd.array(rs.uniform(0.5, 1.5, s) if n.endswith(("gamma", "var")) else rs.normal(0, 0.3, s))
+              for n, s in zip(names, list(args) + list(auxs)) if n != "data"}
+    net = make_block(sym, params)
+    data, logs = _Data(), []
+    pruner, keeper = build_modifiers(r, log=logs.append)
+    for m in (pruner, keeper):
+        m.initialize(net, None, data)
+    pruner.epoch_start(0)
+    small = pruner.finalize(net, data, logs.append)
+    return {k: p.data().shape for k, p in small.collect_params().items()}, pruner, logs
+
+
+def test_excluded_layer_keeps_its_input_and_output_widths(tmp_path):
+    data = mx.sym.var("data")
+    x = mx.sym.Convolution(data, num_filter=16, kernel=(3, 3), pad=(1, 1), name="c0")
+    x = mx.sym.Activation(mx.sym.BatchNorm(x, fix_gamma=False, name="bn0"), act_type="relu")
+    x = mx.sym.Convolution(x, num_filter=16, kernel=(3, 3), pad=(1, 1), name="c1")
+    x = mx.sym.Activation(mx.sym.BatchNorm(x, fix_gamma=False, name="bn1"), act_type="relu")
+    x = mx.sym.Pooling(x, global_pool=True, kernel=(1, 1), pool_type="avg")
+    sym = mx.sym.FullyConnected(mx.sym.Flatten(x), num_hidden=4, name="fc")
+    cfg = {"granularity": "channel", "criterion": "l1", "final_sparsity": 0.5}
+    shapes, pruner, logs = _prune_once(tmp_path / "excl", sym, {**cfg, "exclude": ["last"]})
+    assert shapes["fc_weight"] == (4, 16)                 # the classifier reads all 16 channels
+    assert shapes["c1_weight"] == (16, 8, 3, 3)           # c1's input group is still pruned
+    assert any("not pruned" in l and "c1" in l for l in logs)
+    plan = json.load(open(pruner.folder.plan_path))
+    assert [g["kept_channels"] for g in plan["groups"]] == [8, 16]
+    shapes, _, _ = _prune_once(tmp_path / "all", sym, {**cfg, "exclude": []})
+    assert shapes["fc_weight"] == (4, 8)                  # without `exclude`, it shrinks too
 
 
 # -- masks hold under SGD with momentum and weight decay -------------------------------------------
@@ -204,12 +256,17 @@ def test_channel_pruned_student_is_rebuilt_smaller_and_resumes(teacher):
     m = json.load(open(os.path.join(run, "metrics.json")))
     s, te = m["student"], m["teacher"]
     assert s["pruning"]["physically_smaller"] is True
-    assert s["params"] < 0.4 * te["params"] and s["macs"] < 0.4 * te["macs"]
-    assert s["nonzero_params"] <= s["params"] and 0.6 < s["sparsity"] < 0.8
+    # `exclude: [last]` keeps the classifier's input too: the last stage's residual chain
+    # stays whole (about 40% of the parameters), everything else loses half its channels
+    assert s["params"] < 0.45 * te["params"] and s["macs"] < 0.4 * te["macs"]
+    assert s["nonzero_params"] <= s["params"] and 0.5 < s["sparsity"] < 0.8
     assert s["pruning"]["shrink_vs_mask_max_diff"] <= 1e-4
     assert [h["sparsity"] > 0 for h in m["history"]] == [True, True, True]
     plan = json.load(open(os.path.join(run, "pruning-plan.json")))
     assert all(g["kept"] % 8 == 0 for g in plan["groups"] if g["kept"] < g["channels"])
+    last = [g for g in plan["groups"] if any("dense" in l for l in g["layers"])]
+    assert last and all(g["kept_channels"] == g["channels"] for g in last)
+    assert sum(g["kept"] < g["units"] for g in plan["groups"]) == len(plan["groups"]) - len(last)
     scalars = read_scalars(os.path.join(run, "tb"))
     for tag in ("pruning/sparsity", "pruning/macs", "pruning/flops", "pruning/nonzero_params"):
         assert len(scalars[tag]) == 3, tag

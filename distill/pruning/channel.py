@@ -70,7 +70,7 @@ class ChannelPruningModifier(PruningModifier):
         is kept whole (an excluded layer keeps its input and output widths); else an override
         on any of its producers sets its ratio (the last one in the recipe)."""
         prods = [p for p in grp.producers if p in self.layer_ratio]
-        if not prods or any(p in self.excluded for p in prods):
+        if not prods or any(l in self.excluded for l in grp.layers):
             return 0.0
         hits = [self.override_of[p] for p in prods if p in self.override_of]
         return max(hits)[1] if hits else self.cfg.final_sparsity
