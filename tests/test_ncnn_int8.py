@@ -13,7 +13,7 @@ import yaml
 
 from distill.errors import UserError
 from distill.export.ncnn_bin import (INT8_TYPES, KNOWN_WEIGHTED, TAG_FP16, TAG_INT8, Layer, NcnnModel,
-                                     layer_segments, parse_param, read_bin, read_table, weight_rows,
+                                     layer_segments, parse_param, read_bin, read_table, requantize_pairs, weight_rows,
                                      write_int8, write_param)
 from distill.export.ncnn_calib import abs_histogram, match_tensors, ncnn_kl_threshold
 from distill.export.ncnn_int8 import write_int8_files
@@ -75,6 +75,7 @@ def test_int8_bin_round_trips_for_every_known_layer_type(fp16):
     scales = {l.name: 20.0 + i for i, l in enumerate(model.layers) if l.type in INT8_TYPES}
     int8, out, wscales = write_int8(model, data, scales)
     assert set(wscales) == set(scales)
+    assert requantize_pairs(model, set(scales)) == {"l0_convolution": "l1_convolutiondepthwise"}
     # the int8 .param and .bin read back with the same walker, to the exact end of the file
     text = write_param(int8)
     again = parse_param(text)
@@ -84,8 +85,11 @@ def test_int8_bin_round_trips_for_every_known_layer_type(fp16):
             for seg, v in values.get(l.name, {}).items():
                 np.testing.assert_array_equal(back[l.name][seg].values, v)        # copied as is
             continue
-        assert l.get(8) == (1 if l.type == "ConvolutionDepthWise" else 2)
+        assert l.get(8) % 100 == (1 if l.type == "ConvolutionDepthWise" else 2)
         seg = back[l.name]
+        if l.get(8) > 100:                         # requantized to the next int8 conv's input scale
+            nxt = next(k for k in again.layers if k.bottoms == l.tops)
+            assert seg["top_blob_int8_scales"].values[0] == np.float32(scales[nxt.name])
         assert seg["weight_data"].tag == TAG_INT8 and seg["weight_data"].values.dtype == np.int8
         ws = seg["weight_data_int8_scales"].values
         assert len(ws) == weight_rows(l) and seg["bottom_blob_int8_scales"].values[0] == np.float32(scales[l.name])

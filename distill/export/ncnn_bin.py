@@ -17,7 +17,8 @@ layers' ``load_model``; ``tools/quantize/ncnn2table.cpp``, ``ncnn2int8.cpp``):
   line (2 for Convolution/InnerProduct, 1 for ConvolutionDepthWise: one scale per group); the
   weight int8 (tagged), the bias raw fp32, then raw ``weight_data_int8_scales`` (``num_output``
   values; depthwise: ``group``), then raw ``bottom_blob_int8_scales`` (1 value); ``8=10x``
-  (requantize fusion) appends ``top_blob_int8_scales`` (1 value).
+  (requantize fusion, an int8 convolution feeding int8 convolutions: its output stays int8)
+  appends ``top_blob_int8_scales`` (1 value, the next layer's input scale).
 
 A scale ``s`` maps ``x`` to ``round(x * s)`` (half away from zero) clamped to ±127.
 """
@@ -31,7 +32,7 @@ import numpy as np
 from ..errors import UserError
 
 __all__ = ["Layer", "Segment", "NcnnModel", "parse_param", "write_param", "layer_segments",
-           "read_bin", "quantize_int8", "dequantize_int8", "weight_scales", "write_int8",
+           "read_bin", "requantize_pairs", "quantize_int8", "dequantize_int8", "weight_scales", "write_int8",
            "write_table", "read_table", "INT8_TYPES", "TAG_FP32", "TAG_FP16", "TAG_INT8"]
 _LOGGER = logging.getLogger(__name__)
 
@@ -371,7 +372,51 @@ def _raw(values):
     return np.asarray(values, "<f4").tobytes()
 
 
-def write_int8(model, data, blob_scales, where="model.ncnn.bin"):
+def _quantizable(layer, segs, blob_scales):
+    return (layer.type in INT8_TYPES and blob_scales.get(layer.name) is not None and bool(segs)
+            and "weight_data" in segs and segs["weight_data"].tag != TAG_INT8 and not layer.get(8, 0))
+
+
+def requantize_pairs(model, int8):
+    """ncnn2int8's ``fuse_requantize``: int8 convolution → the int8 convolution that reads its
+    output (directly, or through a Split whose every output feeds an int8 convolution). The
+    first layer then writes int8 with the second's input scale (``8=`` + 100, one more scale).
+
+    Returns
+    -------
+    dict
+        Layer name → the name of the layer whose input scale it requantizes to.
+    """
+    convs = ("Convolution", "ConvolutionDepthWise")
+    layers = model.layers
+
+    def reader(blob, start):
+        for k in range(start, len(layers)):
+            l = layers[k]
+            if l.type in convs and len(l.bottoms) == 1 and l.bottoms[0] == blob:
+                return k
+        return None
+
+    out = {}
+    for i, l in enumerate(layers):
+        if l.type not in convs or l.name not in int8:
+            continue
+        j = reader(l.tops[0], i + 1)
+        if j is not None:
+            if layers[j].name in int8:
+                out[l.name] = layers[j].name
+            continue
+        split = next((k for k in range(i + 1, len(layers)) if layers[k].type == "Split"
+                      and len(layers[k].bottoms) == 1 and layers[k].bottoms[0] == l.tops[0]), None)
+        if split is None:
+            continue
+        readers = [reader(t, split + 1) for t in layers[split].tops]
+        if all(k is not None and layers[k].name in int8 for k in readers):
+            out[l.name] = layers[readers[0]].name
+    return out
+
+
+def write_int8(model, data, blob_scales, where="model.ncnn.bin", requantize=True):
     """The int8 model: Convolution, ConvolutionDepthWise and InnerProduct layers that have a
     bottom blob scale in ``blob_scales`` get int8 weights; everything else is copied.
 
@@ -384,6 +429,8 @@ def write_int8(model, data, blob_scales, where="model.ncnn.bin"):
     blob_scales : dict
         Layer name → the scale of its input blob (127 / threshold). Layers without one stay
         fp32 (ncnn quantizes a layer only when it has both scales).
+    requantize : bool
+        Fuse int8 → int8 convolution pairs as ``ncnn2int8`` does (:func:`requantize_pairs`).
 
     Returns
     -------
@@ -391,6 +438,8 @@ def write_int8(model, data, blob_scales, where="model.ncnn.bin"):
         The int8 model's layers, its ``.bin``, and layer name → weight scales of each int8 layer.
     """
     arrays = read_bin(model, data, where)
+    int8 = {l.name for l in model.layers if _quantizable(l, arrays.get(l.name), blob_scales)}
+    fused = requantize_pairs(model, int8) if requantize else {}
     layers, chunks, wscales, pos = [], [], {}, 0
     for layer in model.layers:
         new = Layer(layer.type, layer.name, list(layer.bottoms), list(layer.tops), dict(layer.params))
@@ -402,12 +451,10 @@ def write_int8(model, data, blob_scales, where="model.ncnn.bin"):
         end = max(a.end for a in segs.values())
         assert start == pos, (layer.name, start, pos)
         pos = end
-        scale = blob_scales.get(layer.name)
-        quantizable = (layer.type in INT8_TYPES and scale is not None and "weight_data" in segs
-                       and segs["weight_data"].tag != TAG_INT8 and not layer.get(8, 0))
-        if not quantizable:
+        if layer.name not in int8:
             chunks.append(data[start:end])
             continue
+        scale = blob_scales[layer.name]
         if not (np.isfinite(scale) and scale > 0):
             raise ValueError(f"layer {layer.name}: bottom blob scale {scale} is not a positive number")
         w = segs["weight_data"].values
@@ -417,8 +464,12 @@ def write_int8(model, data, blob_scales, where="model.ncnn.bin"):
         if "bias_data" in segs:
             body += _raw(segs["bias_data"].values)
         body += _raw(ws) + _raw([scale])
+        term = 1 if layer.type == "ConvolutionDepthWise" else 2
+        if layer.name in fused:
+            body += _raw([blob_scales[fused[layer.name]]])
+            term += 100
         chunks.append(body)
-        new.params["8"] = "1" if layer.type == "ConvolutionDepthWise" else "2"
+        new.params["8"] = str(term)
         wscales[layer.name] = ws
     assert pos == len(data)
     out = b"".join(chunks)
