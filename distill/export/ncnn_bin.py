@@ -33,7 +33,7 @@ from ..errors import UserError
 
 __all__ = ["Layer", "Segment", "NcnnModel", "parse_param", "write_param", "layer_segments",
            "read_bin", "requantize_pairs", "quantize_int8", "dequantize_int8", "weight_scales", "write_int8",
-           "write_table", "read_table", "INT8_TYPES", "TAG_FP32", "TAG_FP16", "TAG_INT8"]
+           "write_table", "read_table", "INT8_TYPES", "KNOWN_WEIGHTED", "TAG_FP32", "TAG_FP16", "TAG_INT8"]
 _LOGGER = logging.getLogger(__name__)
 
 MAGIC = 7767517
@@ -51,6 +51,13 @@ SELU HardSwish Noop PixelShuffle DeepCopy Mish StatisticsPooling Swish Softplus 
 Pooling3D MatMul Einsum GLU Fold Unfold GridSample CumulativeSum CopyTo Erf Diag CELU Shrink
 Spectrogram InverseSpectrogram Flip SDPA RotaryEmbed
 """.split())
+
+
+# The weighted types :func:`layer_segments` has byte sizes for (each from its load_model).
+KNOWN_WEIGHTED = ("Convolution", "ConvolutionDepthWise", "InnerProduct", "Deconvolution",
+                  "DeconvolutionDepthWise", "BatchNorm", "Bias", "Scale", "PReLU", "Normalize",
+                  "Padding", "LayerNorm", "RMSNorm", "GroupNorm", "InstanceNorm", "MemoryData",
+                  "Embed", "Gemm")
 
 
 @dataclass
@@ -227,12 +234,6 @@ def layer_segments(layer):
                     f"cannot walk (it knows {', '.join(sorted(KNOWN_WEIGHTED))} and the layers "
                     f"without weights); the fp32 model.ncnn.* files are unchanged. Export without "
                     f"ncnn-int8, or make int8 with ncnn's own ncnn2table/ncnn2int8.")
-
-
-KNOWN_WEIGHTED = ("Convolution", "ConvolutionDepthWise", "InnerProduct", "Deconvolution",
-                  "DeconvolutionDepthWise", "BatchNorm", "Bias", "Scale", "PReLU", "Normalize",
-                  "Padding", "LayerNorm", "RMSNorm", "GroupNorm", "InstanceNorm", "MemoryData",
-                  "Embed", "Gemm")
 
 
 def _align4(n):
