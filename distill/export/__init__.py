@@ -8,6 +8,8 @@ Formats (registered on :data:`FORMATS`, one file each; ``--format`` takes severa
 * ``onnx-int8``: ``model.int8.onnx``, onnxruntime static QDQ quantization of ``model.onnx``
   calibrated on a fixed, seeded sample of the recipe's train split.
 * ``ncnn``: ``model.ncnn.param`` + ``model.ncnn.bin``, ONNX → ``pnnx``, run in ncnn's runtime.
+* ``ncnn-int8``: ``model-int8.ncnn.param`` + ``model-int8.ncnn.bin`` + ``model.table``, the
+  fp32 ncnn pair quantized by distill with MXNet's calibration, run in ncnn's int8 runtime.
 
 Every format runs on the test split in its own runtime and is compared with MXNet (max abs
 logit difference, top-1 agreement); latency at batch 1 is timed in each runtime. A
