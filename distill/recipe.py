@@ -164,6 +164,9 @@ class LossTerm:
             _check(isinstance(v, (int, float)) and not isinstance(v, bool), f"{p}.{k}",
                    f"loss options are numbers, got {v!r}")
             self.options[k] = float(v)
+        # the loss itself knows its options (one file per loss); it imports MXNet, so only here
+        from .losses import LOSSES
+        LOSSES.get(self.loss, where=f"recipe key `{p}.loss`").validate_term(self, p)
 
 
 @dataclass

@@ -24,7 +24,7 @@ from .data import load_data
 from .errors import UserError
 from .graphio import (count_param_dict, count_params, load_symbol_block, make_block, pair_files,
                       pair_size, symbol_file)
-from .losses import build_loss, check_terms
+from .losses import build_loss
 from .modelinfo import measure_latency, total_macs
 from .pruning import build_modifiers
 from .quantize.pipeline import quantize_target
@@ -158,7 +158,6 @@ def run_training(recipe, resume=False, role="student"):
     _check_writable(run_dir)
     rdict = recipe_to_dict(recipe)
     h = recipe_hash(recipe)
-    check_terms(recipe.distillation)       # a loss option typo fails now, not after the teacher
     if resume == "auto":        # a teacher trained for another recipe: resume only the same recipe
         try:
             _check_same_recipe(folder, rdict)

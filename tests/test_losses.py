@@ -18,14 +18,14 @@ def _nd(a):
 def test_kd_hand_value():
     # teacher softmax = [0.75, 0.25], student softmax = [0.5, 0.5]
     # KL = 0.75 ln 1.5 + 0.25 ln 0.5 = 0.1308120; times T² = 4 at T = 2
-    kd = build_loss(LossTerm(loss="kd", temperature=2.0))
+    kd = build_loss(LossTerm(loss="kd", options={"temperature": 2.0}))
     out = kd(_nd([[0.0, 0.0]]), None, _nd([[2 * LN3, 0.0]])).asnumpy()
     assert out.shape == (1,)
     assert out[0] == pytest.approx(4 * 0.1308120, abs=1e-5)
 
 
 def test_kd_zero_when_equal_and_hybridizes():
-    kd = build_loss(LossTerm(loss="kd", temperature=4.0))
+    kd = build_loss(LossTerm(loss="kd", options={"temperature": 4.0}))
     kd.hybridize()
     logits = _nd([[1.0, -2.0, 0.5], [0.3, 0.2, 0.1]])
     np.testing.assert_allclose(kd(logits, None, logits).asnumpy(), [0, 0], atol=1e-6)
@@ -55,7 +55,7 @@ def test_hint_resizes_student_map():
 
 
 def test_attention_hand_value():
-    at = build_loss(LossTerm(loss="attention", p=2.0), (1, 1, 1, 2), (1, 2, 1, 2))
+    at = build_loss(LossTerm(loss="attention", options={"p": 2.0}), (1, 1, 1, 2), (1, 2, 1, 2))
     # A_s = normalize([1, 0]) = [1, 0]; A_t = normalize(mean_c [[0,1],[0,1]]²) = [0, 1]
     out = at(_nd([[[[1.0, 0.0]]]]), None, _nd([[[[0.0, 1.0]], [[0.0, 1.0]]]])).asnumpy()
     assert out[0] == pytest.approx(1.0, abs=1e-5)
@@ -69,7 +69,7 @@ def test_similarity_hand_value():
 
 
 def test_rkd_hand_value():
-    rkd = build_loss(LossTerm(loss="rkd", distance_weight=25.0, angle_weight=50.0))
+    rkd = build_loss(LossTerm(loss="rkd", options={"distance_weight": 25.0, "angle_weight": 50.0}))
     # 1-D points s = 0, 1, 3 and t = 0, 1, 2: mean-normalized distances (0.5, 1.5, 1) vs
     # (0.75, 1.5, 0.75); Huber 0.5·0.25² on 4 of 9 entries = 0.125/9; angles agree (same order)
     out = rkd(_nd([[0.0], [1.0], [3.0]]), None, _nd([[0.0], [1.0], [2.0]])).asnumpy()

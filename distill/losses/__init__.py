@@ -7,14 +7,7 @@ logits when a layer is not given) and get both shapes at construction.
 from .base import LOSSES, LossTermBlock
 from . import attention, ce, hint, kd, rkd, similarity  # noqa: F401  (registration)
 
-__all__ = ["LOSSES", "LossTermBlock", "build_loss", "check_terms"]
-
-
-def check_terms(terms, where="distillation"):
-    """Validate every recipe loss term against its loss (name, options, layers): run before
-    any work so that a typo fails in seconds, not after the teacher trained."""
-    for i, t in enumerate(terms):
-        LOSSES.get(t.loss, where=f"{where}[{i}].loss").validate_term(t, f"{where}[{i}]")
+__all__ = ["LOSSES", "LossTermBlock", "build_loss"]
 
 
 def build_loss(term, student_shape=None, teacher_shape=None, where="distillation[]"):

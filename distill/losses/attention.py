@@ -34,7 +34,7 @@ class AttentionLoss(LossTermBlock):
 
     @classmethod
     def check(cls, options):
-        return None if options["p"] > 0 else f"p must be > 0, got {options['p']}"
+        return None if options["p"] > 0 else ("p", f"must be > 0, got {options['p']}")
 
     def __init__(self, student_shape, teacher_shape, p=2.0, **kwargs):
         super().__init__(**kwargs)

@@ -40,7 +40,8 @@ class LossTermBlock(gluon.HybridBlock):
 
     @classmethod
     def check(cls, options):
-        """Value checks of the options (already known names): ``None`` or what is wrong."""
+        """Value checks of the options (known names, defaults filled in): ``None``, or
+        ``(option, what is wrong)``."""
         return None
 
     @classmethod
@@ -57,7 +58,7 @@ class LossTermBlock(gluon.HybridBlock):
         opts = {**cls.OPTIONS, **term.options}
         bad = cls.check(opts)
         if bad:
-            raise UserError(f"recipe key `{where}`: {bad}")
+            raise UserError(f"recipe key `{where}.{bad[0]}`: {bad[1]}")
         if cls.layers == "logits" and (term.teacher_layer or term.student_layer):
             raise UserError(f"recipe key `{where}`: a `{term.loss}` term uses the logits and labels: "
                             f"remove `teacher_layer`/`student_layer`")

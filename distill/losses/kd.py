@@ -28,7 +28,7 @@ class KDLoss(LossTermBlock):
     @classmethod
     def check(cls, options):
         if not options["temperature"] > 0:
-            return f"temperature must be > 0, got {options['temperature']}"
+            return "temperature", f"must be > 0, got {options['temperature']}"
         return None
 
     def __init__(self, temperature=4.0, student_shape=None, teacher_shape=None, **kwargs):

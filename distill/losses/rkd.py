@@ -46,7 +46,7 @@ class RKDLoss(LossTermBlock):
     @classmethod
     def check(cls, options):
         if options["distance_weight"] < 0 or options["angle_weight"] < 0:
-            return "`distance_weight` and `angle_weight` must be ≥ 0"
+            return "distance_weight", "`distance_weight` and `angle_weight` must be ≥ 0"
         return None
 
     def __init__(self, student_shape=None, teacher_shape=None, distance_weight=25.0,

@@ -219,9 +219,6 @@ class ChannelGraph:
             self.tensors[(i, k)] = Tensor(tuple(shape), ids)
 
     # -- results -------------------------------------------------------------------------------
-    def classes_of(self, ids):
-        return self.root[np.asarray(ids)]
-
     def keep_mask(self, ids, removed):
         """Boolean array shaped like ``ids``: True where the unit is not in ``removed``."""
         if not removed:
