@@ -25,8 +25,10 @@ __all__ = ["NUM_BINS", "TARGET_BINS", "abs_histogram", "ncnn_kl_threshold", "mat
 _LOGGER = logging.getLogger(__name__)
 
 NUM_BINS, TARGET_BINS = 2048, 128
+# Ops whose output is still "that weight layer's output" as ncnn sees it: ncnn folds BatchNorm
+# and fuses the activation into the convolution (a residual add stays a separate BinaryOp).
 _PASS_OPS = ("BatchNorm", "Activation", "clip", "LeakyReLU", "relu", "sigmoid", "Dropout",
-             "_copy", "identity", "elemwise_add", "_Plus", "broadcast_add", "Flatten", "flatten")
+             "_copy", "identity", "Flatten", "flatten")
 
 
 def abs_histogram(values, absmax, bins=NUM_BINS):
