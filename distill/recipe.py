@@ -139,6 +139,10 @@ class StudentConfig:
         _check(self.max_stride is None or self.max_stride >= 1, f"{p}.max_stride", "must be ≥ 1")
 
 
+# what every resolved term carried before each loss declared its own options
+_LEGACY_TERM_DEFAULTS = {"temperature": 4.0, "p": 2.0, "distance_weight": 25.0, "angle_weight": 50.0}
+
+
 @dataclass
 class LossTerm:
     """One item of ``distillation:``: a registered loss with its weight and options.
@@ -166,7 +170,13 @@ class LossTerm:
             self.options[k] = float(v)
         # the loss itself knows its options (one file per loss); it imports MXNet, so only here
         from .losses import LOSSES
-        LOSSES.get(self.loss, where=f"recipe key `{p}.loss`").validate_term(self, p)
+        cls = LOSSES.get(self.loss, where=f"recipe key `{p}.loss`")
+        # recipes resolved before losses declared their options carry every loss's defaults on
+        # every term (run folders' recipe.yaml): those exact values are not the user's words
+        for k, v in list(self.options.items()):
+            if k not in cls.OPTIONS and _LEGACY_TERM_DEFAULTS.get(k) == v:
+                del self.options[k]
+        cls.validate_term(self, p)
 
 
 @dataclass

@@ -278,6 +278,8 @@ def _build_terms(recipe, data, teacher, train_net, s_taps, t_taps):
         t_idx = 1 + t_taps.index(t.teacher_layer) if t.teacher_layer else 0
         block = build_loss(t, s_shapes[s_idx], t_shapes[t_idx] if t_shapes else None)
         block.initialize(mx.init.Xavier(), ctx=mx.cpu())
+        if block.hybridizable:          # one cached graph per term, not a handful of ops per step
+            block.hybridize(static_alloc=True)
         seen[t.loss] = seen.get(t.loss, 0) + 1
         name = t.loss if counts[t.loss] == 1 else f"{t.loss}{seen[t.loss]}"
         terms.append(Term(name, t.weight, block, s_idx, t_idx))

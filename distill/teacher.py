@@ -20,7 +20,7 @@ from mxnet import gluon
 from students import STUDENTS, build_student
 
 from .errors import UserError
-from .graphio import SYMBOL_SUFFIX, check_params, load_pair, make_block, symbol_file
+from .graphio import SYMBOL_SUFFIX, check_params, load_pair, make_block, params_file, symbol_file
 from .taps import resolve_tap
 
 __all__ = ["Teacher", "load_teacher"]
@@ -98,7 +98,9 @@ def load_teacher(cfg, data, recipe_dir=".", taps=(), trained=None):
         sym, params = load_pair(prefix, 0)
     elif cfg.checkpoint:
         prefix = _resolve(symbol_file(cfg.checkpoint), recipe_dir)[:-len(SYMBOL_SUFFIX)]
-        sym, params = load_pair(prefix, cfg.epoch, cfg.output)
+        sym, params = load_pair(prefix, cfg.epoch, cfg.output, hint=(
+            f"`teacher.checkpoint` is a prefix: {symbol_file('PREFIX')} and "
+            f"{params_file('PREFIX', cfg.epoch)} must exist (check `teacher.epoch`)."))
         source = f"checkpoint {prefix} (epoch {cfg.epoch})"
     elif cfg.model:
         sym, params, source = _teacher_from_model(cfg, data, recipe_dir)

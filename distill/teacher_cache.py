@@ -86,6 +86,8 @@ class TeacherOutputs:
         """Outputs for the train images ``idx`` (already in the NDArray ``x`` when live)."""
         if self.arrays is None:
             return self.teacher.outputs(x)
+        if self.mode == "memory":
+            return [mx.nd.array(a[idx]) for a in self.arrays]
         order = np.sort(idx)          # memmaps read faster in order; restore the batch order after
         inv = np.argsort(np.argsort(idx))
         return [mx.nd.array(a[order][inv]) for a in self.arrays]

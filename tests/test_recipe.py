@@ -151,3 +151,16 @@ def test_random_yaml_text_raises_only_user_error(tmp_path_factory, text):
         load_recipe(str(p))
     except UserError:
         pass
+
+
+def test_run_folder_recipes_written_before_losses_declared_options_still_load():
+    """Old resolved recipes carry every loss's default options on every term."""
+    legacy = {"temperature": 4.0, "p": 2.0, "distance_weight": 25.0, "angle_weight": 50.0}
+    r = recipe_from_dict({"teacher": {"recipe": "t.yaml"},
+                          "distillation": [{"loss": "kd", "weight": 0.7, **legacy},
+                                           {"loss": "ce", "weight": 0.3, **legacy}]})
+    assert r.distillation[0].options == {"temperature": 4.0}
+    assert r.distillation[1].options == {}
+    with pytest.raises(UserError) as e:          # a value the user chose is never dropped
+        recipe_from_dict({"distillation": [{"loss": "ce", "temperature": 3.0}]})
+    assert "distillation[0].temperature" in str(e.value)

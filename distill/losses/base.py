@@ -34,6 +34,7 @@ class LossTermBlock(gluon.HybridBlock):
     """
 
     OPTIONS = {}
+    hybridizable = True        # False: the forward uses shapes a cached graph cannot take
     needs_teacher = False
     needs_labels = False
     layers = "any"

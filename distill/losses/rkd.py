@@ -42,6 +42,7 @@ class RKDLoss(LossTermBlock):
 
     needs_teacher = True
     OPTIONS = {"distance_weight": 25.0, "angle_weight": 50.0}
+    hybridizable = False       # its pairwise broadcasts need NDArray semantics
 
     @classmethod
     def check(cls, options):
