@@ -33,7 +33,7 @@ from .recorders import default_recorders
 from .report import summary_table
 from .runfolder import RunFolder
 from .taps import tapped_block
-from .teacher import load_teacher
+from .teacher import load_teacher, resolve_path
 from .teacher_cache import TeacherOutputs
 from .trainer import Term, evaluate, fit
 
@@ -82,18 +82,13 @@ def recipe_dir_of(recipe):
     return os.path.dirname(getattr(recipe, "source", "")) or "."
 
 
-def _resolve(path, recipe_dir):
-    cand = os.path.join(recipe_dir, path)
-    return cand if not os.path.isabs(path) and os.path.exists(cand) else path
-
-
 def teacher_recipe_prefix(path, recipe_dir="."):
     """``(prefix, source)`` of the teacher trained by the recipe at ``path``.
 
     Trained into that recipe's run folder on first use, reused from there while the recipe is
     unchanged (its hash is in the folder's ``metrics.json``).
     """
-    rpath = _resolve(path, recipe_dir)
+    rpath = resolve_path(path, recipe_dir)
     if not os.path.isfile(rpath):
         raise UserError(f"`teacher.recipe: {path}` does not exist (looked in {recipe_dir} and the "
                         f"current folder).")

@@ -25,6 +25,7 @@ Ground floor: imports only :mod:`distill.errors`, :mod:`distill.checkpoint` (ato
 import json
 import logging
 import os
+import shutil
 
 import yaml
 
@@ -189,7 +190,6 @@ class RunFolder:
 
     def clear_run_state(self):
         """Remove what a fresh run must not resume from (checkpoints, tb, log, metrics)."""
-        import shutil
         shutil.rmtree(self.checkpoints_dir, ignore_errors=True)
         shutil.rmtree(self.tb_dir, ignore_errors=True)
         for f in (self.log_path, self.metrics_path):

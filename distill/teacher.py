@@ -23,7 +23,7 @@ from .errors import UserError
 from .graphio import SYMBOL_SUFFIX, check_params, load_pair, make_block, params_file, symbol_file
 from .taps import resolve_tap
 
-__all__ = ["Teacher", "load_teacher"]
+__all__ = ["Teacher", "load_teacher", "resolve_path"]
 _LOGGER = logging.getLogger(__name__)
 
 
@@ -97,7 +97,7 @@ def load_teacher(cfg, data, recipe_dir=".", taps=(), trained=None):
         prefix, source = trained
         sym, params = load_pair(prefix, 0)
     elif cfg.checkpoint:
-        prefix = _resolve(symbol_file(cfg.checkpoint), recipe_dir)[:-len(SYMBOL_SUFFIX)]
+        prefix = resolve_path(symbol_file(cfg.checkpoint), recipe_dir)[:-len(SYMBOL_SUFFIX)]
         sym, params = load_pair(prefix, cfg.epoch, cfg.output, hint=(
             f"`teacher.checkpoint` is a prefix: {symbol_file('PREFIX')} and "
             f"{params_file('PREFIX', cfg.epoch)} must exist (check `teacher.epoch`)."))
@@ -115,7 +115,8 @@ def load_teacher(cfg, data, recipe_dir=".", taps=(), trained=None):
                    where="distillation[].teacher_layer")
 
 
-def _resolve(path, recipe_dir):
+def resolve_path(path, recipe_dir):
+    """A relative recipe path: against the recipe's folder when it exists there, else as given."""
     cand = os.path.join(recipe_dir, path)
     return cand if not os.path.isabs(path) and os.path.exists(cand) else path
 
@@ -124,7 +125,7 @@ def _teacher_from_model(cfg, data, recipe_dir):
     if not cfg.params:
         raise UserError(f"`teacher.model: {cfg.model}` needs `teacher.params` (a .params file "
                         f"written by save_parameters).")
-    pfile = _resolve(cfg.params, recipe_dir)
+    pfile = resolve_path(cfg.params, recipe_dir)
     if not os.path.isfile(pfile):
         raise UserError(f"`teacher.params: {cfg.params}` does not exist.")
     if cfg.model in STUDENTS:

@@ -186,8 +186,8 @@ def _train_epoch(train_net, trainer, teacher_outputs, data, terms, cfg, epoch, s
                  rng, modifiers, augment, labelled, checkpoints):
     """One epoch of steps → (per-term loss sums incl. ``__total__``, images, correct, last lr).
 
-    The loss terms are hybridized (one cached graph each instead of a handful of imperative
-    ops per step): with the teacher's outputs cached, that is most of what a KD step adds.
+    The run hands in hybridized loss terms (one cached graph each instead of a handful of
+    imperative ops per step): with the teacher's outputs cached, that is most of a KD step's cost.
     """
     ckpt_hint = f"the last good checkpoint in {checkpoints} is kept" if checkpoints else \
         "no checkpoint was written"

@@ -47,15 +47,9 @@ def weight_sparsity(symbol, params):
 
 
 def _library_versions():
-    from importlib.metadata import PackageNotFoundError, version
     from ..run import versions
-    out = versions()
-    for pkg in ("distill", "onnx", "onnxruntime", "ncnn", "pnnx"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
+    from .runtimes import package_versions
+    return {**versions(), **package_versions("distill", "onnx", "onnxruntime", "ncnn", "pnnx")}
 
 
 def _sparsity(metrics, source):

@@ -30,6 +30,7 @@ from .formats import FORMATS, ExportFormat, check_result, files_bytes
 from .ncnn_bin import INT8_TYPES, parse_param, write_int8, write_param, write_table
 from .ncnn_calib import blob_scale, match_tensors, mxnet_tensors, tensor_layers
 from .parity import check_top1_drop, compare_logits
+from .runtimes import package_versions
 
 __all__ = ["NcnnInt8Format", "write_int8_files", "ncnn_layer_map", "X86_NOTE"]
 _LOGGER = logging.getLogger(__name__)
@@ -105,17 +106,6 @@ def ncnn_layer_map(model, blob_values, mx_fused, mx_plain, thresholds, owners):
         t = plain.get(l.tops[0]) or fused_tops.get(l.tops[0])
         layer_of[l.name] = owners.get(t) if t else None
     return {l.name: inputs[l.bottoms[0]] for l in cands}, layer_of
-
-
-def _versions():
-    from importlib.metadata import PackageNotFoundError, version
-    out = {}
-    for pkg in ("ncnn", "pnnx"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
 
 
 def _top1(logits, y):
@@ -294,7 +284,7 @@ class NcnnInt8Format(ExportFormat):
         bin32, bin8 = os.path.getsize(src_bin), os.path.getsize(dst[1])
         result = {
             "files": list(FILES), "bytes": files_bytes(job.out_dir, FILES),
-            "runtime": f"ncnn {_versions()['ncnn']} (Python, use_int8_inference), written by distill",
+            "runtime": f"ncnn {package_versions('ncnn')['ncnn']} (Python, use_int8_inference), written by distill",
             "precision": "int8", "input": "in0", "output": "out0",
             "parity": stats, "latency_ms": {"b1": lat} if lat is not None else None, "threads": job.threads,
             "calibration_list": calib_list,

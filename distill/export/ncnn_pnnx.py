@@ -17,6 +17,7 @@ import subprocess
 from ..errors import UserError
 from .formats import FORMATS, ExportFormat, check_result, files_bytes
 from .parity import check_agreement, check_max_abs, compare_logits
+from .runtimes import package_versions
 
 __all__ = ["NcnnFormat", "pnnx_executable", "onnx_to_ncnn"]
 _LOGGER = logging.getLogger(__name__)
@@ -73,17 +74,6 @@ def onnx_to_ncnn(onnx_path, input_shape, out_param, out_bin, fp16=False, work_di
     return out_param, out_bin
 
 
-def _versions():
-    from importlib.metadata import PackageNotFoundError, version
-    out = {}
-    for pkg in ("ncnn", "pnnx"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
 @FORMATS.register("ncnn")
 class NcnnFormat(ExportFormat):
     """ncnn param/bin via pnnx, checked in ncnn's Python runtime."""
@@ -129,7 +119,7 @@ class NcnnFormat(ExportFormat):
             reason = check_max_abs(stats, job.options.atol)
             rule = (f"ncnn (fp32 weights and compute) vs MXNet on the test split: max abs logit "
                     f"difference ≤ {job.options.atol:g}")
-        v = _versions()
+        v = package_versions("ncnn", "pnnx")
         return {"files": list(self.files), "bytes": files_bytes(job.out_dir, self.files),
                 "runtime": f"ncnn {v['ncnn']} (Python), converted by pnnx {v['pnnx']}",
                 "precision": "fp16" if fp16 else "fp32", "input": in_name, "output": out_name,

@@ -10,9 +10,21 @@ import numpy as np
 
 from ..graphio import best_of_ms
 
-__all__ = ["default_threads", "best_of_ms", "ort_session", "ort_predict", "ncnn_net",
+__all__ = ["package_versions", "default_threads", "best_of_ms", "ort_session", "ort_predict", "ncnn_net",
            "ncnn_predict", "ncnn_latency", "ort_latency"]
 _LOGGER = logging.getLogger(__name__)
+
+
+def package_versions(*names):
+    """``{package: installed version or None}`` (from the installed distributions' metadata)."""
+    from importlib.metadata import PackageNotFoundError, version
+    out = {}
+    for pkg in names:
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
 
 
 def default_threads():
