@@ -284,7 +284,11 @@ class QuantizationConfig:
 
 @dataclass
 class TrainerConfig:
-    """``trainer:`` the optimisation loop."""
+    """``trainer:`` the optimisation loop.
+
+    ``kvstore`` is the Gluon Trainer's KVStore: ``local`` (default), ``device``, or
+    ``dist_sync``/``dist_async`` for MXNet parameter-server training (``distill launch``).
+    """
     epochs: int = 10
     batch_size: int = 64
     lr: float = 0.05
@@ -300,8 +304,11 @@ class TrainerConfig:
     progress: bool = True
     teacher_cache: str = "auto"
     teacher_cache_max_mb: float = 2048.0
+    kvstore: str = "local"
 
     def validate(self, p):
+        _check(self.kvstore in ("local", "device", "dist_sync", "dist_async"), f"{p}.kvstore",
+               f"must be one of local, device, dist_sync, dist_async; got {self.kvstore!r}")
         _check(self.teacher_cache in ("auto", "memory", "disk", "off"), f"{p}.teacher_cache",
                f"must be one of auto, memory, disk, off; got {self.teacher_cache!r}")
         _check(self.teacher_cache_max_mb > 0, f"{p}.teacher_cache_max_mb", "must be > 0")
@@ -486,6 +493,8 @@ def recipe_hash(recipe, sections=None):
     d.pop("output", None)                      # where results go and how they are shown,
     d.pop("quantization", None)                # and post-training int8 calibration,
     d.get("trainer", {}).pop("progress", None)  # do not change what is trained
+    if d.get("trainer", {}).get("kvstore") == "local":
+        d["trainer"].pop("kvstore")            # the default: runs made before the key stay fresh
     if not d.get("pruning", {}).get("enabled"):
         d.pop("pruning", None)                 # new pruning keys must not make old runs stale
     if sections:
