@@ -19,6 +19,7 @@ Recipe example::
 """
 import copy
 import dataclasses
+import glob
 import hashlib
 import json
 import logging
@@ -457,6 +458,14 @@ def _build(cls, raw, path):
     return obj
 
 
+# what a recipe that names a teacher but no `distillation` trains with (the README's reference)
+DEFAULT_DISTILLATION = [{"loss": "kd", "weight": 0.7, "temperature": 4.0}, {"loss": "ce", "weight": 0.3}]
+
+
+def _names_teacher(teacher):
+    return isinstance(teacher, dict) and any(teacher.get(k) for k in ("checkpoint", "recipe", "model"))
+
+
 def recipe_from_dict(raw, source="<recipe>"):
     """Validate a plain dict (``extends`` already resolved) into a :class:`Recipe`."""
     if not isinstance(raw, dict):
@@ -465,6 +474,16 @@ def recipe_from_dict(raw, source="<recipe>"):
     raw.pop("extends", None)
     if "distillation" in raw and isinstance(raw["distillation"], dict):
         raw["distillation"] = [raw["distillation"]]
+    pruning = raw.get("pruning")
+    if isinstance(pruning, dict) and pruning and "enabled" not in pruning:
+        # a section that sets any pruning key means pruning is wanted; only `enabled: false` stops it
+        raw["pruning"] = {**pruning, "enabled": True}
+        _LOGGER.info("%s: `pruning` sets %s without `enabled`: pruning is on (write `enabled: false` "
+                     "to keep the section and not prune)", source, ", ".join(map(str, pruning)))
+    if raw.get("distillation") is None and _names_teacher(raw.get("teacher")):
+        raw["distillation"] = copy.deepcopy(DEFAULT_DISTILLATION)
+        _LOGGER.info("%s: no `distillation` section: KD (weight 0.7, T 4) + CE (0.3) against the "
+                     "teacher", source)
     try:
         return _build(Recipe, raw, "")
     except UserError as e:
@@ -545,8 +564,36 @@ def _load_raw(path, seen=()):
         ppath = os.path.join(os.path.dirname(path), parent)
         if not os.path.isfile(ppath):
             raise UserError(f"{path}: `extends: {parent}` names a file that does not exist ({ppath}).")
-        data = _merge(_load_raw(ppath, seen + (path,)), {k: v for k, v in data.items() if k != "extends"})
+        base = _rebase_paths(_load_raw(ppath, seen + (path,)), os.path.dirname(os.path.abspath(ppath)),
+                             os.path.dirname(path))
+        data = _merge(base, {k: v for k, v in data.items() if k != "extends"})
     return data
+
+
+# recipe keys that hold a file or folder path, resolved against the recipe that wrote them
+PATH_KEYS = (("teacher", "recipe"), ("teacher", "checkpoint"), ("teacher", "params"),
+             ("data", "root"), ("data", "train"), ("data", "val"))
+
+
+def _rebase_paths(raw, from_dir, to_dir):
+    """Paths written in a base recipe (in ``from_dir``) rewritten relative to ``to_dir``, the
+    folder of the recipe that extends it, so each path means what it meant where it was written.
+
+    A relative path is rebased only when it exists next to the base (as a file, folder or
+    checkpoint prefix): paths relative to the working directory stay as written, which is how
+    :func:`distill.teacher.resolve_path` reads them too."""
+    if os.path.abspath(from_dir) == os.path.abspath(to_dir):
+        return raw
+    raw = copy.deepcopy(raw)
+    for section, key in PATH_KEYS:
+        sec = raw.get(section)
+        value = sec.get(key) if isinstance(sec, dict) else None
+        if not isinstance(value, str) or not value or os.path.isabs(value):
+            continue
+        cand = os.path.join(from_dir, value)
+        if os.path.exists(cand) or glob.glob(glob.escape(cand) + "-*"):
+            sec[key] = os.path.relpath(cand, to_dir or ".")
+    return raw
 
 
 def apply_overrides(raw, overrides):

@@ -164,3 +164,42 @@ def test_run_folder_recipes_written_before_losses_declared_options_still_load():
     with pytest.raises(UserError) as e:          # a value the user chose is never dropped
         recipe_from_dict({"distillation": [{"loss": "ce", "temperature": 3.0}]})
     assert "distillation[0].temperature" in str(e.value)
+
+
+def test_pruning_section_without_enabled_prunes():
+    on = recipe_from_dict({"pruning": {"granularity": "channel", "criterion": "l1", "schedule": "agp",
+                                       "final_sparsity": 0.5}})
+    assert on.pruning.enabled and on.pruning.final_sparsity == 0.5
+    off = recipe_from_dict({"pruning": {"enabled": False, "final_sparsity": 0.5}})
+    assert not off.pruning.enabled
+    assert not recipe_from_dict({}).pruning.enabled
+    # --set on a recipe without the section is a pruning section that sets a key
+    assert recipe_from_dict(apply_overrides({}, ["pruning.final_sparsity=0.7"])).pruning.enabled
+
+
+def test_default_distillation_is_kd_plus_ce_with_a_teacher():
+    with_teacher = recipe_from_dict({"teacher": {"recipe": "teacher_mnist.yaml"}})
+    assert [(t.loss, t.weight) for t in with_teacher.distillation] == [("kd", 0.7), ("ce", 0.3)]
+    assert with_teacher.distillation[0].options == {"temperature": 4.0}
+    alone = recipe_from_dict({})
+    assert [t.loss for t in alone.distillation] == ["ce"]
+    mine = recipe_from_dict({"teacher": {"recipe": "t.yaml"}, "distillation": [{"loss": "ce"}]})
+    assert [t.loss for t in mine.distillation] == ["ce"]
+
+
+def test_extends_resolves_paths_against_the_file_that_wrote_them(tmp_path):
+    bundled = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "local_data").mkdir()
+    (user / "my.yaml").write_text(
+        f"extends: {os.path.join(bundled, 'quickstart.yaml')}\nname: mine\n"
+        "data: {root: local_data}\n")
+    r = load_recipe(str(user / "my.yaml"))
+    # teacher.recipe was written in the bundled quickstart: it still names the bundled teacher
+    assert os.path.samefile(os.path.join(user, r.teacher.recipe), os.path.join(bundled, "teacher_mnist.yaml"))
+    assert r.data.root == "local_data"           # written in the user's file: kept as written
+    # a base in the same folder: nothing is rewritten (bundled recipes' hashes stay)
+    (user / "base.yaml").write_text("teacher: {checkpoint: missing/prefix}\n")
+    (user / "child.yaml").write_text("extends: base.yaml\n")
+    assert load_recipe(str(user / "child.yaml")).teacher.checkpoint == "missing/prefix"
