@@ -6,7 +6,8 @@ graphs through this module: load a pair (training heads stripped to logits), che
 against the graph, build a SymbolBlock, save a pair atomically, count parameters, and time a
 callable (:func:`best_of_ms`, the one timing loop every timing site uses).
 
-Ground floor: imports nothing of the project but :mod:`distill.errors`.
+Ground floor: imports nothing of the project but :mod:`distill.errors` and
+:mod:`distill.graphnorm` (the normalisation every loaded pair gets).
 """
 import json
 import logging
@@ -20,6 +21,7 @@ import numpy as np
 from mxnet import gluon
 
 from .errors import UserError, closest
+from .graphnorm import infer_shape_quiet, input_channels, normalise, pinned_size
 
 __all__ = ["SYMBOL_SUFFIX", "symbol_file", "params_file", "pair_files", "pair_exists",
            "HEAD_OPS", "AUX_SUFFIXES", "strip_training_head", "load_pair", "load_symbol_checkpoint",
@@ -87,8 +89,65 @@ def strip_training_head(sym, output=None, where="teacher"):
     return sym
 
 
-def load_pair(prefix, epoch=0, output=None, what="teacher checkpoint", hint=None):
-    """Read ``PREFIX-symbol.json`` + ``PREFIX-%04d.params`` → (logits symbol, params dict).
+def _mxnet_reason(err):
+    """The line of an MXNetError that says what went wrong (its first line is
+    ``Traceback (most recent call last):``)."""
+    lines = [l.strip() for l in str(err).splitlines() if l.strip()]
+    said = [l for l in lines if l.startswith("MXNetError:")] or lines[-1:] or ["(no message)"]
+    return said[-1].replace("MXNetError: ", "", 1)
+
+
+# The first 8 bytes of every file mx.nd.save writes (kMXAPINDArrayListMagic, little-endian).
+_NDARRAY_LIST_MAGIC = 0x112
+
+
+def _unreadable_params(path, err):
+    """A UserError saying whether ``path`` is empty, not a params file, or truncated."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if size == 0:
+        what = "is empty (0 bytes)"
+    elif len(head) < 8 or int.from_bytes(head, "little") != _NDARRAY_LIST_MAGIC:
+        what = (f"is not an MXNet params file ({size:,} bytes that do not start with the header "
+                f"mx.nd.save writes)")
+    else:
+        what = (f"is truncated or corrupt ({size:,} bytes: the MXNet header is there but the "
+                f"arrays cannot be read; an interrupted copy or download leaves this)")
+    return UserError(f"{path} {what}. MXNet says: {_mxnet_reason(err)}. Copy the file again, or "
+                     f"give the PREFIX-NNNN.params written with PREFIX{SYMBOL_SUFFIX}.")
+
+
+def _read_pair(prefix, epoch, what, hint):
+    """→ (symbol as saved, params with ``arg:``/``aux:`` dropped); missing or unreadable files
+    are a UserError."""
+    sym_file, par_file = pair_files(prefix, epoch)
+    for f in (sym_file, par_file):
+        if not os.path.isfile(f):
+            raise UserError(f"{what} file {f} does not exist. " + (hint or (
+                f"A checkpoint is a prefix: PREFIX{SYMBOL_SUFFIX} and "
+                f"{os.path.basename(params_file('PREFIX', epoch))} must exist (check the epoch).")))
+    try:
+        sym = mx.sym.load(sym_file)
+    except mx.base.MXNetError as e:
+        raise UserError(f"{sym_file} is not a valid MXNet symbol file "
+                        f"({os.path.getsize(sym_file):,} bytes): {_mxnet_reason(e)}") from None
+    try:
+        raw = mx.nd.load(par_file)
+    except mx.base.MXNetError as e:
+        raise _unreadable_params(par_file, e) from None
+    if not isinstance(raw, dict):      # mx.nd.save of a list: no names to match the graph's
+        raise UserError(f"{par_file} holds {len(raw)} unnamed arrays, not a name → array params "
+                        f"file: save it with names (HybridBlock.export or Module.save_checkpoint).")
+    return sym, {k.split(":", 1)[1] if k.startswith(("arg:", "aux:")) else k: v for k, v in raw.items()}
+
+
+def load_pair(prefix, epoch=0, output=None, what="teacher checkpoint", hint=None,
+              input_shape=None, input_name="data"):
+    """Read ``PREFIX-symbol.json`` + ``PREFIX-%04d.params`` → (logits symbol, params dict),
+    normalised (:func:`distill.graphnorm.normalise`: fix_gamma gammas set to 1, a Flatten
+    before each flattening FullyConnected, and with ``input_shape`` global pool kernels
+    fitted).
 
     ``arg:``/``aux:`` prefixes are dropped; parameters of a stripped training head are dropped
     too (any other name the graph does not use is left for :func:`check_params` to report).
@@ -99,30 +158,18 @@ def load_pair(prefix, epoch=0, output=None, what="teacher checkpoint", hint=None
         What the pair is, for the message when a file is missing.
     hint : str, optional
         What to do when a file is missing (default: the prefix/epoch explanation).
+    input_shape : tuple, optional
+        ``(N, C, H, W)`` or ``(C, H, W)`` of the input, when known.
     """
-    sym_file, par_file = pair_files(prefix, epoch)
-    for f in (sym_file, par_file):
-        if not os.path.isfile(f):
-            raise UserError(f"{what} file {f} does not exist. " + (hint or (
-                f"A checkpoint is a prefix: PREFIX{SYMBOL_SUFFIX} and "
-                f"{os.path.basename(params_file('PREFIX', epoch))} must exist (check the epoch).")))
-    try:
-        sym = mx.sym.load(sym_file)
-    except mx.base.MXNetError as e:
-        raise UserError(f"{sym_file} is not a valid MXNet symbol file: {str(e).splitlines()[0]}") from None
-    try:
-        raw = mx.nd.load(par_file)
-    except mx.base.MXNetError as e:
-        raise UserError(f"{par_file} is not a valid MXNet params file: {str(e).splitlines()[0]}") from None
-    params = {}
-    for k, v in raw.items():
-        params[k.split(":", 1)[1] if k.startswith(("arg:", "aux:")) else k] = v
+    sym, params = _read_pair(prefix, epoch, what, hint)
+    sym_file = symbol_file(prefix)
     logits = strip_training_head(sym, output, where=sym_file)
     # parameters of the stripped part (a loss head, layers after `teacher.output`) are expected
     # leftovers; any other name in the file is an error check_params reports
     full = set(sym.list_arguments()) | set(sym.list_auxiliary_states())
     kept = set(logits.list_arguments()) | set(logits.list_auxiliary_states())
     params = {k: v for k, v in params.items() if k in kept or k not in full}
+    logits, params, _ = normalise(logits, params, input_shape, input_name, where=sym_file)
     return logits, params
 
 
@@ -131,8 +178,40 @@ def load_symbol_checkpoint(prefix, epoch=0, output=None):
     return load_pair(prefix, epoch, output)
 
 
-def check_params(sym, params, input_name, input_shape, where):
+def _channel_fix(channels, option):
+    """How to feed ``channels`` input channels: the recipe key, or ``option`` (a CLI flag)."""
+    if option:
+        return f"Pass {option} {channels},H,W."
+    if channels in (1, 3):
+        return (f"Set `data.grayscale: {'true' if channels == 1 else 'false'}` so the data has "
+                f"{channels} channel{'s' if channels > 1 else ''}.")
+    return f"The data must have {channels} channels (`data.grayscale` gives 1 or 3)."
+
+
+def _size_fix(sym, params, input_name, channels, option):
+    """The input size the params pin, as a sentence (``''`` when they pin none)."""
+    pinned = pinned_size(sym, params, channels, input_name)
+    if not pinned:
+        return ""
+    size, lo, hi = pinned
+    how = f"pass {option} {channels},{size},{size}" if option else f"set `data.image_size: {size}`"
+    return (f" The parameters fit inputs of {lo}..{hi} pixels square ({size} most likely): "
+            f"{how}.")
+
+
+def check_params(sym, params, input_name, input_shape, where, option=None):
     """Missing, extra or shape-mismatched parameters → :class:`UserError` naming them.
+
+    A channel count the first layer's weights contradict is reported as such (naming the layer
+    and ``data.grayscale``) whichever parameter shape inference would trip on first.
+
+    Parameters
+    ----------
+    input_shape : tuple
+        ``(N, C, H, W)``.
+    option : str, optional
+        The command-line option that sets the shape (``--input-shape``), named in the fix
+        instead of the recipe's ``data.grayscale``/``data.image_size``.
 
     Returns the output shape for ``input_shape``."""
     needed = [n for n in sym.list_arguments() if n != input_name] + sym.list_auxiliary_states()
@@ -146,24 +225,31 @@ def check_params(sym, params, input_name, input_shape, where):
         raise UserError(f"{where}: the params file has parameters the graph does not use: "
                         f"{', '.join(extra[:8])}{' ...' if len(extra) > 8 else ''}. Is it the params "
                         f"file of another model? Pair PREFIX{SYMBOL_SUFFIX} with its own PREFIX-NNNN.params.")
+    first = input_channels(sym, params, input_name)
+    if first and len(input_shape) > 1 and first[0] != input_shape[1]:
+        ch, layer, pname, pshape = first
+        raise UserError(f"{where}: the graph's first layer {layer!r} takes {ch} input channel"
+                        f"{'s' if ch != 1 else ''} (its parameter {pname!r} has shape {pshape}), "
+                        f"but the input has {input_shape[1]} (shape {tuple(input_shape)}). "
+                        f"{_channel_fix(ch, option)}")
+    channels = first[0] if first else input_shape[1]
     try:
-        arg_shapes, out_shapes, aux_shapes = sym.infer_shape(**{input_name: input_shape})
+        arg_shapes, out_shapes, aux_shapes = infer_shape_quiet(sym, **{input_name: tuple(input_shape)})
     except mx.base.MXNetError as e:
-        first = str(e).splitlines()[0]
-        raise UserError(f"{where}: the graph does not accept input of shape {input_shape} "
-                        f"(channels, size from the data): {first}. Set `data.grayscale`, "
-                        f"`data.image_size` so the input matches what the teacher was trained on.") from None
+        fix = (f"Pass {option} C,H,W to match what the graph was trained on." if option else
+               "Set `data.grayscale`, `data.image_size` so the input matches what the teacher "
+               "was trained on.")
+        raise UserError(f"{where}: the graph does not accept input of shape {tuple(input_shape)} "
+                        f"(channels, size from the data): {_mxnet_reason(e)}. {fix}"
+                        f"{_size_fix(sym, params, input_name, channels, option)}") from None
     names = sym.list_arguments() + sym.list_auxiliary_states()
     for n, s in zip(names, list(arg_shapes) + list(aux_shapes)):
         if n == input_name:
             continue
         if tuple(params[n].shape) != tuple(s):
-            hint = ""
-            if n.endswith("weight") and len(s) == 4 and s[1] != params[n].shape[1]:
-                hint = (f" The first convolution expects {params[n].shape[1]} input channels: "
-                        f"set `data.grayscale` to match.")
             raise UserError(f"{where}: parameter {n!r} has shape {tuple(params[n].shape)} in the "
-                            f"params file but the graph, fed {input_shape}, needs {tuple(s)}.{hint}")
+                            f"params file but the graph, fed {tuple(input_shape)}, needs {tuple(s)}."
+                            f"{_size_fix(sym, params, input_name, channels, option)}")
     return tuple(out_shapes[0])
 
 
@@ -195,12 +281,18 @@ def make_block(symbol, params, input_name="data", trainable=True, hybridize=Fals
 
 
 def load_symbol_block(prefix, epoch=0, input_name="data", ctx=None):
-    """Load an exported pair as a SymbolBlock (``SymbolBlock.imports``)."""
-    ctx = ctx or mx.cpu()
-    with warnings.catch_warnings():       # "Cannot decide type for data": harmless, float32
-        warnings.simplefilter("ignore")
-        return gluon.SymbolBlock.imports(symbol_file(prefix), [input_name],
-                                         params_file(prefix, epoch), ctx=ctx)
+    """Load an exported pair (fp32 or int8) as a SymbolBlock, normalised as :func:`load_pair`
+    normalises (the graph is kept whole: no training head is stripped)."""
+    del ctx                           # make_block loads on the CPU, the only device we run on
+    sym, params = _read_pair(prefix, epoch, "model", None)
+    sym, params, _ = normalise(sym, params, None, input_name, where=symbol_file(prefix))
+    missing = [n for n in sym.list_arguments() + sym.list_auxiliary_states()
+               if n != input_name and n not in params]
+    if missing:
+        raise UserError(f"{params_file(prefix, epoch)} lacks {', '.join(missing[:6])}"
+                        f"{' ...' if len(missing) > 6 else ''}, which {symbol_file(prefix)} needs: "
+                        f"pair the symbol file with its own params file.")
+    return make_block(sym, params, input_name)
 
 
 def save_pair(prefix, symbol, params, epoch=0):
