@@ -37,7 +37,7 @@ from .quantize import CALIBRATORS, POLICIES         # the package face: registri
 
 __all__ = ["Recipe", "DataConfig", "TeacherConfig", "StudentConfig", "LossTerm", "PruningConfig",
            "LayerOverride",
-           "QuantizationConfig", "TrainerConfig", "OutputConfig", "load_recipe", "recipe_from_dict",
+           "QuantizationConfig", "ExportConfig", "TrainerConfig", "OutputConfig", "load_recipe", "recipe_from_dict",
            "recipe_to_dict", "recipe_hash", "apply_overrides"]
 _LOGGER = logging.getLogger(__name__)
 
@@ -283,6 +283,33 @@ class QuantizationConfig:
                f"must be channel-wise or tensor-wise; got {self.granularity!r}")
 
 
+# the registered export formats (distill.export.formats.FORMATS, filled when the MXNet-importing
+# format modules load; a test keeps this list equal to it)
+EXPORT_FORMATS = ("mxnet", "onnx", "onnx-int8", "ncnn", "ncnn-int8")
+
+
+@dataclass
+class ExportConfig:
+    """``export:`` deploy the student at the end of ``distill train`` (the same as
+    ``distill export RUN_DIR --format ...`` afterwards), each format checked in its runtime.
+
+    ``formats``: ``mxnet``, ``onnx``, ``onnx-int8``, ``ncnn``, ``ncnn-int8``, or ``all`` (every
+    format whose runtime is installed). A section that sets any key exports unless
+    ``enabled: false``. A failed check is reported and kept in ``metrics.json`` (``export``);
+    the run itself still completes.
+    """
+    enabled: bool = False
+    formats: List[str] = field(default_factory=lambda: ["all"])
+
+    def validate(self, p):
+        _check(bool(self.formats), f"{p}.formats", "give at least one format, or `all`")
+        for f in self.formats:
+            if f != "all" and f not in EXPORT_FORMATS:
+                near = closest(f, list(EXPORT_FORMATS))
+                _check(False, f"{p}.formats", f"unknown format {f!r}{' (did you mean ' + repr(near[0]) + '?)' if near else ''}; "
+                       f"formats: {', '.join(EXPORT_FORMATS)}, or all")
+
+
 @dataclass
 class TrainerConfig:
     """``trainer:`` the optimisation loop.
@@ -347,6 +374,7 @@ class Recipe:
     distillation: List[LossTerm] = field(default_factory=lambda: [LossTerm(loss="ce")])
     pruning: PruningConfig = field(default_factory=PruningConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
@@ -474,12 +502,13 @@ def recipe_from_dict(raw, source="<recipe>"):
     raw.pop("extends", None)
     if "distillation" in raw and isinstance(raw["distillation"], dict):
         raw["distillation"] = [raw["distillation"]]
-    pruning = raw.get("pruning")
-    if isinstance(pruning, dict) and pruning and "enabled" not in pruning:
-        # a section that sets any pruning key means pruning is wanted; only `enabled: false` stops it
-        raw["pruning"] = {**pruning, "enabled": True}
-        _LOGGER.info("%s: `pruning` sets %s without `enabled`: pruning is on (write `enabled: false` "
-                     "to keep the section and not prune)", source, ", ".join(map(str, pruning)))
+    for section in ("pruning", "export"):
+        sec = raw.get(section)
+        if isinstance(sec, dict) and sec and "enabled" not in sec:
+            # a section that sets any key means the step is wanted; only `enabled: false` stops it
+            raw[section] = {**sec, "enabled": True}
+            _LOGGER.info("%s: `%s` sets %s without `enabled`: it is on (write `enabled: false` to "
+                         "keep the section and skip the step)", source, section, ", ".join(map(str, sec)))
     if raw.get("distillation") is None and _names_teacher(raw.get("teacher")):
         raw["distillation"] = copy.deepcopy(DEFAULT_DISTILLATION)
         _LOGGER.info("%s: no `distillation` section: KD (weight 0.7, T 4) + CE (0.3) against the "
@@ -510,7 +539,8 @@ def recipe_hash(recipe, sections=None):
     """A short, stable hash of the recipe (or of some sections of it)."""
     d = recipe_to_dict(recipe)
     d.pop("output", None)                      # where results go and how they are shown,
-    d.pop("quantization", None)                # and post-training int8 calibration,
+    d.pop("quantization", None)                # and post-training int8 calibration
+    d.pop("export", None)                      # and export,
     d.get("trainer", {}).pop("progress", None)  # do not change what is trained
     if d.get("trainer", {}).get("kvstore") == "local":
         d["trainer"].pop("kvstore")            # the default: runs made before the key stay fresh

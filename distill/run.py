@@ -32,6 +32,7 @@ from .recipe import load_recipe, recipe_from_dict, recipe_hash, recipe_to_dict
 from .recorders import default_recorders
 from .report import summary_table
 from .runfolder import RunFolder
+from .stages import Stage, export_stage, pipeline_table
 from .taps import tapped_block
 from .teacher import load_teacher, resolve_path
 from .teacher_cache import TeacherOutputs
@@ -178,8 +179,10 @@ def run_training(recipe, resume=False, role="student"):
     t_taps = _unique(t.teacher_layer for t in recipe.distillation)
     s_taps = _unique(t.student_layer for t in recipe.distillation)
     if recipe.teacher.given:
-        teacher = resolve_teacher(recipe, data, taps=t_taps)
-        log(f"teacher: {teacher.source}")
+        with Stage("teacher (trained once from its recipe, then cached)" if recipe.teacher.recipe
+                   else "teacher", log):
+            teacher = resolve_teacher(recipe, data, taps=t_taps)
+            log(f"teacher: {teacher.source}")
 
     student, student_desc = _build_student(recipe, data, teacher)
     student.hybridize(static_alloc=True, static_shape=True)
@@ -242,9 +245,14 @@ def run_training(recipe, resume=False, role="student"):
     metrics["complete"] = True
     folder.write_metrics(metrics)
     log(summary_table(metrics))
-    if recipe.quantization.enabled and role != "teacher":
-        log("\n== int8 calibration (quantization.enabled)")
-        metrics["int8"] = quantize_target(run_dir, log=log)
+    if role != "teacher" and (recipe.quantization.enabled or recipe.export.enabled):
+        if recipe.quantization.enabled:
+            with Stage("int8 calibration (quantization.enabled)", log):
+                metrics["int8"] = quantize_target(run_dir, log=log)
+        if recipe.export.enabled:
+            with Stage(f"export ({', '.join(recipe.export.formats)}), each checked in its runtime", log):
+                metrics["export"] = export_stage(run_dir, recipe.export, folder.metrics_path, log=log)
+        log(pipeline_table(metrics))
     log(f"run folder: {run_dir}  ({os.path.basename(folder.metrics_path)}, "
         f"{' + '.join(os.path.basename(f) for f in pair_files(folder.model_prefix))}, tb/)")
     return metrics

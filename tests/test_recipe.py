@@ -203,3 +203,14 @@ def test_extends_resolves_paths_against_the_file_that_wrote_them(tmp_path):
     (user / "base.yaml").write_text("teacher: {checkpoint: missing/prefix}\n")
     (user / "child.yaml").write_text("extends: base.yaml\n")
     assert load_recipe(str(user / "child.yaml")).teacher.checkpoint == "missing/prefix"
+
+
+def test_export_section_formats_match_the_registry():
+    from distill.export import core  # noqa: F401  (registers every format)
+    from distill.export.formats import FORMATS
+    from distill.recipe import EXPORT_FORMATS
+    assert sorted(EXPORT_FORMATS) == sorted(FORMATS.names())
+    assert recipe_from_dict({"export": {"formats": ["onnx"]}}).export.enabled
+    assert not recipe_from_dict({"export": {"enabled": False, "formats": ["onnx"]}}).export.enabled
+    with pytest.raises(UserError, match="ncnn-int8"):
+        recipe_from_dict({"export": {"formats": ["ncnn_int8"]}})

@@ -2,6 +2,7 @@
 teacher cache, CLI errors, and SIGKILL → --resume giving the same result."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -175,10 +176,11 @@ def test_augment_batch_is_seeded_and_shape_preserving():
         assert np.array_equal(flipped[i], x[i]) or np.array_equal(flipped[i], x[i, :, :, ::-1])
 
 
-def test_quantization_enabled_calibrates_at_the_end(tmp_path):
+def test_quantization_and_export_enabled_run_at_the_end(tmp_path):
     t = tiny_teacher(tmp_path, epochs=1)
     s = tiny_student(tmp_path, t, name="q", epochs=2,
-                     quantization={"enabled": True, "exclude": "first_last", "calib_batches": 2})
+                     quantization={"enabled": True, "exclude": "first_last", "calib_batches": 2},
+                     export={"formats": ["mxnet", "ncnn"]})          # no `enabled`: the section is on
     res = run_cli(s)
     assert res.returncode == 0, res.stderr[-2000:]
     run = os.path.join(tmp_path, "runs", "q")
@@ -186,3 +188,12 @@ def test_quantization_enabled_calibrates_at_the_end(tmp_path):
     assert m["int8"]["calib_mode"] == "naive" and len(m["int8"]["excluded"]) == 2
     assert abs(m["int8"]["top1"] - m["student"]["top1"]) <= 5.0
     assert os.path.isfile(os.path.join(run, "model-int8-symbol.json"))
+    ex = m["export"]
+    assert sorted(ex["formats"]) == ["mxnet", "ncnn"] and ex["passed"], ex
+    assert abs(ex["formats"]["ncnn"]["top1"] - m["student"]["top1"]) <= 1.0
+    assert os.path.isfile(os.path.join(run, "export", "model.ncnn.param"))
+    for stage in ("int8 calibration", "export (mxnet, ncnn)"):      # a line per stage, with its time
+        assert re.search(rf"== {re.escape(stage)}.*: done in \d+ s", res.stdout), stage
+    table = res.stdout[res.stdout.index("the whole pipeline"):]
+    for row in ("teacher fp32 (MXNet)", "student fp32 (MXNet)", "student int8 (MXNet", "student fp32 (ncnn)"):
+        assert row in table, row
