@@ -78,6 +78,9 @@ SUBCOMMANDS = {
     "quantize": ("distill.quantize.cli", "int8 calibration of a run folder's model (oneDNN)"),
     "export": ("distill.export", "export a run folder's model for deployment (mxnet, onnx, ncnn)"),
     "sensitivity": ("distill.pruning.sensitivity", "per-group channel-pruning sensitivity of a recipe"),
+    "compare": ("distill.compare", "students side by side: run a comparison recipe or collect run folders"),
+    "launch": ("distill.launch", "parameter-server training on this machine: scheduler, servers, "
+                                 "workers (dist_sync)"),
 }
 
 
