@@ -18,7 +18,7 @@ from distill.data import load_data
 from distill.export import ExportOptions, export_run
 from distill.export.calib import calibration_indices
 from distill.export.formats import FORMATS
-from distill.export.parity import ExportMismatch, check_agreement, check_max_abs, compare_logits
+from distill.export.parity import ExportMismatch, check_agreement, check_close, compare_logits
 from distill.graphio import load_symbol_block
 from distill.recipe import recipe_from_dict, recipe_hash
 from distill.trainer import predict
@@ -319,9 +319,10 @@ def test_fp16_ncnn_is_smaller_and_checked_by_agreement(module_teacher, tmp_path)
 
 def test_a_disagreeing_runtime_fails_with_a_clear_error(module_teacher, tmp_path):
     m = module_teacher
-    with pytest.raises(ExportMismatch, match=r"onnx: max abs logit difference from MXNet .* > 1e-12"):
+    with pytest.raises(ExportMismatch, match=r"onnx: max abs logit difference from MXNet .* > 1e-12 "
+                                             r"\(= 1e-12 \+ 0 × max \|logit\|.*top-1 agreement"):
         export_run(m["run"], formats=["onnx"], model=m["prefix"], epoch=3, out_dir=str(tmp_path),
-                   options=ExportOptions(atol=1e-12, latency=False))
+                   options=ExportOptions(atol=1e-12, rtol=0.0, latency=False))
     card = json.load(open(tmp_path / "model_card.json"))
     assert card["exports"]["onnx"]["check"]["passed"] is False
 
@@ -340,9 +341,15 @@ def test_parity_checks_on_arrays():
     stats = compare_logits(ref, ref + 5e-4, np.array([0, 1, 1]))
     assert stats["max_abs_diff"] == pytest.approx(5e-4, rel=1e-3) and stats["top1_agreement"] == 100.0
     assert stats["top1"] == pytest.approx(200 / 3)
-    assert check_max_abs(stats, 1e-3) is None
+    assert check_close(stats, 1e-3, 0.0) is None
     bad = compare_logits(ref, ref + np.array([[0, 0], [0, 0], [0, 2.0]], np.float32))
-    assert "max abs logit difference from MXNet 2 > 0.001" in check_max_abs(bad, 1e-3)
+    assert "max abs logit difference from MXNet 2 > 0.001 (= 0.001 + 0 ×" in check_close(bad, 1e-3, 0.0)
+    # relative to the logits' scale: 1.5e-3 on logits up to 300 passes at rtol 1e-4, not absolutely
+    big = np.array([[300.0, -20.0], [-5.0, 280.0]], np.float32)
+    near = compare_logits(big, big + 1.5e-3)
+    assert near["ref_max_abs"] == 300.0 and near["rel_max_diff"] == pytest.approx(5e-6, rel=1e-2)
+    assert check_close(near, 1e-3, 1e-4) is None and check_close(near, 1e-3, 0.0) is not None
+    assert check_close(compare_logits(big, big * 1.01), 1e-3, 1e-4) is not None   # 1 % is not rounding
     assert "top-1 agreement with MXNet 66.67% < 99%" in check_agreement(bad, 99.0)
 
 

@@ -11,9 +11,11 @@ Formats (registered on :data:`FORMATS`, one file each; ``--format`` takes severa
 * ``ncnn-int8``: ``model-int8.ncnn.param`` + ``model-int8.ncnn.bin`` + ``model.table``, the
   fp32 ncnn pair quantized by distill with MXNet's calibration, run in ncnn's int8 runtime.
 
-Every format runs on the test split in its own runtime and is compared with MXNet (max abs
-logit difference, top-1 agreement); latency at batch 1 is timed in each runtime. A
-``MODEL_CARD.md`` + ``model_card.json`` are written next to the files. Exports go to
+Every format runs on the test split in its own runtime (onnxruntime and ncnn in a child
+process, so a crash is a failed check) and is compared with MXNet: max abs logit difference
+≤ ``--atol`` + ``--rtol`` × the largest MXNet logit, top-1 agreement beside it; a mismatch
+names the first layer at fault where it can be found. Latency at batch 1 is timed in each
+runtime. A ``MODEL_CARD.md`` + ``model_card.json`` are written next to the files. Exports go to
 ``RUN_DIR/export/`` (the run's student), ``RUN_DIR/export/teacher/`` (``--model teacher``) or
 ``RUN_DIR/export/<name>/`` (``--model PREFIX``; any MXNet pair, e.g. a pruned or int8 variant).
 
@@ -59,7 +61,12 @@ def add_arguments(p):
                    help="ncnn: fp16 weights (half the file) and fp16 compute; checked by top-1 "
                         "agreement instead of logit difference")
     g.add_argument("--atol", type=float, default=1e-3,
-                   help="largest max-abs logit difference allowed against MXNet (default 1e-3)")
+                   help="fp32 formats: absolute floor of the allowed max-abs logit difference "
+                        "against MXNet (default 1e-3); the check is max |Δ| ≤ atol + rtol × max |logit|")
+    g.add_argument("--rtol", type=float, default=1e-4,
+                   help="fp32 formats: allowed max-abs logit difference relative to the largest "
+                        "MXNet logit on the test split (default 1e-4; float32 rounding grows with "
+                        "the logits' scale)")
     g.add_argument("--min-agreement", type=float, default=99.0,
                    help="--fp16: smallest top-1 agreement with MXNet in %% (default 99)")
     g.add_argument("--calib-size", type=int, default=None, metavar="N",
@@ -102,7 +109,7 @@ def main(args):
     from .core import export_run
     from .options import ExportOptions
     from .report import export_table
-    opts = ExportOptions(fp16=args.fp16, atol=args.atol, min_agreement=args.min_agreement,
+    opts = ExportOptions(fp16=args.fp16, atol=args.atol, rtol=args.rtol, min_agreement=args.min_agreement,
                          calib_size=args.calib_size, calib_mode=args.calib_mode,
                          int8_exclude=tuple(args.int8_exclude), int8_max_drop=args.int8_max_drop,
                          int8_max_diff=args.int8_max_diff,

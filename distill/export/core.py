@@ -20,7 +20,7 @@ from ..runfolder import MODEL, RunFolder, read_json
 from ..trainer import predict
 from .calib import calibration_indices, write_calibration_images
 from .card import build_card, write_card
-from .formats import FORMATS, ordered_formats
+from .formats import FORMATS, check_result, files_bytes, ordered_formats
 from .options import ExportOptions
 from .parity import ExportMismatch
 from .runtimes import default_threads
@@ -66,6 +66,7 @@ class ExportJob:
         self.prefix = write_inference_pair(source, os.path.join(work_dir, MODEL))
         self.x_test, self.y_test = data.val.x, data.val.y
         self.ref = predict(load_symbol_block(self.prefix), self.x_test, options.eval_batch_size)
+        self.checks = {}          # format → its check, as the formats finish (ncnn reads onnx's)
         self._onnx = None
         self._calib = None
         self._calib_list = None
@@ -240,8 +241,9 @@ def export_run(run_dir, formats=None, model=None, epoch=0, out_dir=None, options
         results = {}
         for name in chosen:
             t0 = time.time()
-            results[name] = FORMATS.get(name)().export(job)
+            results[name] = _export_one(name, job)
             results[name]["time_s"] = round(time.time() - t0, 2)
+            job.checks[name] = results[name]["check"]
             _LOGGER.info("export: %s %s in %.1f s", name,
                          "passed" if results[name]["check"]["passed"] else "FAILED", time.time() - t0)
         card = build_card(job, reference, results, previous, run_dir)
@@ -254,6 +256,21 @@ def export_run(run_dir, formats=None, model=None, epoch=0, out_dir=None, options
         raise ExportMismatch(f"export check failed for {out_dir} (files kept for inspection, marked "
                              f"failed in model_card.json): " + " | ".join(failed))
     return card
+
+
+def _export_one(name, job):
+    """One format's result; a conversion it cannot make is a failed check with the reason, so
+    the other formats still run and the model card says what happened."""
+    fmt = FORMATS.get(name)()
+    try:
+        return fmt.export(job)
+    except ExportMismatch:
+        raise
+    except UserError as e:
+        _LOGGER.warning("export: %s failed: %s", name, e)
+        files = [f for f in fmt.files if os.path.isfile(os.path.join(job.out_dir, f))]
+        return {"files": files, "bytes": files_bytes(job.out_dir, files), "parity": None,
+                "latency_ms": None, "check": check_result(str(e), f"{name}: converted and run in its runtime")}
 
 
 def _top1(logits, labels):

@@ -17,7 +17,7 @@ from ..graphio import load_symbol_block, make_block, pair_files
 from ..runfolder import MODEL
 from ..trainer import predict
 from .formats import FORMATS, ExportFormat, check_result, files_bytes
-from .parity import check_max_abs, compare_logits
+from .parity import check_close, close_rule, compare_logits
 
 __all__ = ["MXNetFormat", "module_predict"]
 _LOGGER = logging.getLogger(__name__)
@@ -53,10 +53,11 @@ class MXNetFormat(ExportFormat):
         module_out = module_predict(prefix, job.x_test, bs)
         gluon = compare_logits(original, gluon_out, job.y_test)
         module = compare_logits(original, module_out, job.y_test)
-        reason = check_max_abs(gluon, job.options.atol)
+        atol, rtol = job.options.atol, job.options.rtol
+        reason = check_close(gluon, atol, rtol)
         reason = reason and f"SymbolBlock.imports: {reason}"
-        if reason is None and check_max_abs(module, job.options.atol):
-            reason = f"Module API: {check_max_abs(module, job.options.atol)}"
+        if reason is None and check_close(module, atol, rtol):
+            reason = f"Module API: {check_close(module, atol, rtol)}"
         worst = gluon if gluon["max_abs_diff"] >= module["max_abs_diff"] else module
         return {"files": list(self.files), "bytes": files_bytes(job.out_dir, self.files),
                 "runtime": f"mxnet {mx.__version__}",
@@ -65,5 +66,4 @@ class MXNetFormat(ExportFormat):
                 "input": "data", "output": job.source.symbol.list_outputs()[0],
                 "removed_head": job.source.removed_head, "removed_params": job.source.removed_params,
                 "check": check_result(reason, f"reloaded with SymbolBlock.imports and the Module API, "
-                                              f"max abs logit difference ≤ {job.options.atol:g} "
-                                              f"from the source model")}
+                                              f"{close_rule(atol, rtol)} of the source model")}

@@ -1,17 +1,30 @@
-"""Run ncnn in a child process: a crash inside ncnn becomes an error message, not a dead export.
+"""Run ncnn or onnxruntime in a child process: a crash inside a runtime becomes an error
+message, not a dead export.
 
 ncnn's runtime can segfault on a malformed or unexpected model (an int8 layer without scales,
-a blob layout it does not expect), which would kill the Python process that loaded it. The
-parent writes the job (``spec`` JSON + arrays) to an ``.npz``, runs ``python -m
-distill.export.ncnn_worker IN OUT``, and reads the results back; a non-zero exit (or a signal)
-is raised as :class:`NcnnWorkerError` with the child's last lines.
+a blob layout it does not expect, an input it writes into), and onnxruntime can abort inside
+a kernel; either would kill the Python process that loaded it, leaving no report and the
+export's scratch folder behind. Every check that runs a foreign runtime goes through here
+(:func:`run_tasks`): the parent writes the job (``spec`` JSON + arrays) to an ``.npz``, runs
+``python -m distill.export.ncnn_worker IN OUT``, and reads the results back; a non-zero exit
+(or a signal) is raised as :class:`NcnnWorkerError` with the child's last lines (an exception
+in the child is printed as one line, so the runtime's own message ends the error).
 
-Tasks (each on one net, loaded once per task)::
+Tasks (each on one net or session, loaded once per task); ncnn (the default, ``param`` +
+``bin``, ``int8`` and ``fp16`` flags, default off)::
 
     {"task": "blobs", "names": [...], "x": "key"}           # values per image, flattened
     {"task": "calibrate", "names": [...], "x": "key", "mode": "naive"|"entropy"|"kl"}
     {"task": "predict", "x": "key"}                          # logits of the output blob
     {"task": "latency", "x": "key", "repeats": 20}           # batch-1 ms, best of repeats
+
+onnxruntime (``"runtime": "onnxruntime"``, ``model``: the ``.onnx`` path)::
+
+    {"task": "predict", "x": "key", "batch_size": 256}      # the first output, batched
+    {"task": "outputs", "x": "key"}                          # every graph output, in order
+    {"task": "latency", "x": "key", "repeats": 20}
+
+Every task has ``threads``.
 """
 import json
 import logging
@@ -22,21 +35,27 @@ import tempfile
 
 import numpy as np
 
-__all__ = ["NcnnWorkerError", "run_ncnn"]
+__all__ = ["NcnnWorkerError", "run_tasks", "run_ncnn"]
 _LOGGER = logging.getLogger(__name__)
 
 
 class NcnnWorkerError(RuntimeError):
-    """ncnn failed or crashed in the child process."""
+    """A runtime (ncnn or onnxruntime) failed or crashed in the child process."""
 
 
-def run_ncnn(tasks, arrays, work_dir, timeout=1800):
+def _runtime_names(tasks):
+    names = {"onnxruntime" if t.get("runtime") == "onnxruntime" else "ncnn's runtime" for t in tasks}
+    return " / ".join(sorted(names))
+
+
+def run_tasks(tasks, arrays, work_dir, timeout=1800):
     """Run ``tasks`` in a child process.
 
     Parameters
     ----------
     tasks : list of dict
-        Each with ``task``, ``param``, ``bin``, ``int8`` (bool), ``threads`` and the task's keys.
+        Each with ``task``, ``threads`` and the task's keys; ncnn tasks have ``param``, ``bin``,
+        ``int8`` (bool), onnxruntime tasks ``"runtime": "onnxruntime"`` and ``model``.
     arrays : dict
         Name → np.ndarray referenced by the tasks' ``x``.
     work_dir : str
@@ -61,7 +80,7 @@ def run_ncnn(tasks, arrays, work_dir, timeout=1800):
             how = (f"was killed by signal {-proc.returncode}" if proc.returncode < 0
                    else f"exited with code {proc.returncode}")
             tail = " / ".join(l.strip() for l in proc.stderr.splitlines()[-4:] if l.strip())
-            raise NcnnWorkerError(f"ncnn's runtime {how} while running "
+            raise NcnnWorkerError(f"{_runtime_names(tasks)} {how} while running "
                                   f"{', '.join(sorted({t['task'] for t in tasks}))}"
                                   + (f": {tail}" if tail else ""))
         with np.load(out, allow_pickle=False) as z:
@@ -77,37 +96,21 @@ def run_ncnn(tasks, arrays, work_dir, timeout=1800):
                 os.unlink(f)
 
 
+# Kept for the ncnn-int8 callers and their tests: the route is the same for every runtime.
+run_ncnn = run_tasks
+
+
 # -- the child ----------------------------------------------------------------------------------
 
 def _net(t):
-    import ncnn
-    net = ncnn.Net()
-    net.opt.use_vulkan_compute = False
-    net.opt.num_threads = int(t.get("threads", 1))
-    net.opt.use_fp16_storage = net.opt.use_fp16_packed = net.opt.use_fp16_arithmetic = False
-    net.opt.use_int8_inference = bool(t.get("int8", False))
-    if net.load_param(t["param"]) != 0:
-        raise RuntimeError(f"ncnn could not load {t['param']}")
-    if net.load_model(t["bin"]) != 0:
-        raise RuntimeError(f"ncnn could not load {t['bin']}")
-    return net
+    from .runtimes import ncnn_net
+    return ncnn_net(t["param"], t["bin"], fp16=bool(t.get("fp16", False)), threads=int(t.get("threads", 1)),
+                    int8=bool(t.get("int8", False)))
 
 
 def _extract(net, image, names):
-    import ncnn
-    # ncnn.Mat(array) borrows the NumPy buffer: clone it so ncnn owns its input.
-    mat = ncnn.Mat(np.ascontiguousarray(image, dtype=np.float32)).clone()
-    ex = net.create_extractor()
-    if len(names) > 1:
-        ex.set_light_mode(False)        # keep every intermediate blob: several are extracted
-    ex.input(net.input_names()[0], mat)
-    outs = []
-    for n in names:
-        ret, m = ex.extract(n)
-        if ret != 0:
-            raise RuntimeError(f"ncnn extract({n!r}) failed with code {ret}")
-        outs.append(np.array(m, dtype=np.float32).reshape(-1))
-    return outs
+    from .runtimes import ncnn_extract
+    return ncnn_extract(net, image, names)
 
 
 def _calibrate(net, x, names, mode, batch_size):
@@ -133,9 +136,25 @@ def _calibrate(net, x, names, mode, batch_size):
     return {n: max(abs(lo), abs(hi)) for n, (lo, hi) in cal.thresholds().items()}
 
 
+def _run_ort_task(t, x):
+    from .runtimes import ort_latency, ort_predict, ort_session
+    sess = ort_session(t["model"], int(t.get("threads", 1)))
+    if t["task"] == "predict":
+        return {"logits": ort_predict(sess, x, int(t.get("batch_size", 256)))}, {}
+    if t["task"] == "outputs":
+        names = [o.name for o in sess.get_outputs()]
+        outs = sess.run(names, {sess.get_inputs()[0].name: x})
+        return {str(k): np.asarray(v) for k, v in enumerate(outs)}, {"names": names}
+    if t["task"] == "latency":
+        return {}, {"ms": ort_latency(sess, x[:1], int(t.get("repeats", 20)))}
+    raise ValueError(f"unknown onnxruntime task {t['task']!r}")
+
+
 def _run_task(t, arrays):
-    net = _net(t)
     x = arrays[t["x"]] if t.get("x") else None
+    if t.get("runtime") == "onnxruntime":
+        return _run_ort_task(t, x)
+    net = _net(t)
     if t["task"] == "blobs":
         vals = [_extract(net, img, t["names"]) for img in x]
         return {str(k): np.stack([v[k] for v in vals]) for k in range(len(t["names"]))}, {}
@@ -143,7 +162,8 @@ def _run_task(t, arrays):
         return {}, {"thresholds": _calibrate(net, x, t["names"], t["mode"], int(t.get("batch_size", 32)))}
     if t["task"] == "predict":
         out = net.output_names()[0]
-        return {"logits": np.stack([_extract(net, img, [out])[0] for img in x])}, {}
+        return ({"logits": np.stack([_extract(net, img, [out])[0] for img in x])},
+                {"input": net.input_names()[0], "output": out})
     if t["task"] == "latency":
         from .runtimes import best_of_ms
         out, img = net.output_names()[0], x[0]
@@ -158,7 +178,12 @@ def main(argv):
         arrays = {k: z[k] for k in z.files if k != "__spec__"}
     saved, meta = {}, []
     for i, t in enumerate(tasks):
-        arr, m = _run_task(t, arrays)
+        try:
+            arr, m = _run_task(t, arrays)
+        except Exception as e:     # one line the parent can quote: the runtime's own message
+            msg = " ".join(str(e).split())
+            print(f"{t['task']} failed: {type(e).__name__}: {msg}", file=sys.stderr)
+            return 1
         saved.update({f"{i}:{k}": v for k, v in arr.items()})
         meta.append(m)
     tmp = out + ".part.npz"

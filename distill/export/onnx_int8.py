@@ -23,6 +23,7 @@ import os
 
 import numpy as np
 
+from ..errors import UserError
 from ..quantize.calibrators import calibrate
 from ..quantize.graph import FloatModel, inference_block, quantize
 from ..trainer import predict
@@ -158,7 +159,8 @@ class OnnxInt8Format(ExportFormat):
         import onnxruntime as ort
         from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
                                               quantize_static)
-        from .runtimes import ort_latency, ort_predict, ort_session
+        from .ncnn_worker import NcnnWorkerError, run_tasks
+        from .onnx_fp32 import runtime_failure
         src = job.onnx_path()
         pre = os.path.join(job.work_dir, "model.pre.onnx")
         try:                 # shape inference + fusions first, as onnxruntime recommends
@@ -191,11 +193,19 @@ class OnnxInt8Format(ExportFormat):
                             weight_type=QuantType.QInt8, calibrate_method=method,
                             nodes_to_exclude=exclude,
                             extra_options={"TensorQuantOverrides": overrides})
-        sess = ort_session(dst, job.threads)
-        logits = ort_predict(sess, job.x_test, job.options.eval_batch_size)
+        # In a child process, as for fp32: a crash in an int8 kernel is a failed check.
+        base = {"runtime": "onnxruntime", "model": dst, "threads": job.threads}
+        tasks = [dict(base, task="predict", x="test", batch_size=job.options.eval_batch_size)]
+        if job.options.latency:
+            tasks.append(dict(base, task="latency", x="test", repeats=job.repeats))
+        try:
+            res = run_tasks(tasks, {"test": np.ascontiguousarray(job.x_test, dtype=np.float32)}, job.work_dir)
+        except NcnnWorkerError as e:
+            raise UserError(runtime_failure(str(e), dst)) from None
+        logits = res[0]["arrays"]["logits"]
         stats = compare_logits(job.ref, logits, job.y_test)
         vs_int8 = compare_logits(mx_int8, logits, job.y_test)
-        latency = ({"b1": ort_latency(sess, job.x_test[:1], job.repeats)} if job.options.latency else None)
+        latency = {"b1": res[1]["meta"]["ms"]} if job.options.latency else None
         max_diff = job.options.int8_max_diff
         diff = abs(vs_int8["top1"] - vs_int8["top1_mxnet"])
         problem = None

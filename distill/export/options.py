@@ -19,6 +19,7 @@ class ExportOptions:
     """Options of ``distill export`` (the command-line flags, same names)."""
     fp16: bool = False
     atol: float = 1e-3
+    rtol: float = 1e-4
     min_agreement: float = 99.0
     calib_size: Optional[int] = None
     calib_mode: Optional[str] = None
@@ -37,6 +38,8 @@ class ExportOptions:
     def validate(self):
         if not self.atol > 0:
             raise UserError(f"--atol must be > 0, got {self.atol}")
+        if not self.rtol >= 0:
+            raise UserError(f"--rtol must be ≥ 0 (relative to the largest MXNet logit), got {self.rtol}")
         if not 0 <= self.min_agreement <= 100:
             raise UserError(f"--min-agreement is a percentage in [0, 100], got {self.min_agreement}")
         if self.calib_size is not None and self.calib_size < 1:

@@ -2,16 +2,18 @@
 
 MXNet's own latency is :func:`distill.modelinfo.measure_latency` (oneDNN-fused); here the
 other runtimes are timed like it: after warm-up, several calls per repeat, best of repeats.
+The export's checks call these inside :mod:`~distill.export.ncnn_worker`'s child process (a
+crash in a runtime must not kill the export); nothing here imports MXNet at module level, so
+that child starts light.
 """
 import logging
 import os
 
 import numpy as np
 
-from ..graphio import best_of_ms
 
-__all__ = ["package_versions", "default_threads", "best_of_ms", "ort_session", "ort_predict", "ncnn_net",
-           "ncnn_predict", "ncnn_latency", "ort_latency"]
+__all__ = ["package_versions", "default_threads", "best_of_ms", "ort_session", "ort_predict", "ort_latency",
+           "ncnn_net", "ncnn_extract"]
 _LOGGER = logging.getLogger(__name__)
 
 
@@ -25,6 +27,12 @@ def package_versions(*names):
         except PackageNotFoundError:
             out[pkg] = None
     return out
+
+
+def best_of_ms(fn, repeats=20, **kw):
+    """:func:`distill.graphio.best_of_ms` (imported on use: it brings MXNet along)."""
+    from ..graphio import best_of_ms as timed
+    return timed(fn, repeats, **kw)
 
 
 def default_threads():
@@ -63,12 +71,13 @@ def ort_latency(sess, x1, repeats):
 
 # -- ncnn ----------------------------------------------------------------------------------------
 
-def ncnn_net(param, bin_, fp16=False, threads=1):
+def ncnn_net(param, bin_, fp16=False, threads=1, int8=False):
     """Load an ncnn model on the CPU.
 
     With ``fp16=False`` every fp16 path is off (storage, packing, arithmetic), so ncnn computes
     in fp32 and can be compared with MXNet logit by logit; ncnn's defaults use fp16 where the
     CPU allows (measured: max abs logit difference 1.8e-5 in fp32 vs 0.11 with fp16).
+    ``int8``: ``opt.use_int8_inference`` (an int8 model loaded without it computes NaN).
     """
     import ncnn
     net = ncnn.Net()
@@ -78,36 +87,31 @@ def ncnn_net(param, bin_, fp16=False, threads=1):
         net.opt.use_fp16_storage = False
         net.opt.use_fp16_packed = False
         net.opt.use_fp16_arithmetic = False
-    for what, ret in (("param", net.load_param(param)), ("bin", net.load_model(bin_))):
+    net.opt.use_int8_inference = bool(int8)
+    for path, ret in ((param, net.load_param(param)), (bin_, net.load_model(bin_))):
         if ret != 0:
-            raise RuntimeError(f"ncnn could not load {param if what == 'param' else bin_} (code {ret})")
+            raise RuntimeError(f"ncnn could not load {path} (code {ret})")
     return net
 
 
-def _ncnn_run(net, in_name, out_name, image):
+def ncnn_extract(net, image, names):
+    """Values of the blobs ``names`` for one ``(C, H, W)`` image, each flattened (NumPy copies)."""
     import ncnn
-    # ncnn.Mat(array) borrows the NumPy buffer: `image` must stay alive until extract() has
-    # returned, or ncnn reads freed memory and the output is garbage.
+    # ncnn.Mat(array) borrows the NumPy buffer; a first layer that runs in place (a BatchNorm
+    # on the input, a scalar mean subtraction) then writes into it, and ncnn crashes (seen:
+    # exit 255 in the parity pass). clone() gives ncnn a Mat it owns.
     image = np.ascontiguousarray(image, dtype=np.float32)
-    mat = ncnn.Mat(image)
+    borrowed = ncnn.Mat(image)
+    mat = borrowed.clone()
+    del borrowed
     ex = net.create_extractor()
-    ex.input(in_name, mat)
-    ret, out = ex.extract(out_name)
-    if ret != 0:
-        raise RuntimeError(f"ncnn extract({out_name!r}) failed with code {ret}")
-    result = np.array(out, dtype=np.float32).reshape(-1)    # a copy, owned by NumPy
-    del ex, mat, image
-    return result
-
-
-def ncnn_predict(net, x):
-    """Logits ``(N, K)`` of the ncnn net on ``x`` ``(N, C, H, W)``, one image at a time."""
-    in_name, out_name = net.input_names()[0], net.output_names()[0]
-    return np.stack([_ncnn_run(net, in_name, out_name, x[i]) for i in range(len(x))])
-
-
-def ncnn_latency(net, image, repeats):
-    """Latency (ms) of one ``(C, H, W)`` image through the ncnn net (ncnn has no batch axis)."""
-    in_name, out_name = net.input_names()[0], net.output_names()[0]
-    image = np.ascontiguousarray(image, dtype=np.float32)
-    return best_of_ms(lambda: _ncnn_run(net, in_name, out_name, image), repeats)
+    if len(names) > 1:
+        ex.set_light_mode(False)        # keep every intermediate blob: several are extracted
+    ex.input(net.input_names()[0], mat)
+    outs = []
+    for n in names:
+        ret, m = ex.extract(n)
+        if ret != 0:
+            raise RuntimeError(f"ncnn extract({n!r}) failed with code {ret}")
+        outs.append(np.array(m, dtype=np.float32).reshape(-1))
+    return outs
