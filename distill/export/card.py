@@ -47,9 +47,13 @@ def weight_sparsity(symbol, params):
 
 
 def _library_versions():
-    from ..run import versions
+    # From the installed distributions, not distill.run.versions(): the run command drives
+    # export (distill.stages), so importing it from here would close an import cycle.
+    import platform
+    from .. import __version__
     from .runtimes import package_versions
-    return {**versions(), **package_versions("distill", "onnx", "onnxruntime", "ncnn", "pnnx")}
+    found = package_versions("mxnet", "numpy", "gluoncv", "distill", "onnx", "onnxruntime", "ncnn", "pnnx")
+    return {"python": platform.python_version(), **found, "distill": found["distill"] or __version__}
 
 
 def _sparsity(metrics, source):
