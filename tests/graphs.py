@@ -5,15 +5,16 @@ training run leaves them (``arg:``/``aux:`` names, a ``SoftmaxOutput`` head) for
 written here with ``mx.sym``, small enough for tests (16×16 inputs, a few thousand parameters):
 
 * ``mobileface``: PReLU, depthwise convolutions and a GDC head (a global depthwise convolution
-  whose kernel is the final map size, no padding), then FC → embedding → BN → FC to classes.
+  whose kernel is the final map size, no padding), then FC (on the 4-D 1×1 map, as insightface
+  writes it) → embedding → BN → FC to classes.
 * ``resnext``: a 32-group bottleneck (64 channels: groups of 2) after a ``fix_gamma=True``
   BatchNorm on the input whose stored gamma is not 1 (MXNet ignores it; a checkpoint trained
   with weight decay carries it anyway, apache/mxnet#9624).
 * ``convfc``: conv + BN feeding a FullyConnected directly on the 4-D map (no Flatten, no
-  ``flatten`` attribute: MXNet's default flattens).
+  ``flatten`` attribute: MXNet's default flattens); a 1-channel input.
 * ``innorm``: in-graph normalisation ``(data - 127.5) * 0.0078125`` (``_minus_scalar`` then
-  ``_mul_scalar``), a residual PReLU block and a BN-Dropout-FC-BN embedding head; its data are
-  raw 0..255 pixels (``data.mean: 0``, ``data.std: 1/255``).
+  ``_mul_scalar``), a residual PReLU block and a BN-Dropout-FC-BN embedding head (the FC on the
+  4-D map); its data are raw 0..255 pixels (``data.mean: 0``, ``data.std: 1/255``).
 * ``gpool7``: a ``global_pool=True`` average pool whose stored kernel (7×7) is larger than its
   2×2 input.
 
@@ -120,7 +121,7 @@ def mobileface(classes=4):
     x = _conv_bn(x, "pw2", 32, kernel=1, act="prelu")
     # GDC: a global depthwise conv, kernel = the 4×4 map, no padding → 32×1×1
     x = _conv_bn(x, "gdc", 32, kernel=4, pad=0, groups=32, act=None)
-    x = mx.sym.Flatten(x, name="gdc_flatten")
+    # insightface's head: FC straight on the (N, 32, 1, 1) map, no Flatten, no `flatten` attribute
     x = mx.sym.FullyConnected(x, num_hidden=16, name="embedding")
     x = mx.sym.BatchNorm(x, fix_gamma=False, name="embedding_bn")
     x = mx.sym.FullyConnected(x, num_hidden=classes, name="fc_cls")
@@ -151,11 +152,17 @@ def resnext(classes=4):
 
 @GRAPHS.register("convfc")
 def convfc(classes=4):
-    """Conv + BN straight into a FullyConnected on the 4-D map (no Flatten); grayscale input."""
+    """Conv + BN straight into a FullyConnected on the 4-D map (no Flatten); grayscale input.
+
+    The map is 32×1×1: with 16 or more channels at 1×1, MXNet 1.9.1's oneDNN path fails on
+    the second call of the fused graph ("We can't generate TBlob for MKLDNN data"); larger maps
+    run, so this is the shape that shows the failure.
+    """
     data = mx.sym.var("data")
     x = _conv_bn(data, "conv1", 8, stride=2)                                    # 8×8×8
     x = _conv_bn(x, "conv2", 16, stride=2)                                      # 16×4×4
-    x = mx.sym.FullyConnected(x, num_hidden=24, name="fc_hidden")               # on (N, 16, 4, 4)
+    x = _conv_bn(x, "conv3", 32, kernel=4, pad=0, act=None)                     # 32×1×1, conv + BN
+    x = mx.sym.FullyConnected(x, num_hidden=24, name="fc_hidden")               # on (N, 32, 1, 1)
     x = mx.sym.Activation(x, act_type="relu", name="fc_hidden_relu")
     x = mx.sym.FullyConnected(x, num_hidden=classes, name="fc_out")
     sym = mx.sym.SoftmaxOutput(x, name="softmax")
@@ -177,7 +184,7 @@ def innorm(classes=4):
     x = mx.sym.Pooling(x, kernel=(2, 2), stride=(2, 2), pool_type="max", name="pool")  # 24×4×4
     x = mx.sym.BatchNorm(x, fix_gamma=False, name="bn_head")
     x = mx.sym.Dropout(x, p=0.4, name="dropout")
-    x = mx.sym.FullyConnected(mx.sym.Flatten(x, name="flatten"), num_hidden=16, name="pre_fc1")
+    x = mx.sym.FullyConnected(x, num_hidden=16, name="pre_fc1")     # on (N, 24, 4, 4), as insightface
     x = mx.sym.BatchNorm(x, fix_gamma=True, name="fc1")     # insightface's embedding BN
     x = mx.sym.FullyConnected(x, num_hidden=classes, name="fc_cls")
     sym = mx.sym.SoftmaxOutput(x, name="softmax")
