@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test bench venv clean
 
 # pnnx (ONNX -> ncnn for `distill export`) is a self-contained binary: --no-deps, since the
 # torch it declares is only needed for PyTorch input.
@@ -26,3 +26,7 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs
+
+# every bench script, one table of figures and targets at the end (accuracy benches: about an hour)
+bench: $(STAMP)
+	$(PY) bench/run_all.py

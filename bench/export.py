@@ -21,6 +21,8 @@ os.environ["OMP_NUM_THREADS"] = "1"      # before mxnet is imported: MXNet's thr
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.targets import target  # noqa: E402
+
 RUN = os.path.join("runs", "quickstart")
 OUT = os.path.join("runs", "bench_export")
 
@@ -44,6 +46,9 @@ def main():
                           options=ExportOptions(fp16=fp16, threads=1, repeats=args.repeats),
                           raise_on_failure=False)
         print(export_table(card))
+        for fmt in card["export_run"]["formats"]:
+            chk = card["exports"][fmt]["check"]
+            target(f"{name} {fmt}: check in its runtime", "passes", chk["message"][:60], chk["passed"])
 
 
 if __name__ == "__main__":

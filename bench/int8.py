@@ -23,6 +23,7 @@ sys.path.insert(0, ROOT)
 import mxnet as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.targets import target  # noqa: E402
 from distill.report import format_table  # noqa: E402
 
 TARGET_B32, TARGET_B1, TARGET_AUTO = 2.5, 1.5, 0.5
@@ -174,7 +175,8 @@ def _short(name):
 
 
 def _target(what, ok, value):
-    print(f"  [{'met' if ok else 'MISSED'}] {what}: {value}")
+    figure, _, goal = what.rpartition(" ≥ ") if " ≥ " in what else (what, "", "")
+    target(figure if goal else what, ("≥ " + goal) if goal else "yes", value, ok)
 
 
 if __name__ == "__main__":

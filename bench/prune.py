@@ -28,6 +28,8 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.targets import target  # noqa: E402
+
 import mxnet as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -154,6 +156,9 @@ def main(argv=None):
           f"{sp['latency_ratio']:.2f}× faster (fp32, batch 32, oneDNN-fused both) "
           f"(target ≥ 1.8×: {_check(sp['latency_ratio'] >= 1.8)})")
     print(f"   top-1 before fine-tuning: {sp['top1_no_finetune'][0]:.2f}% → {sp['top1_no_finetune'][1]:.2f}%")
+    target("resnet20, 50% channels: fewer MACs", "≥ 3×", f"{sp['macs_ratio']:.2f}×", sp["macs_ratio"] >= 3)
+    target("resnet20, 50% channels: faster, fp32 b32 fused", "≥ 1.8×", f"{sp['latency_ratio']:.2f}×",
+           sp["latency_ratio"] >= 1.8)
     if not args.speed_only:
         res["accuracy"] = acc = accuracy(prefix, args.epochs, args.only)
         if acc:
@@ -171,6 +176,9 @@ def main(argv=None):
                 if name in targets:
                     line += f"   target ≥ teacher − {targets[name]}: {_check(a['top1'] >= t - targets[name])}"
                 print(line)
+                if name in targets:
+                    target(f"{name}: top-1 vs teacher", f"≥ {-targets[name]:+.1f} points",
+                           f"{a['top1'] - t:+.2f}", a["top1"] >= t - targets[name])
             for kind in ("channel50", "unstructured90"):
                 if f"{kind}_kd" in acc and f"{kind}_labels" in acc:
                     d = acc[f"{kind}_kd"]["top1"] - acc[f"{kind}_labels"]["top1"]

@@ -622,7 +622,8 @@ def _rebase_paths(raw, from_dir, to_dir):
             continue
         cand = os.path.join(from_dir, value)
         if os.path.exists(cand) or glob.glob(glob.escape(cand) + "-*"):
-            sec[key] = os.path.relpath(cand, to_dir or ".")
+            rel = os.path.relpath(cand, to_dir or ".")
+            sec[key] = os.path.abspath(cand) if rel.startswith(os.pardir) else rel
     return raw
 
 

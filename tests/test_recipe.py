@@ -26,6 +26,11 @@ def test_quickstart_contract_keys():
     assert r.student.model == "mobilenetv2_0.5"
     assert [t.loss for t in r.distillation] == ["kd", "ce"]
     assert r.trainer.epochs >= 1 and r.trainer.seed == 0
+    # the whole pipeline: AGP channel pruning → int8 (auto) → every export format
+    assert r.pruning.enabled and r.pruning.granularity == "channel" and r.pruning.schedule == "agp"
+    assert r.pruning.round_to == 8
+    assert r.quantization.enabled and r.quantization.exclude == "auto"
+    assert r.export.enabled and r.export.formats == ["mxnet", "onnx", "onnx-int8", "ncnn", "ncnn-int8"]
 
 
 def test_unknown_key_names_path_and_closest():
