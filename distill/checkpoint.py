@@ -64,14 +64,16 @@ def load_net_state(net, state, where="checkpoint"):
 def save_checkpoint(folder, epoch, net, trainer, extra):
     """Write ``epoch-NNNN.ckpt`` atomically and keep the newest :data:`KEEP` checkpoints."""
     os.makedirs(folder, exist_ok=True)
-    fd, tmp_states = tempfile.mkstemp(prefix=".states-", dir=folder)
-    os.close(fd)
-    try:
-        trainer.save_states(tmp_states)
-        with open(tmp_states, "rb") as f:
-            states = f.read()
-    finally:
-        os.unlink(tmp_states)
+    states = None
+    if not _states_on_servers(trainer):
+        fd, tmp_states = tempfile.mkstemp(prefix=".states-", dir=folder)
+        os.close(fd)
+        try:
+            trainer.save_states(tmp_states)
+            with open(tmp_states, "rb") as f:
+                states = f.read()
+        finally:
+            os.unlink(tmp_states)
     payload = {
         "epoch": epoch,
         "params": net_state(net),
@@ -95,13 +97,22 @@ def _list(folder):
     return out
 
 
-def latest_checkpoint(folder):
+def _states_on_servers(trainer):
+    """``dist_async``: the optimizer state lives on the parameter servers, which cannot save it
+    (MXNet: "Cannot save states for distributed training"); a resumed run restarts it."""
+    kv = getattr(trainer, "_kvstore", None)
+    return bool(kv is not None and "dist" in kv.type and getattr(trainer, "_update_on_kvstore", False))
+
+
+def latest_checkpoint(folder, clean=True):
     """Path of the newest complete checkpoint in ``folder``, or ``None``.
 
     Temporary files of a write that was cut off (``.tmp-*``) are removed: only renamed,
-    complete files count."""
-    for stale in glob.glob(os.path.join(folder, ".tmp-*")) + glob.glob(os.path.join(folder, ".states-*")):
-        os.unlink(stale)
+    complete files count. ``clean=False`` only looks (a ``dist_*`` worker other than rank 0:
+    the folder is rank 0's)."""
+    stale = glob.glob(os.path.join(folder, ".tmp-*")) + glob.glob(os.path.join(folder, ".states-*"))
+    for path in stale if clean else ():
+        os.unlink(path)
     found = sorted(_list(folder))
     return found[-1][1] if found else None
 
@@ -115,13 +126,23 @@ def load_checkpoint(path, net, trainer):
         raise UserError(f"checkpoint {path} cannot be read ({e}). Delete it to resume from the "
                         f"one before, or start again without --resume.") from None
     load_net_state(net, payload["params"], where=path)
-    fd, tmp_states = tempfile.mkstemp(prefix=".states-", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload["trainer_states"])
-        trainer.load_states(tmp_states)
-    finally:
-        os.unlink(tmp_states)
+    if payload["trainer_states"] is None:
+        _LOGGER.warning("%s holds no optimizer state (dist_async keeps it on the servers): "
+                        "momentum restarts from zero", path)
+    else:
+        _load_states(trainer, payload["trainer_states"], path)
     random.setstate(payload["rng"]["python"])
     np.random.set_state(payload["rng"]["numpy"])
     return payload
+
+
+def _load_states(trainer, states, path):
+    # MXNet loads optimizer state from a file only. Not in the checkpoints folder: there, rank 0
+    # of a dist job removes stale `.states-*` files while the other ranks load theirs.
+    fd, tmp_states = tempfile.mkstemp(prefix="distill-states-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(states)
+        trainer.load_states(tmp_states)
+    finally:
+        os.unlink(tmp_states)

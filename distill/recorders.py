@@ -66,11 +66,19 @@ class EpochLog(Modifier):
 
     def record(self, epoch, row, loop):
         train_txt = f"train {row['train_top1']:.2f}%  " if loop.labelled else ""
+        val = row["val_top1"]
+        val_txt = f"val {val:.2f}%  " if val == val else ""      # NaN: not evaluated on this rank
         self.log(f"epoch {epoch + 1}/{loop.cfg.epochs}  loss {row['loss']:.4f}  "
                  + "  ".join(f"{k} {v:.4f}" for k, v in row["losses"].items())
-                 + f"  {train_txt}val {row['val_top1']:.2f}%  {row['images_per_s']:.0f} img/s")
+                 + f"  {train_txt}{val_txt}{row['images_per_s']:.0f} img/s")
 
 
-def default_recorders(writer, checkpoints, recipe_dict, log=print):
-    """Tensorboard, checkpoint and log line, in the order the loop wrote them before."""
+def default_recorders(writer, checkpoints, recipe_dict, log=print, root=True):
+    """Tensorboard, checkpoint and log line, in the order the loop wrote them before.
+
+    ``root=False`` (a ``dist_*`` worker other than rank 0): only the log line; rank 0 alone
+    writes tensorboard and checkpoints (the workers' states are the same, see
+    :mod:`distill.distributed`)."""
+    if not root:
+        return [EpochLog(log)]
     return [TensorboardLogger(writer), Checkpointer(checkpoints, recipe_dict), EpochLog(log)]

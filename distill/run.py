@@ -21,6 +21,7 @@ from tensorboardX import SummaryWriter
 from students import build_student
 
 from .data import load_data
+from .distributed import create_kvstore, dump_state
 from .errors import UserError
 from .graphio import (count_param_dict, count_params, load_symbol_block, make_block, pair_files,
                       pair_size, symbol_file)
@@ -76,6 +77,10 @@ class _Log:
         print(msg, flush=True)
         with open(self.path, "a") as f:
             f.write(msg + "\n")
+
+
+def _print(msg):
+    print(msg, flush=True)
 
 
 def recipe_dir_of(recipe):
@@ -147,11 +152,17 @@ def run_training(recipe, resume=False, role="student"):
         when the folder was started with the same recipe (else starts fresh).
     role : str
         ``"teacher"`` when this run trains a teacher for another recipe (only changes messages).
+
+    With ``trainer.kvstore: dist_sync`` / ``dist_async`` this process is one worker of a
+    ``distill launch`` job: it trains on its shard of the data, and only rank 0 writes the run
+    folder (recipe, log, checkpoints, tb/, metrics, export); the other ranks return
+    ``{"rank": r, "history": ...}`` after training.
     """
     t_start = time.time()
     run_dir = recipe.run_dir
     folder = RunFolder(run_dir)
-    _check_writable(run_dir)
+    cluster = create_kvstore(recipe.trainer.kvstore)
+    root = cluster.is_root
     rdict = recipe_to_dict(recipe)
     h = recipe_hash(recipe)
     if resume == "auto":        # a teacher trained for another recipe: resume only the same recipe
@@ -160,30 +171,39 @@ def run_training(recipe, resume=False, role="student"):
             resume = True
         except UserError:
             resume = False
-    if not resume and os.path.isdir(folder.checkpoints_dir) and os.listdir(folder.checkpoints_dir):
-        folder.clear_run_state()   # a fresh run: old checkpoints must not be resumed by accident
-    if resume:
-        _check_same_recipe(folder, rdict)
-    folder.write_recipe_dict(rdict)
-    log = _Log(folder.log_path)
+    if root:                    # the other ranks only read the run folder (their checkpoint)
+        _check_writable(run_dir)
+        if not resume and os.path.isdir(folder.checkpoints_dir) and os.listdir(folder.checkpoints_dir):
+            folder.clear_run_state()   # a fresh run: old checkpoints must not be resumed by accident
+        if resume:
+            _check_same_recipe(folder, rdict)
+        folder.write_recipe_dict(rdict)
+    log = _Log(folder.log_path) if root else _print
     what = "teacher run" if role == "teacher" else "run"
-    log(f"== {what} {recipe.name!r} → {run_dir} ({datetime.datetime.now():%Y-%m-%d %H:%M:%S})")
+    log(f"== {what} {recipe.name!r} → {run_dir} ({datetime.datetime.now():%Y-%m-%d %H:%M:%S})"
+        + (f", rank {cluster.rank} of {cluster.num_workers} ({cluster.kind})" if cluster.distributed else ""))
 
     mx.random.seed(recipe.trainer.seed)
     np.random.seed(recipe.trainer.seed)
-    data = load_data(recipe.data, seed=recipe.trainer.seed)
-    log(f"data {data.name}: {len(data.train.x)} train / {len(data.val.x)} val, "
+    data = load_data(recipe.data, seed=recipe.trainer.seed, part_index=cluster.rank,
+                     num_parts=cluster.num_workers)
+    shard = f" (shard {cluster.rank + 1} of {cluster.num_workers})" if cluster.num_workers > 1 else ""
+    log(f"data {data.name}: {len(data.train.x)} train{shard} / {len(data.val.x)} val, "
         f"{data.channels}×{data.image_size[0]}×{data.image_size[1]}, {data.num_classes} classes")
 
     teacher = None
     t_taps = _unique(t.teacher_layer for t in recipe.distillation)
     s_taps = _unique(t.student_layer for t in recipe.distillation)
+    if recipe.teacher.given and not root:
+        cluster.barrier()       # a `teacher.recipe` is trained on first use by rank 0 alone
     if recipe.teacher.given:
         with Stage("teacher (trained once from its recipe, then cached)" if recipe.teacher.recipe
                    else "teacher", log):
             teacher = resolve_teacher(recipe, data, taps=t_taps)
             log(f"teacher: {teacher.source}")
 
+    if recipe.teacher.given and root and cluster.distributed:
+        cluster.barrier()       # ... the other ranks then reuse it
     student, student_desc = _build_student(recipe, data, teacher)
     student.hybridize(static_alloc=True, static_shape=True)
     train_net = student
@@ -194,22 +214,30 @@ def run_training(recipe, resume=False, role="student"):
     teacher_outputs, teacher_cache_s = None, 0.0
     if teacher is not None and any(t.block.needs_teacher for t in terms):
         t_cache = time.time()
+        # one cache per shard: each worker's train images are its own
+        cache_dir = folder.cache_dir if cluster.num_workers == 1 else \
+            os.path.join(folder.cache_dir, f"shard-{cluster.rank}-of-{cluster.num_workers}")
         teacher_outputs = TeacherOutputs(
             teacher, data.train.x, recipe.trainer.teacher_cache, bool(recipe.data.augment),
-            folder.cache_dir, recipe.trainer.teacher_cache_max_mb,
+            cache_dir, recipe.trainer.teacher_cache_max_mb,
             recipe.trainer.eval_batch_size, recipe.trainer.progress)
         teacher_cache_s = time.time() - t_cache
         log(f"teacher outputs: {'computed live every batch' if teacher_outputs.mode == 'off' else f'cached once ({teacher_outputs.mode}, {teacher_outputs.megabytes:.1f} MiB)'}")
 
     modifiers = _build_modifiers(recipe, teacher, log)
-    writer = SummaryWriter(folder.tb_dir)
+    writer = SummaryWriter(folder.tb_dir) if root else None
     try:
-        recorders = default_recorders(writer, folder.checkpoints_dir, rdict, log)
+        recorders = default_recorders(writer, folder.checkpoints_dir, rdict, log, root=root)
         result = fit(student, train_net, teacher_outputs, data, terms, recipe.trainer,
                      checkpoints=folder.checkpoints_dir, resume=resume, log=log,
-                     modifiers=modifiers + recorders, augment=recipe.data.augment)
+                     modifiers=modifiers + recorders, augment=recipe.data.augment, cluster=cluster)
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
+    dump_state(cluster, student, modifiers)
+    if not root:
+        log(f"rank {cluster.rank}: training done; rank 0 writes the run folder {run_dir}")
+        return {"rank": cluster.rank, "history": result["history"]}
     # a modifier may replace the trained net at the end (channel pruning: the physically
     # smaller network, rebuilt from the masked one)
     for m in modifiers:
@@ -238,6 +266,10 @@ def run_training(recipe, resume=False, role="student"):
     for m in modifiers:
         metrics["student"].update(m.metrics(student))
     metrics["history"] = result["history"]
+    if cluster.distributed:
+        metrics["distributed"] = {"kvstore": cluster.kind, "workers": cluster.num_workers,
+                                  "batch_per_worker": recipe.trainer.batch_size,
+                                  "global_batch": recipe.trainer.batch_size * cluster.num_workers}
     metrics["train_time_s"] = round(result["train_time_s"], 2)
     metrics["teacher_cache_s"] = round(teacher_cache_s, 2)
     metrics["time_s"] = round(time.time() - t_start, 2)

@@ -6,6 +6,7 @@ epoch: evaluation, tensorboardX scalars, an atomic checkpoint. A killed run resu
 last complete epoch with the same result as an uninterrupted one: the batch order and MXNet's
 RNG are derived from ``(seed, epoch)``, and parameters and optimizer state are checkpointed.
 """
+import itertools
 import logging
 import os
 import sys
@@ -17,6 +18,7 @@ from mxnet import autograd, gluon
 from tqdm import tqdm
 
 from .checkpoint import latest_checkpoint, load_checkpoint
+from .distributed import Cluster
 from .errors import UserError
 from .modifier import LoopState, Modifier
 from . import nag  # noqa: F401  (registers deterministicnag with MXNet)
@@ -54,13 +56,43 @@ def evaluate(net, split, batch_size=256):
     return float((logits.argmax(1) == split.y).mean() * 100.0)
 
 
-def _make_trainer(net, cfg):
+def _make_trainer(net, cfg, cluster):
     for name, p in net.collect_params().items():
         if name.endswith(("gamma", "beta", "bias")):   # no weight decay on BN affine and biases
             p.wd_mult = 0.0
     opt, kw = optimizer_spec(cfg)
+    extra = {} if cluster.update_on_kvstore() is None else {"update_on_kvstore": cluster.update_on_kvstore()}
     return gluon.Trainer(net.collect_params(), opt,
-                         {"learning_rate": cfg.lr, "wd": cfg.weight_decay, **kw}, kvstore=None)
+                         {"learning_rate": cfg.lr, "wd": cfg.weight_decay, **kw},
+                         kvstore=cluster.trainer_kvstore(), **extra)
+
+
+def _running_stats(net):
+    """Parameters no gradient updates (BatchNorm running mean/var): averaged over workers."""
+    return {n: p for n, p in net.collect_params().items() if p.grad_req == "null"}
+
+
+def _sync_masks(cluster, modifiers, synced):
+    """Every worker takes rank 0's pruning masks after a mask update. With ``dist_sync`` the
+    weights, hence magnitude criteria, agree anyway; a criterion that reads the worker's own
+    data (``taylor``'s calibration pass on its shard) would not. Logged when they differed.
+
+    ``synced`` maps a modifier's position to the masks object last synchronized (a mask update
+    replaces the object, so only new masks travel)."""
+    if not cluster.synchronous:
+        return
+    for i, m in enumerate(modifiers):
+        masks = getattr(m, "masks", None)
+        if not masks or synced.get(i) is masks:
+            continue
+        got = cluster.broadcast({k: v.astype(np.float32) for k, v in masks.items()})
+        differ = sorted(k for k in masks if not np.array_equal(masks[k], got[k] > 0.5))
+        if differ:
+            _LOGGER.warning("rank %d: its own pruning masks differed from rank 0's on %d "
+                            "parameter(s) (%s): using rank 0's", cluster.rank, len(differ),
+                            ", ".join(differ[:3]))
+        m.set_masks({k: got[k] > 0.5 for k in masks})
+        synced[i] = m.masks
 
 
 class Term:
@@ -100,7 +132,7 @@ def augment_batch(x, ops, rng):
 
 
 def fit(student, train_net, teacher_outputs, data, terms, cfg, checkpoints=None, resume=False,
-        log=print, modifiers=(), augment=()):
+        log=print, modifiers=(), augment=(), cluster=None):
     """Train ``student`` on ``data`` with the weighted loss ``terms``.
 
     Parameters
@@ -124,14 +156,20 @@ def fit(student, train_net, teacher_outputs, data, terms, cfg, checkpoints=None,
         log, tensorboard, checkpoint: :mod:`distill.recorders`), in that order.
     augment : list of str
         Random train-batch augmentation (``crop``, ``hflip``), seeded by (seed, epoch).
+    cluster : Cluster or None
+        The workers of a ``dist_*`` run (:mod:`distill.distributed`); None: this process alone.
+        ``data.train`` is then this worker's shard; gradients are averaged over workers
+        (``trainer.batch_size`` is per worker), BatchNorm running statistics are averaged at
+        every epoch end, pruning masks are rank 0's, and only rank 0 evaluates.
 
     Returns
     -------
     dict
         ``{"history": [...per-epoch metrics], "train_time_s": float}``.
     """
+    cluster = cluster or Cluster()
     owner = Trainable(student, terms)
-    trainer = _make_trainer(owner, cfg)
+    trainer = _make_trainer(owner, cfg, cluster)
     history, start, prior_time = [], 0, 0.0
     labelled = data.train.y is not None
     if any(t.block.needs_labels for t in terms) and not labelled:
@@ -139,7 +177,7 @@ def fit(student, train_net, teacher_outputs, data, terms, cfg, checkpoints=None,
                         "(`data.labels: false`): drop the `ce` term or provide labels.")
     # parameters must exist (deferred init) before checkpoints, optimizer state or modifiers
     train_net(mx.nd.array(data.train.x[:1]))
-    path = latest_checkpoint(checkpoints) if resume and checkpoints else None
+    path = latest_checkpoint(checkpoints, clean=cluster.is_root) if resume and checkpoints else None
     if path:
         payload = load_checkpoint(path, owner, trainer)
         for m in modifiers:
@@ -153,22 +191,27 @@ def fit(student, train_net, teacher_outputs, data, terms, cfg, checkpoints=None,
     need_teacher = teacher_outputs is not None and any(t.block.needs_teacher for t in terms)
     n = len(data.train.x)
     steps_per_epoch = max(1, len(range(0, n - n % cfg.batch_size if n > cfg.batch_size else n, cfg.batch_size)))
+    steps_per_epoch = cluster.min_int(steps_per_epoch)   # a dist_sync step waits for every worker
     t_start = time.time()
     loop = LoopState(owner, trainer, list(modifiers), history, cfg, labelled,
                      lambda: prior_time + time.time() - t_start)
     for m in modifiers:
         m.initialize(student, trainer, data)
+    synced = {}
     for epoch in range(start, cfg.epochs):
         for m in modifiers:
             m.epoch_start(epoch)
+        _sync_masks(cluster, modifiers, synced)
         rng = np.random.RandomState(cfg.seed * 100003 + epoch)
         mx.random.seed(cfg.seed * 100003 + epoch)
         t0 = time.time()
         sums, seen, correct, lr = _train_epoch(train_net, trainer, teacher_outputs if need_teacher else None,
                                                data, terms, cfg, epoch, steps_per_epoch, rng,
-                                               modifiers, augment, labelled, checkpoints)
+                                               modifiers, augment, labelled, checkpoints,
+                                               cluster.num_workers if cluster.synchronous else 1)
         elapsed = time.time() - t0
-        val_top1 = evaluate(student, data.val, cfg.eval_batch_size)
+        cluster.average(_running_stats(owner))
+        val_top1 = evaluate(student, data.val, cfg.eval_batch_size) if cluster.is_root else float("nan")
         total_sum = sums.pop("__total__")
         row = {"epoch": epoch + 1, "lr": lr, "loss": total_sum / seen,
                "losses": {k: v / seen for k, v in sums.items()},
@@ -183,8 +226,12 @@ def fit(student, train_net, teacher_outputs, data, terms, cfg, checkpoints=None,
 
 
 def _train_epoch(train_net, trainer, teacher_outputs, data, terms, cfg, epoch, steps_per_epoch,
-                 rng, modifiers, augment, labelled, checkpoints):
+                 rng, modifiers, augment, labelled, checkpoints, grad_divisor=1):
     """One epoch of steps → (per-term loss sums incl. ``__total__``, images, correct, last lr).
+
+    ``grad_divisor``: the number of ``dist_sync`` workers, whose gradients the KVStore sums:
+    dividing averages them, so ``trainer.lr`` means what it means for one process whose batch
+    is the global one (workers × ``trainer.batch_size``).
 
     The run hands in hybridized loss terms (one cached graph each instead of a handful of
     imperative ops per step): with the teacher's outputs cached, that is most of a KD step's cost.
@@ -194,7 +241,9 @@ def _train_epoch(train_net, trainer, teacher_outputs, data, terms, cfg, epoch, s
     n = len(data.train.x)
     sums = {t.name: 0.0 for t in terms}
     total_sum, correct, seen, lr = 0.0, 0, 0, cfg.lr
-    bar = tqdm(_batches(n, cfg.batch_size, rng, drop_last=True), total=steps_per_epoch,
+    # islice: a worker's shard may hold more batches than the steps every worker can take
+    bar = tqdm(itertools.islice(_batches(n, cfg.batch_size, rng, drop_last=True), steps_per_epoch),
+               total=steps_per_epoch,
                desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr,
                disable=None if cfg.progress else True, dynamic_ncols=True)  # None: off when not a TTY
     for step, idx in enumerate(bar):
@@ -214,7 +263,7 @@ def _train_epoch(train_net, trainer, teacher_outputs, data, terms, cfg, epoch, s
             loss = mx.nd.add_n(*[t.weight * v for t, v in parts]) if len(parts) > 1 \
                 else parts[0][0].weight * parts[0][1]
         loss.backward()
-        trainer.step(1)
+        trainer.step(grad_divisor)
         for m in modifiers:
             m.after_step(epoch, step, steps_per_epoch)
         values = {t.name: float(v.asscalar()) for t, v in parts}

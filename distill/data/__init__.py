@@ -9,6 +9,12 @@ returns pixels in [0, 1]; the steps below are shared, in this order:
 3. ``(x - mean) / std`` per channel (``data.mean``/``data.std``; one value is broadcast);
 4. ``data.labels: false`` drops the train labels (label-free distillation).
 
+In a ``dist_*`` run (``distill launch``) worker ``part_index`` of ``num_parts`` keeps its shard of
+the train split after step 2 (:func:`distill.distributed.shard_indices`: every ``num_parts``-th
+image, the same count on every worker; ``data.limit`` stays the total over all workers). A
+loader marked ``reads_parts`` (``recordio``) reads only its part itself. The val split is whole
+on every worker.
+
 Recipe example::
 
     data: {name: mnist5k, mean: [0.1307], std: [0.3081], limit: 1000}
@@ -17,6 +23,7 @@ import logging
 
 import numpy as np
 
+from ..distributed import shard_indices
 from ..errors import UserError
 from .base import DATASETS, DataBundle, SourceData, Split, balanced_subset, stratified_split
 from .images import conform, parse_image_size
@@ -53,7 +60,7 @@ def _normalize(x, mean, std):
     return np.ascontiguousarray((x - m) / s, dtype=np.float32)
 
 
-def load_data(cfg, seed=0):
+def load_data(cfg, seed=0, part_index=0, num_parts=1):
     """Load the dataset ``cfg.name`` and apply the common steps.
 
     Parameters
@@ -64,6 +71,8 @@ def load_data(cfg, seed=0):
         Seed for generated data and for splits that depend on it (``synthetic``, and
         ``image_folder``/``recordio`` without a val folder/file). ``mnist5k`` and ``digits``
         use fixed splits.
+    part_index, num_parts : int
+        This worker's shard of the train split (rank, workers); ``0, 1``: all of it.
 
     Returns
     -------
@@ -79,7 +88,10 @@ def load_data(cfg, seed=0):
     """
     cfg.validate("data")
     loader = DATASETS.get(cfg.name, where="data.name")
-    src = loader(cfg, seed)
+    if num_parts > 1 and getattr(loader, "reads_parts", False):
+        src = loader(cfg, seed, part_index=part_index, num_parts=num_parts)
+    else:
+        src = loader(cfg, seed)
 
     c_native = src.x_train.shape[1]
     channels = c_native if cfg.grayscale is None else (1 if cfg.grayscale else 3)
@@ -89,12 +101,17 @@ def load_data(cfg, seed=0):
     y_tr, y_va = src.y_train, src.y_val
     source = src.source
 
-    if cfg.limit is not None and cfg.limit < len(y_tr):
-        keep = balanced_subset(y_tr, cfg.limit)
+    limit = cfg.limit // num_parts if (cfg.limit is not None and src.sharded) else cfg.limit
+    if limit is not None and limit < len(y_tr):
+        keep = balanced_subset(y_tr, limit)
         x_tr, y_tr = x_tr[keep], y_tr[keep]
         _LOGGER.info("%s: data.limit keeps %d of %d train images (class-balanced)",
                      cfg.name, len(keep), len(src.y_train))
         source += f", limited to {len(keep)} (class-balanced)"
+    if num_parts > 1 and not src.sharded:
+        keep = shard_indices(len(y_tr), part_index, num_parts)
+        x_tr, y_tr = x_tr[keep], y_tr[keep]
+        source += f", shard {part_index + 1} of {num_parts} ({len(keep)} images)"
 
     mean = per_channel(cfg.mean, channels, "data.mean", 0.0)
     std = per_channel(cfg.std, channels, "data.std", 1.0)

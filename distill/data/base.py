@@ -86,7 +86,8 @@ class SourceData:
 
     ``x_train``/``x_val`` are float32 ``(N, C, H, W)`` in [0, 1]; they may already have the
     channels and size the config asks for (file loaders must resize while decoding, since their
-    images can differ in size); ``y_train``/``y_val`` are int32 ``(N,)``.
+    images can differ in size); ``y_train``/``y_val`` are int32 ``(N,)``. ``sharded``: the
+    train side is already this worker's part (a loader that reads ``part_index``/``num_parts``).
     """
     x_train: np.ndarray
     y_train: np.ndarray
@@ -95,6 +96,7 @@ class SourceData:
     class_names: List[str]
     source: str
     skipped: int = 0
+    sharded: bool = False
 
 
 def stratified_split(y, val_fraction, seed):

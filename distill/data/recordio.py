@@ -10,6 +10,12 @@ Without a val file the train records are split by ``data.val_split`` (stratified
 Labels are the first value of each record header (float in the file, must be a whole number
 ≥ 0); the number of classes is the largest label + 1.
 
+In a ``dist_*`` run, worker ``part_index`` of ``num_parts`` decodes only its part of the train
+records: the ``part_index``-th of ``num_parts`` contiguous runs of records, the sharding MXNet's
+record readers do (``ImageRecordIter(part_index=..., num_parts=...)``), here by record rather
+than by byte. Without a val file the stratified split is made over every record's label first
+(the same on every worker), then each worker keeps its part of the train side.
+
 Recipe example::
 
     data: {name: recordio, root: data/cifar_rec, mean: [0.49, 0.48, 0.45], std: [0.25, 0.24, 0.26]}
@@ -79,18 +85,22 @@ def _decode(payload):
     return img
 
 
-def read_records(rec, idx):
+def read_records(rec, idx, select=None):
     """Yield ``(name, label, payload)`` for every record of an indexed ``.rec``.
 
     ``label`` is the first header value as a float; ``name`` is ``"<rec> record <key>"``.
+    ``select``: a set of record positions (0-based, file order) whose payload is kept; the
+    others yield ``None`` as payload (their labels are still read).
     """
     import mxnet as mx
     reader = mx.recordio.MXIndexedRecordIO(idx, rec, "r")
     try:
-        for key in reader.keys:
+        for i, key in enumerate(reader.keys):
             header, payload = mx.recordio.unpack(reader.read_idx(key))
             label = np.asarray(header.label, np.float64).reshape(-1)
-            yield f"{rec} record {key}", (float(label[0]) if label.size else float("nan")), payload
+            keep = select is None or i in select
+            yield (f"{rec} record {key}", (float(label[0]) if label.size else float("nan")),
+                   payload if keep else None)
     finally:
         reader.close()
 
@@ -106,7 +116,7 @@ def _labels(raw, names):
 
 
 @DATASETS.register("recordio")
-def load_recordio(cfg, seed):
+def load_recordio(cfg, seed, part_index=0, num_parts=1):
     """Load a ``recordio`` dataset.
 
     Parameters
@@ -116,14 +126,18 @@ def load_recordio(cfg, seed):
         ``skip_corrupt``.
     seed : int
         Seed of the stratified split when there is no val file.
+    part_index, num_parts : int
+        Decode only train part ``part_index`` of ``num_parts`` (see the module docstring).
 
     Returns
     -------
     SourceData
-        Channels and size already as the config asks.
+        Channels and size already as the config asks; ``sharded`` when ``num_parts > 1``.
     """
     what = "recordio"
     (train_rec, train_idx), val = _resolve(cfg)
+    if num_parts > 1:
+        return _load_part(cfg, seed, train_rec, train_idx, val, part_index, num_parts)
     items = [(n, (lab, False), p) for n, lab, p in read_records(train_rec, train_idx)]
     if val:
         items += [(n, (lab, True), p) for n, lab, p in read_records(*val)]
@@ -149,3 +163,49 @@ def load_recordio(cfg, seed):
     return SourceData(x_train=x[tr], y_train=labels[tr], x_val=x[va], y_val=labels[va],
                       class_names=[str(i) for i in range(num_classes)], skipped=len(bad),
                       source=f"recordio: {len(tr)} images from {where}")
+
+
+# load_data passes part_index / num_parts to this loader instead of slicing its result
+load_recordio.reads_parts = True
+
+
+def _load_part(cfg, seed, train_rec, train_idx, val, part_index, num_parts):
+    """:func:`load_recordio` for one worker: its contiguous part of the train records."""
+    what = "recordio"
+    heads = [(n, lab) for n, lab, _ in read_records(train_rec, train_idx, select=set())]
+    if not heads:
+        raise UserError(f"recordio: {train_rec} holds no records.")
+    n = len(heads)
+    lo, hi = n * part_index // num_parts, n * (part_index + 1) // num_parts
+    if val:
+        mine, val_items = set(range(lo, hi)), list(read_records(*val))
+        all_labels = _labels([lab for _, lab in heads] + [lab for _, lab, _ in val_items],
+                             [nm for nm, _ in heads] + [nm for nm, _, _ in val_items])
+        where = f"{train_rec} part {part_index + 1} of {num_parts} (records {lo}..{hi - 1})"
+    else:
+        all_labels = _labels([lab for _, lab in heads], [nm for nm, _ in heads])
+        tr, va = stratified_split(all_labels, cfg.val_split, seed)
+        mine = {int(i) for i in tr if lo <= i < hi}
+        val_set = {int(i) for i in va}
+        val_items = [(nm, lab, p) for i, (nm, lab, p) in
+                     enumerate(read_records(train_rec, train_idx, select=val_set)) if i in val_set]
+        where = (f"{train_rec} part {part_index + 1} of {num_parts} (records {lo}..{hi - 1}, "
+                 f"stratified split, seed {seed})")
+    items = [(nm, (lab, False), p) for i, (nm, lab, p) in
+             enumerate(read_records(train_rec, train_idx, select=mine)) if i in mine]
+    items += [(nm, (lab, True), p) for nm, lab, p in val_items]
+    images, names, tagged, bad = decode_all(
+        items, _decode, cfg.skip_corrupt, what,
+        "Re-pack it with im2rec.py (records must hold encoded images).")
+    if not images:
+        raise UserError(f"recordio: no record of {where} could be decoded as an image.")
+    labels = _labels([lab for lab, _ in tagged], names)
+    is_val = np.array([v for _, v in tagged], bool)
+    x = assemble(images, names, cfg.grayscale, parse_image_size(cfg.image_size), what)
+    tr, va = np.flatnonzero(~is_val), np.flatnonzero(is_val)
+    if len(tr) == 0:
+        raise UserError(f"recordio: {where} has no readable image records; use fewer workers.")
+    num_classes = int(all_labels.max()) + 1          # from every record: the same on every worker
+    return SourceData(x_train=x[tr], y_train=labels[tr], x_val=x[va], y_val=labels[va],
+                      class_names=[str(i) for i in range(num_classes)], skipped=len(bad),
+                      source=f"recordio: {len(tr)} images from {where}", sharded=True)
