@@ -189,8 +189,9 @@ def innorm(classes=4):
     x = mx.sym.FullyConnected(x, num_hidden=classes, name="fc_cls")
     sym = mx.sym.SoftmaxOutput(x, name="softmax")
     return GraphSpec("innorm", sym, (3, 16, 16), classes, "fc_cls", {(1, 16, 16): "conv0_conv"},
-                     _data_section(3, classes, raw_pixels=True), ["in_graph_norm", "prelu", "dropout"],
-                     fix_gamma_bn={"fc1": 0.6})
+                     _data_section(3, classes, raw_pixels=True),
+                     ["in_graph_norm", "prelu", "dropout", "fc_on_4d"],
+                     fix_gamma_bn={"fc1": 0.6}, size_pinned=True)
 
 
 @GRAPHS.register("gpool7")

@@ -218,6 +218,18 @@ def test_pruned_run_finishes_and_keeps_the_classifier_width(pruned):
     assert shape == (g.num_classes,) + shape[1:]
     _, teacher_shape = _last_fc_weight(g.prefix)
     assert shape == teacher_shape, f"classifier {name}: {shape} vs the teacher's {teacher_shape}"
+    # the plan: the classifier's groups whole, the rest pruned, units vs channels said apart
+    # (a 32-group conv ties channels: `kept` counts units, `kept_channels` channels)
+    with open(os.path.join(run, "pruning-plan.json")) as f:
+        groups = json.load(f)["groups"]
+    for grp in groups:
+        assert grp["kept_channels"] * grp["units"] == grp["kept"] * grp["channels"], grp["name"]
+        if g.classifier in grp["layers"]:
+            assert grp["kept_channels"] == grp["channels"], f"{grp['name']} feeds {g.classifier}"
+    assert any(grp["kept_channels"] < grp["channels"] for grp in groups), groups
+    # the plan is announced before the first epoch (a pruning section is never silent)
+    out = res.out
+    assert "pruning:" in out and out.index("pruning:") < out.index("epoch 1/"), out[-2000:]
     # the student runs on the graph's data and gives finite logits of the classes' width
     from distill.graphio import load_symbol_block
     logits = load_symbol_block(os.path.join(run, "model"))(mx.nd.array(graph_data(g, 8))).asnumpy()
