@@ -13,10 +13,27 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_bundled_recipes_load():
-    for name in os.listdir(os.path.join(ROOT, "recipes")):
-        if name.endswith(".yaml"):
-            r = load_recipe(os.path.join(ROOT, "recipes", name))
-            assert r.name
+    """Every recipe in recipes/ validates: run recipes with load_recipe, comparison recipes
+    (a `variants` list) with the compare loader, which validates each variant's run recipe."""
+    from distill.compare.spec import load_comparison
+    names = sorted(n for n in os.listdir(os.path.join(ROOT, "recipes")) if n.endswith(".yaml"))
+    kinds = {}
+    for name in names:
+        path = os.path.join(ROOT, "recipes", name)
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+        if "variants" in raw:
+            assert load_comparison(path).variants
+            kinds[name] = "compare"
+        else:
+            assert load_recipe(path).name
+            kinds[name] = "run"
+    # one commented recipe per use case
+    for needed in ("quickstart.yaml", "teacher_mnist.yaml", "prune_channel_mnist.yaml",
+                   "prune_unstructured_mnist.yaml", "feature_kd_mnist.yaml", "moduleapi_teacher.yaml",
+                   "int8_mnist.yaml", "compare_mnist.yaml"):
+        assert needed in kinds, needed
+        assert open(os.path.join(ROOT, "recipes", needed)).read().startswith("#"), f"{needed}: no comment"
 
 
 def test_quickstart_contract_keys():
