@@ -37,7 +37,7 @@ from .quantize import CALIBRATORS, POLICIES         # the package face: registri
 
 __all__ = ["Recipe", "DataConfig", "TeacherConfig", "StudentConfig", "LossTerm", "PruningConfig",
            "LayerOverride",
-           "QuantizationConfig", "ExportConfig", "TrainerConfig", "OutputConfig", "load_recipe", "recipe_from_dict",
+           "QuantizationConfig", "QATConfig", "ExportConfig", "TrainerConfig", "OutputConfig", "load_recipe", "recipe_from_dict",
            "recipe_to_dict", "recipe_hash", "apply_overrides"]
 _LOGGER = logging.getLogger(__name__)
 
@@ -241,6 +241,34 @@ class PruningConfig:
 
 
 @dataclass
+class QATConfig:
+    """``quantization.qat:`` quantization-aware training after calibration (``distill quantize
+    RUN_DIR --qat``): the student is fine-tuned with fake-quantized weights and activations placed
+    where MXNet's oneDNN int8 graph quantizes, distilled from the fp32 teacher, and the learned
+    ranges become the int8 model's calibration. On when present with ``epochs > 0``.
+
+    ``observer`` is where the ranges start: ``calibration`` (the PTQ thresholds of
+    ``quantization.calib_mode``). ``freeze_bn_epoch``: BatchNorm statistics are frozen from this
+    epoch on (0-based).
+    """
+    epochs: int = 0
+    lr: float = 0.005
+    freeze_bn_epoch: int = 1
+    observer: str = "calibration"
+
+    def validate(self, p):
+        _check(self.epochs >= 0, f"{p}.epochs", f"must be ≥ 0 (0: no QAT), got {self.epochs}")
+        _check(self.lr > 0, f"{p}.lr", f"must be > 0, got {self.lr}")
+        _check(self.freeze_bn_epoch >= 0, f"{p}.freeze_bn_epoch", f"must be ≥ 0, got {self.freeze_bn_epoch}")
+        _check(self.observer in ("calibration",), f"{p}.observer",
+               f"must be calibration (the PTQ thresholds), got {self.observer!r}")
+
+    @property
+    def enabled(self):
+        return self.epochs > 0
+
+
+@dataclass
 class QuantizationConfig:
     """``quantization:`` post-training int8 calibration (``distill quantize RUN_DIR``).
 
@@ -262,6 +290,7 @@ class QuantizationConfig:
     budget: float = 0.5
     granularity: str = "channel-wise"
     layer_latency: bool = True
+    qat: QATConfig = field(default_factory=QATConfig)
 
     def validate(self, p):
         CALIBRATORS.get(self.calib_mode, where=f"recipe key `{p}.calib_mode`")
