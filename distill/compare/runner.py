@@ -42,15 +42,18 @@ def _copy_run(src, dst, rdict):
     dst.write_recipe_dict(rdict)
 
 
-def reusable_run(recipe, log=print):
-    """The folder of a complete run of ``recipe``: its own ``output.dir``, else (copied there)
-    the recipe's default folder ``runs/<name>``; ``None`` when it must be trained."""
+def reusable_run(recipe, own_dir=None, log=print):
+    """The folder of a complete run of ``recipe``: its ``output.dir``, else (copied there)
+    ``own_dir``, the folder the variant's recipe names itself (where a teacher recipe's run is
+    cached); ``None`` when it must be trained."""
     h = recipe_hash(recipe)
     target = RunFolder(recipe.run_dir)
     if _complete(target, h):
         log(f"compare: reusing {target.path} (complete, same recipe)")
         return target.path
-    default = RunFolder(os.path.join("runs", recipe.name))
+    if own_dir is None:
+        return None
+    default = RunFolder(own_dir)
     if os.path.abspath(default.path) != os.path.abspath(target.path) and _complete(default, h):
         log(f"compare: {default.path} is a complete run of the same recipe: copied to {target.path}")
         _copy_run(default, target, recipe_to_dict(recipe))
@@ -72,7 +75,7 @@ def exported(folder, formats):
 def _run_one(comp, variant, seed, log):
     """Train (or reuse), quantize, export one run; its folder."""
     recipe = variant.run_recipe(seed, comp.run_dir(variant, seed))
-    path = reusable_run(recipe, log)
+    path = reusable_run(recipe, variant.run_recipe(seed).run_dir, log)
     if path is None:
         run_training(recipe, resume="auto")
         path = recipe.run_dir

@@ -76,13 +76,14 @@ class Variant:
     def folder_name(self):
         return slug(self.name)
 
-    def run_overrides(self, seed, run_dir):
+    def run_overrides(self, seed, run_dir=None):
         """The overrides of one run: the variant's, then its seed and its folder."""
-        return list(self.overrides) + [f"trainer.seed={int(seed)}",
-                                       f"output.dir={json.dumps(str(run_dir))}"]
+        out = list(self.overrides) + [f"trainer.seed={int(seed)}"]
+        return out + ([f"output.dir={json.dumps(str(run_dir))}"] if run_dir else [])
 
-    def run_recipe(self, seed, run_dir):
-        """The validated :class:`~distill.recipe.Recipe` of one run."""
+    def run_recipe(self, seed, run_dir=None):
+        """The validated :class:`~distill.recipe.Recipe` of one run (``run_dir`` ``None``: in
+        the folder the recipe itself names)."""
         return load_recipe(self.recipe, self.run_overrides(seed, run_dir))
 
 
