@@ -194,10 +194,33 @@ def test_inspect_warns_about_in_graph_normalisation(graph):
     _clean(res)
     assert res.rc == 0, res.why()
     said = " ".join(res.warnings + [res.err, res.out])
-    if "in_graph_norm" in graph.features:
-        assert "data.mean" in said and "data.std" in said, said[-2000:]
+    if "in_graph_norm" in graph.features:   # (x - 127.5) / 128 on raw pixels: std 1/255
+        assert "data.mean" in said and "data.std" in said and "0.0039" in said, said[-2000:]
     else:
         assert "data.mean" not in said, said[-2000:]
+
+
+def test_teacher_loader_warns_when_the_data_normalise_twice(graph, caplog):
+    """A graph that normalises its input itself, fed mean/std-normalised data, is warned about
+    with the data.mean/data.std it expects; fed what it expects, or any other graph: silence."""
+    from distill.data import load_data
+    from distill.recipe import recipe_from_dict
+    from distill.teacher import load_teacher
+    recipe = recipe_from_dict({"data": graph.data, "teacher": {"checkpoint": graph.prefix}})
+    twice = recipe_from_dict({"data": {**graph.data, "mean": [0.5], "std": [0.25]},
+                              "teacher": {"checkpoint": graph.prefix}})
+    said = {}
+    for name, r in (("right", recipe), ("twice", twice)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            load_teacher(r.teacher, load_data(r.data, seed=0))
+        said[name] = " ".join(m.getMessage() for m in caplog.records if m.levelno >= logging.WARNING)
+    assert "data.mean" not in said["right"], said["right"]
+    if "in_graph_norm" in graph.features:
+        assert "data.mean" in said["twice"] and "data.std" in said["twice"], said
+        assert "0.0039" in said["twice"], said["twice"]          # std 1/255: raw pixels
+    else:
+        assert "data.mean" not in said["twice"], said["twice"]
 
 
 # -- a 50% channel-prune run ----------------------------------------------------------------------
