@@ -40,6 +40,7 @@ class CliResult:
     out: str
     err: str
     warnings: list        # WARNING+ log messages
+    messages: list        # INFO+ log messages (notes such as a rewritten layer)
 
     @property
     def text(self):
@@ -78,7 +79,7 @@ def cli(*argv):
         root.removeHandler(rec)
         root.setLevel(level)
     warns = [r.getMessage() for r in rec.records if r.levelno >= logging.WARNING]
-    return CliResult(rc, out.getvalue(), err.getvalue(), warns)
+    return CliResult(rc, out.getvalue(), err.getvalue(), warns, [r.getMessage() for r in rec.records])
 
 
 def _clean(res):
@@ -324,7 +325,13 @@ def test_quantize_first_last_writes_the_int8_pairs(pruned):
         assert os.path.isfile(f"{prefix}-symbol.json") and os.path.isfile(f"{prefix}-0000.params"), prefix
     with open(os.path.join(run, "metrics.json")) as f:
         int8 = json.load(f)["int8"]
-    assert int8["excluded"], int8        # first_last keeps the first and the last layer fp32
+    # first_last keeps the first convolution and the classifier fp32, in student and teacher
+    first_conv = next(n["name"] for n in _nodes(g.prefix) if n["op"] == "Convolution")
+    assert sorted(int8["excluded"]) == sorted([first_conv, g.classifier]), int8["excluded"]
+    assert sorted(int8["teacher"]["excluded"]) == sorted([first_conv, g.classifier]), int8["teacher"]
+    if "global_pool_kernel_7" in g.features:     # the rewritten kernel is said, naming the layer
+        said = [m for m in res.messages + [res.out] if "kernel" in m and "pool" in m]
+        assert said, res.messages
     # the int8 student loads alone and follows the fp32 one
     from distill.graphio import load_symbol_block
     x = mx.nd.array(graph_data(g, 32, seed=3))
