@@ -24,9 +24,9 @@ from .errors import UserError, closest
 from .graphnorm import infer_shape_quiet, input_channels, normalise, pinned_size
 
 __all__ = ["SYMBOL_SUFFIX", "symbol_file", "params_file", "pair_files", "pair_exists",
-           "HEAD_OPS", "AUX_SUFFIXES", "strip_training_head", "load_pair", "load_symbol_checkpoint",
-           "check_params", "make_block", "load_symbol_block", "save_pair", "count_params",
-           "count_param_dict", "file_size", "pair_size", "best_of_ms"]
+           "HEAD_OPS", "AUX_SUFFIXES", "mxnet_reason", "strip_training_head", "load_pair",
+           "load_symbol_checkpoint", "check_params", "make_block", "load_symbol_block", "save_pair",
+           "count_params", "count_param_dict", "file_size", "pair_size", "best_of_ms"]
 _LOGGER = logging.getLogger(__name__)
 
 SYMBOL_SUFFIX = "-symbol.json"
@@ -89,7 +89,7 @@ def strip_training_head(sym, output=None, where="teacher"):
     return sym
 
 
-def _mxnet_reason(err):
+def mxnet_reason(err):
     """The line of an MXNetError that says what went wrong (its first line is
     ``Traceback (most recent call last):``)."""
     lines = [l.strip() for l in str(err).splitlines() if l.strip()]
@@ -114,7 +114,7 @@ def _unreadable_params(path, err):
     else:
         what = (f"is truncated or corrupt ({size:,} bytes: the MXNet header is there but the "
                 f"arrays cannot be read; an interrupted copy or download leaves this)")
-    return UserError(f"{path} {what}. MXNet says: {_mxnet_reason(err)}. Copy the file again, or "
+    return UserError(f"{path} {what}. MXNet says: {mxnet_reason(err)}. Copy the file again, or "
                      f"give the PREFIX-NNNN.params written with PREFIX{SYMBOL_SUFFIX}.")
 
 
@@ -131,7 +131,7 @@ def _read_pair(prefix, epoch, what, hint):
         sym = mx.sym.load(sym_file)
     except mx.base.MXNetError as e:
         raise UserError(f"{sym_file} is not a valid MXNet symbol file "
-                        f"({os.path.getsize(sym_file):,} bytes): {_mxnet_reason(e)}") from None
+                        f"({os.path.getsize(sym_file):,} bytes): {mxnet_reason(e)}") from None
     try:
         raw = mx.nd.load(par_file)
     except mx.base.MXNetError as e:
@@ -143,7 +143,7 @@ def _read_pair(prefix, epoch, what, hint):
 
 
 def load_pair(prefix, epoch=0, output=None, what="teacher checkpoint", hint=None,
-              input_shape=None, input_name="data"):
+              input_shape=None, input_name="data", notes=None):
     """Read ``PREFIX-symbol.json`` + ``PREFIX-%04d.params`` → (logits symbol, params dict),
     normalised (:func:`distill.graphnorm.normalise`: fix_gamma gammas set to 1, a Flatten
     before each flattening FullyConnected, and with ``input_shape`` global pool kernels
@@ -160,6 +160,8 @@ def load_pair(prefix, epoch=0, output=None, what="teacher checkpoint", hint=None
         What to do when a file is missing (default: the prefix/epoch explanation).
     input_shape : tuple, optional
         ``(N, C, H, W)`` or ``(C, H, W)`` of the input, when known.
+    notes : list, optional
+        Extended with one sentence per kind of normalisation applied (for ``distill inspect``).
     """
     sym, params = _read_pair(prefix, epoch, what, hint)
     sym_file = symbol_file(prefix)
@@ -169,7 +171,9 @@ def load_pair(prefix, epoch=0, output=None, what="teacher checkpoint", hint=None
     full = set(sym.list_arguments()) | set(sym.list_auxiliary_states())
     kept = set(logits.list_arguments()) | set(logits.list_auxiliary_states())
     params = {k: v for k, v in params.items() if k in kept or k not in full}
-    logits, params, _ = normalise(logits, params, input_shape, input_name, where=sym_file)
+    logits, params, done = normalise(logits, params, input_shape, input_name, where=sym_file)
+    if notes is not None:
+        notes.extend(done.notes())
     return logits, params
 
 
@@ -240,7 +244,7 @@ def check_params(sym, params, input_name, input_shape, where, option=None):
                "Set `data.grayscale`, `data.image_size` so the input matches what the teacher "
                "was trained on.")
         raise UserError(f"{where}: the graph does not accept input of shape {tuple(input_shape)} "
-                        f"(channels, size from the data): {_mxnet_reason(e)}. {fix}"
+                        f"(channels, size from the data): {mxnet_reason(e)}. {fix}"
                         f"{_size_fix(sym, params, input_name, channels, option)}") from None
     names = sym.list_arguments() + sym.list_auxiliary_states()
     for n, s in zip(names, list(arg_shapes) + list(aux_shapes)):

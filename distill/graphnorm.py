@@ -479,7 +479,7 @@ class InputNormalisation:
     def advice(self):
         """The recipe lines to use, and why, in one sentence."""
         pixels = "raw 0..255 pixels" if self.raw_pixels else "pixels in [0, 1]"
-        return (f"the graph normalises its input itself ({self.description}, layer(s) "
+        return (f"The graph normalises its input itself ({self.description}, layer(s) "
                 f"{', '.join(self.layers)}), so it expects {pixels}. The data pipeline scales "
                 f"images to [0, 1] and then applies (x - mean) / std: set `data.mean: "
                 f"{format_values(self.mean)}` and `data.std: {format_values(self.std)}` so the graph gets {pixels}; "

@@ -4,6 +4,12 @@ MACs and whether it can serve as a feature tap, then the totals.
 ``MODEL`` is a checkpoint prefix (Module-API ``PREFIX-symbol.json`` + ``PREFIX-0000.params``
 or a Gluon ``export()`` pair), a run folder (its exported student), or a registered model
 name (built randomly initialized). ``--json`` prints the same data as JSON.
+
+Without ``--input-shape`` the input is never guessed: the channels come from the first layer's
+weights, the size from layers whose parameters pin it (a FullyConnected on a flattened map, a
+GDC head); when the graph does not pin it, the command says so and asks for the shape. A shape
+the parameters contradict is an error naming the parameter. Notes after the table say how the
+graph was normalised on load and whether it normalises its input itself.
 """
 import json
 import logging
@@ -13,11 +19,12 @@ import sys
 import mxnet as mx
 
 from .errors import UserError
-from .graphio import load_pair, symbol_file
+from .graphio import check_params, load_pair, mxnet_reason, symbol_file
+from .graphnorm import describe_shape, input_channels, input_normalisation, pinned_size
 from .report import format_table, human
 from .runfolder import RunFolder
 
-__all__ = ["inspect_model", "add_arguments", "main"]
+__all__ = ["inspect_model", "infer_input_shape", "add_arguments", "main"]
 _LOGGER = logging.getLogger(__name__)
 
 
@@ -31,8 +38,8 @@ def _parse_shape(text):
     return shape
 
 
-def _load(model, epoch, input_shape, classes):
-    """→ (logits symbol, input shape (C, H, W), description)."""
+def _load(model, epoch, input_shape, classes, notes):
+    """→ (logits symbol, params or None, input shape (C, H, W) or None, description)."""
     if os.path.isdir(model):
         folder = RunFolder(model)
         prefix = folder.model_prefix
@@ -42,33 +49,51 @@ def _load(model, epoch, input_shape, classes):
         if input_shape is None:
             shape = folder.read_metrics().get("data", {}).get("input_shape")
             input_shape = tuple(shape) if shape else None
-        sym, _ = load_pair(prefix, 0, what="model")
-        return sym, input_shape, f"run folder {model}"
+            if input_shape:
+                notes.append(f"input {describe_shape(input_shape)}: the run's data (metrics file)")
+        sym, params = load_pair(prefix, 0, what="model", notes=notes)
+        return sym, params, input_shape, f"run folder {model}"
     if os.path.isfile(symbol_file(model)):
-        sym, _ = load_pair(model, epoch, what="checkpoint")
-        return sym, input_shape, f"checkpoint {model} (epoch {epoch})"
+        sym, params = load_pair(model, epoch, what="checkpoint", notes=notes)
+        return sym, params, input_shape, f"checkpoint {model} (epoch {epoch})"
     from students import STUDENTS, build_student
     if model in STUDENTS:
         shape = input_shape or (3, 224, 224)
+        if input_shape is None:
+            notes.append(f"input {describe_shape(shape)}: the default for a model name "
+                         f"(--input-shape C,H,W builds it for another)")
         net = build_student(model, shape[0], classes, shape[1:], seed=0)
         net.hybridize()
-        return net(mx.sym.var("data")), shape, f"model {model} (random weights)"
+        return net(mx.sym.var("data")), None, shape, f"model {model} (random weights)"
     raise UserError(f"{model!r} is neither a checkpoint prefix ({symbol_file(model)} does not exist), "
                     f"a run folder, nor a registered model (`distill list` shows them).")
 
 
 def inspect_model(model, epoch=0, input_shape=None, classes=10):
-    """Rows (one per operator) and totals for ``model``; see the module docstring."""
+    """Rows (one per operator), totals and notes for ``model``; see the module docstring.
+
+    Raises
+    ------
+    UserError
+        The input shape cannot be inferred (and none was given), or the params contradict it.
+    """
     from .modelinfo import layer_table
     from .taps import tap_names
-    sym, shape, desc = _load(model, epoch, input_shape, classes)
-    if shape is None:
-        shape = _guess_shape(sym)
+    notes = []
+    sym, params, shape, desc = _load(model, epoch, input_shape, classes, notes)
+    if params is not None:
+        if shape is None:
+            shape = infer_input_shape(sym, params, desc, notes)
+        # a shape the params contradict is an error naming the parameter, never a described model
+        check_params(sym, params, "data", (1,) + tuple(shape), where=desc, option="--input-shape")
+        norm = input_normalisation(sym, params)
+        if norm is not None:
+            notes.append(norm.advice())
     try:
         rows = layer_table(sym, (1,) + tuple(shape))
     except mx.base.MXNetError as e:
         raise UserError(f"{desc}: cannot infer shapes for input (1, {', '.join(map(str, shape))}): "
-                        f"{str(e).splitlines()[0]}. Pass --input-shape C,H,W.") from None
+                        f"{mxnet_reason(e)}. Pass --input-shape C,H,W.") from None
     taps = set(tap_names(sym))
     for r in rows:
         r["tap"] = r["name"] in taps
@@ -76,27 +101,46 @@ def inspect_model(model, epoch=0, input_shape=None, classes=10):
     totals = {"layers": len(rows), "params": sum(r["params"] for r in rows),
               "macs": sum(r["macs"] for r in rows), "input_shape": list(shape),
               "output_shape": list(rows[-1]["shape"]) if rows else []}
-    return {"model": desc, "rows": rows, "totals": totals}
+    return {"model": desc, "rows": rows, "totals": totals, "notes": notes}
 
 
-def _guess_shape(sym):
-    """A Module-API graph does not store its input size: take the first conv's channels and
-    try common sizes."""
-    for size in (224, 32, 28):
-        for c in (3, 1):
-            try:
-                sym.infer_shape(data=(1, c, size, size))
-                return (c, size, size)
-            except mx.base.MXNetError:
-                continue
-    raise UserError("cannot guess the input shape of the graph: pass --input-shape C,H,W")
+def infer_input_shape(sym, params, desc, notes=None):
+    """``(C, H, W)`` from the parameters: the channels from the first layer's weights, the size
+    from layers that pin it (a FullyConnected on a flattened map, a GDC head).
+
+    Raises
+    ------
+    UserError
+        When the parameters do not tell (asks for ``--input-shape``).
+    """
+    first = input_channels(sym, params)
+    if first is None:
+        raise UserError(f"{desc}: the input channels cannot be read from the parameters (no "
+                        f"convolution, BatchNorm or PReLU reads the input): pass --input-shape C,H,W.")
+    channels, layer, pname, pshape = first
+    pinned = pinned_size(sym, params, channels)
+    if pinned is None:
+        raise UserError(f"{desc}: the input has {channels} channel{'s' if channels > 1 else ''} "
+                        f"(parameter {pname!r} {pshape} of the first layer {layer!r}), but the "
+                        f"parameters do not fix its size (a fully convolutional graph with global "
+                        f"pooling runs at any size): pass --input-shape {channels},H,W with the "
+                        f"size it was trained on.")
+    size, lo, hi = pinned
+    if notes is not None:
+        run = f"only {lo}..{hi} fit the parameters; {size} is the one the strides divide" \
+            if lo != hi else "the only size the parameters fit"
+        notes.append(f"input {channels}×{size}×{size} inferred: {channels} channel"
+                     f"{'s' if channels != 1 else ''} from {pname} "
+                     f"{pshape} (first layer {layer}), {size}×{size} pinned by the graph ({run}); "
+                     f"--input-shape overrides")
+    return channels, size, size
 
 
 def add_arguments(p):
     p.add_argument("model", help="checkpoint prefix, run folder, or registered model name")
     p.add_argument("--epoch", type=int, default=0, help="checkpoint epoch (PREFIX-%%04d.params)")
     p.add_argument("--input-shape", default=None, help="C,H,W of one input (default: from the run "
-                   "folder, else guessed)")
+                   "folder, else read from the parameters where they fix it)")
     p.add_argument("--classes", type=int, default=10, help="classes, for a model name")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -115,4 +159,6 @@ def main(args):
                        title=f"{info['model']}, input {'×'.join(map(str, t['input_shape']))}"))
     print(f"\ntotal: {t['layers']} layers, {human(t['params'])} parameters ({t['params']:,}), "
           f"{human(t['macs'])} MACs per image ({t['macs']:,}), output {t['output_shape']}")
+    for note in info["notes"]:
+        print(f"note: {note}.")
     return 0

@@ -11,9 +11,11 @@ import logging
 import mxnet as mx
 import numpy as np
 
-from .graphio import AUX_SUFFIXES, best_of_ms, load_symbol_block
+from .errors import UserError
+from .graphio import AUX_SUFFIXES, best_of_ms, load_pair, load_symbol_block, mxnet_reason, symbol_file
+from .graphnorm import fc_on_nd_input, infer_shape_quiet
 
-__all__ = ["layer_table", "total_macs", "measure_latency", "random_batch"]
+__all__ = ["layer_table", "total_macs", "measure_latency", "timing_error", "random_batch"]
 _LOGGER = logging.getLogger(__name__)
 
 
@@ -43,7 +45,7 @@ def layer_table(symbol, input_shape, input_name="data"):
         multiply–accumulates for the whole batch (divide by N for per-image).
     """
     internals = symbol.get_internals()
-    arg_shapes, out_shapes, aux_shapes = internals.infer_shape(**{input_name: input_shape})
+    arg_shapes, out_shapes, aux_shapes = infer_shape_quiet(internals, **{input_name: input_shape})
     shapes = dict(zip(internals.list_outputs(), out_shapes))
     params = dict(zip(internals.list_arguments(), arg_shapes))
     params.update(zip(internals.list_auxiliary_states(), aux_shapes))
@@ -104,13 +106,37 @@ def measure_latency(prefix, input_shape, batch_sizes=(1, 32), repeats=20, warmup
     """
     out = {}
     for bs in batch_sizes:
-        net = load_symbol_block(prefix, epoch)
+        net = load_symbol_block(prefix, epoch)       # normalised: a Flatten before each FC
         net.hybridize(backend="MKLDNN", static_alloc=True, static_shape=True)
         x = random_batch(bs, input_shape)
-        # Several calls per repeat so that a 0.1 ms model is not timed at clock resolution.
-        out[f"b{bs}"] = best_of_ms(lambda: net(x), repeats, warmup, inner=10 if bs == 1 else 3,
-                                   sync=lambda y: y.wait_to_read())
+        try:
+            # Several calls per repeat so that a 0.1 ms model is not timed at clock resolution.
+            out[f"b{bs}"] = best_of_ms(lambda: net(x), repeats, warmup, inner=10 if bs == 1 else 3,
+                                       sync=lambda y: y.wait_to_read())
+        except mx.base.MXNetError as e:
+            raise timing_error(prefix, epoch, (bs,) + tuple(input_shape), e) from None
     return out
+
+
+def timing_error(prefix, epoch, input_shape, err):
+    """A :class:`UserError` for an MXNet failure while running the oneDNN-fused graph at
+    ``prefix``: MXNet 1.9.1's "We can't generate TBlob for MKLDNN data" names the
+    FullyConnected layers on a 4-D input that cause it."""
+    reason = mxnet_reason(err)
+    where = f"timing {symbol_file(prefix)} with oneDNN (backend='MKLDNN'), input {tuple(input_shape)}"
+    if "TBlob for MKLDNN" in reason:
+        sym, _ = load_pair(prefix, epoch, what="model")
+        culprits = fc_on_nd_input(sym, input_shape)
+        layers = (f"FullyConnected layer(s) {', '.join(culprits)} on a 4-D input" if culprits
+                  else "a layer fed by a oneDNN-fused convolution")
+        return UserError(f"{where}: MXNet 1.9.1's oneDNN path fails ({reason}) at {layers}, a "
+                         f"bug of MXNet's that shows on the second call. Give "
+                         f"{culprits[0] if culprits else 'that layer'} a 2-D input in the graph: "
+                         f"distill inserts a Flatten before every FullyConnected that flattens, "
+                         f"but one with `flatten=False` needs a Reshape to (-1, last axis) before "
+                         f"it and back after it, which only the graph's author can write.")
+    return UserError(f"{where}: MXNet failed: {reason}. Does `distill inspect {prefix}` show the "
+                     f"graph with this input shape?")
 
 
 def random_batch(batch_size, input_shape, seed=0):

@@ -9,6 +9,11 @@ Sources (``teacher:`` section, exactly one):
   from there while the recipe is unchanged. The run (:func:`distill.run.resolve_teacher_recipe`)
   does that and hands this module the trained pair's prefix: the teacher does not train.
 * ``model: NAME`` + ``params: FILE``: a registered model with a ``save_parameters`` file.
+
+A loaded pair is normalised by :func:`distill.graphio.load_pair` (:mod:`distill.graphnorm`).
+A graph that normalises its input itself (a leading ``_minus_scalar``/``_mul_scalar`` …, or
+a BatchNorm on raw pixels) gets a warning naming the ``data.mean``/``data.std`` that feed it
+what it expects, unless the recipe already uses them.
 """
 import logging
 import os
@@ -21,9 +26,10 @@ from students import STUDENTS, build_student
 
 from .errors import UserError
 from .graphio import SYMBOL_SUFFIX, check_params, load_pair, make_block, params_file, symbol_file
+from .graphnorm import format_values, input_normalisation
 from .taps import resolve_tap
 
-__all__ = ["Teacher", "load_teacher", "resolve_path"]
+__all__ = ["Teacher", "load_teacher", "warn_input_normalisation", "resolve_path"]
 _LOGGER = logging.getLogger(__name__)
 
 
@@ -107,12 +113,29 @@ def load_teacher(cfg, data, recipe_dir=".", taps=(), trained=None):
     else:
         raise UserError("teacher: no teacher given (`teacher.recipe`, `teacher.checkpoint` or `teacher.model`).")
     out_shape = check_params(sym, params, cfg.input_name, input_shape, where=f"teacher ({source})")
+    warn_input_normalisation(sym, params, data, cfg.input_name, f"teacher ({source})")
     if len(out_shape) != 2 or out_shape[1] != data.num_classes:
         raise UserError(f"teacher ({source}) outputs shape {out_shape} per batch, but the data "
                         f"`{data.name}` has {data.num_classes} classes: the teacher's head must "
                         f"have one logit per class (or name the logits layer with `teacher.output`).")
     return Teacher(sym, params, source, cfg.input_name, taps=taps,
                    where="distillation[].teacher_layer")
+
+
+def warn_input_normalisation(sym, params, data, input_name="data", where="teacher"):
+    """Warn when the graph normalises its input itself (``(x - 127.5) * 0.0078125``, a
+    BatchNorm on raw pixels) and the data's ``mean``/``std`` would normalise a second time.
+
+    Returns
+    -------
+    InputNormalisation or None
+        What the graph does (``None``: nothing recognised).
+    """
+    norm = input_normalisation(sym, params, input_name)
+    if norm is not None and not norm.matches(data.mean, data.std):
+        _LOGGER.warning("%s: %s (the data `%s` now use mean %s, std %s).", where, norm.advice(),
+                        data.name, format_values(data.mean), format_values(data.std))
+    return norm
 
 
 def resolve_path(path, recipe_dir):

@@ -22,6 +22,7 @@ from mxnet.contrib import quantization as mxq
 
 from ..errors import UserError
 from ..graphio import check_params, load_pair, make_block
+from ..graphnorm import fit_global_pools
 from ..modelinfo import layer_table
 
 __all__ = ["Layer", "FloatModel", "QuantizedGraph", "quantize", "inference_block", "WEIGHT_OPS"]
@@ -82,8 +83,11 @@ class FloatModel:
     """
 
     def __init__(self, symbol, params, input_shape, input_name="data", source="model"):
-        self.symbol = symbol
         self.input_shape = tuple(int(s) for s in input_shape)
+        # MXNet's int8 pooling checks a global pool's stored kernel against its input: fit it
+        # (same fp32 output; each rewritten layer is logged)
+        symbol, self.fitted_pools = fit_global_pools(symbol, (1,) + self.input_shape, input_name)
+        self.symbol = symbol
         self.input_name = input_name
         self.source = source
         args, auxs = set(symbol.list_arguments()), set(symbol.list_auxiliary_states())
@@ -107,7 +111,8 @@ class FloatModel:
     @classmethod
     def from_prefix(cls, prefix, input_shape, epoch=0, input_name="data"):
         """Load ``PREFIX-symbol.json`` + ``PREFIX-%04d.params`` (Gluon export or Module API)."""
-        sym, params = load_pair(prefix, epoch, what="model")
+        sym, params = load_pair(prefix, epoch, what="model", input_shape=input_shape,
+                                input_name=input_name)
         check_params(sym, params, input_name, (1,) + tuple(input_shape), where=prefix)
         return cls(sym, params, input_shape, input_name, source=prefix)
 
