@@ -51,7 +51,7 @@ def compare(targets, out=None, seeds=1, repeats=None, log=print):
         raise UserError(f"--seeds {seeds}: give at least 1 (each variant runs with seeds 0..N-1).")
     if repeats is not None and repeats < 1:
         raise UserError(f"--repeats {repeats}: give at least 1.")
-    recipes = [t for t in targets if os.path.isfile(t) and t.endswith((".yaml", ".yml"))]
+    recipes = [t for t in targets if t.endswith((".yaml", ".yml")) and not os.path.isdir(t)]
     if recipes:
         if len(targets) > 1:
             raise UserError(f"distill compare takes one comparison recipe or run folders, not both "
