@@ -117,8 +117,11 @@ def latest_checkpoint(folder, clean=True):
     return found[-1][1] if found else None
 
 
-def load_checkpoint(path, net, trainer):
-    """Restore ``net`` and ``trainer`` from ``path``; return the payload (epoch, history, ...)."""
+def load_checkpoint(path, net, trainer, before_states=None):
+    """Restore ``net`` and ``trainer`` from ``path``; return the payload (epoch, history, ...).
+
+    ``before_states()`` runs between the parameters and the optimizer state (a ``dist_*`` run
+    puts the loaded parameters into its KVStore there: :meth:`Cluster.init_trainer`)."""
     try:
         with open(path, "rb") as f:
             payload = pickle.load(f)
@@ -126,6 +129,8 @@ def load_checkpoint(path, net, trainer):
         raise UserError(f"checkpoint {path} cannot be read ({e}). Delete it to resume from the "
                         f"one before, or start again without --resume.") from None
     load_net_state(net, payload["params"], where=path)
+    if before_states is not None:
+        before_states()
     if payload["trainer_states"] is None:
         _LOGGER.warning("%s holds no optimizer state (dist_async keeps it on the servers): "
                         "momentum restarts from zero", path)

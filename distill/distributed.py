@@ -89,20 +89,23 @@ class Cluster:
         return self._next_key
 
     def _sum(self, arrays):
-        """Elementwise sum over workers of a list of float32 numpy arrays (dist_sync only)."""
+        """Elementwise sum over workers of a list of float32 numpy arrays (dist_sync only).
+
+        Fresh keys: init them all (rank 0 pushes zeros), let those pushes finish, a barrier,
+        then push/pull (see :meth:`init_trainer` for why the waits)."""
         import mxnet as mx
-        # Let the Trainer's push/pulls of the last step finish first: a collective started while
-        # they were in flight left the workers with different values of the last parameters
-        # (those pushed last, at the lowest priority) in 2 of 5 two-worker runs; 0 of 8 after.
+        # also lets the Trainer's push/pulls of the last step finish first: a collective started
+        # while they were in flight left the workers with different values of the last
+        # parameters (those pushed last, at the lowest priority) in 2 of 5 two-worker runs
         mx.nd.waitall()
-        out = []
-        for a in arrays:
-            k = self._key()
-            nd = mx.nd.array(a, dtype="float32")
+        nds = [mx.nd.array(a, dtype="float32") for a in arrays]
+        keys = [self._key() for _ in nds]
+        for k, nd in zip(keys, nds):
             self.kv.init(k, mx.nd.zeros(nd.shape))
+        self.barrier()
+        for k, nd in zip(keys, nds):
             self.kv.pushpull(k, nd, out=nd)
-            out.append(nd.asnumpy())
-        return out
+        return [nd.asnumpy() for nd in nds]
 
     def average(self, params):
         """Replace each Parameter's value by its mean over workers (BatchNorm running stats)."""
@@ -130,6 +133,38 @@ class Cluster:
         onehot = np.zeros(self.num_workers, np.float32)
         onehot[self.rank] = value
         return int(self._sum([onehot])[0].min())
+
+    def init_trainer(self, trainer):
+        """Put rank 0's parameters into the KVStore and every worker's ``trainer`` (``dist_*``).
+
+        What ``gluon.Trainer`` does lazily at its first step, without its race: its per-key
+        ``broadcast`` is init (rank 0 pushes, then a barrier) + pull, but rank 0's push is an
+        engine operation that may still be queued behind others when the barrier lets the
+        other workers pull (seen on --resume, after the checkpoint's values were queued:
+        the server aborts with "init N first"). Here rank 0's pushes finish before anyone pulls.
+        Uses the Trainer's private ``_init_kvstore``/``_params_to_init``/``_param2idx`` (MXNet
+        1.9.1).
+        """
+        if self.kv is None:
+            return
+        import mxnet as mx
+        mx.nd.waitall()
+        if not trainer._kv_initialized:
+            trainer._init_kvstore()
+        ready = [p for p in trainer._params_to_init if not p._deferred_init]
+        keys = [trainer._param2idx[p.name] for p in ready]
+        # copies in the default layout: the KVStore cannot read an array oneDNN has reordered
+        # ("We can't generate TBlob for MKLDNN data"), as a hybridized net's weights may be
+        values = [mx.nd.array(p.data().asnumpy(), dtype=p.dtype) for p in ready]
+        for k, v in zip(keys, values):
+            self.kv.init(k, v)
+        self.barrier()                  # waits for rank 0's pushes first (waitall)
+        for k, v in zip(keys, values):
+            self.kv.pull(k, out=v)
+        mx.nd.waitall()
+        for p, v in zip(ready, values):
+            p.set_data(v)
+        trainer._params_to_init = [p for p in trainer._params_to_init if p._deferred_init]
 
     def barrier(self):
         """Wait until every worker gets here (``dist_*``; nothing otherwise)."""

@@ -170,11 +170,13 @@ def launch(command, workers, servers=1, host="127.0.0.1", port=None, exit_timeou
     procs = []
     stop_signal = []
 
-    def on_term(signum, frame):
-        stop_signal.append(signum)
+    def on_signal(signum, frame):
+        stop_signal.append(signal.Signals(signum).name)
         raise KeyboardInterrupt
 
-    old_term = signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() else None
+    # SIGINT too: a launcher started in the background inherits SIGINT ignored
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
     try:
         try:
             procs.append(_Proc("scheduler", 0, _SERVER_CMD, dict(base, DMLC_ROLE="scheduler"), out, lock))
@@ -191,15 +193,15 @@ def launch(command, workers, servers=1, host="127.0.0.1", port=None, exit_timeou
         return _watch(procs, exit_timeout, out)
     except KeyboardInterrupt:
         _stop(procs)
-        why = "SIGTERM" if stop_signal else "Ctrl-C"
+        why = "Ctrl-C" if not stop_signal or stop_signal[0] == "SIGINT" else stop_signal[0]
         raise UserError(f"distill launch: interrupted ({why}); stopped all {len(procs)} processes "
                         f"it started. Rerun the same launch with --resume on the worker command to "
                         f"continue from the last complete epoch.") from None
     finally:
         if any(p.poll() is None for p in procs):
             _stop(procs)
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def _watch(procs, exit_timeout, out):
@@ -216,6 +218,11 @@ def _watch(procs, exit_timeout, out):
                 since = quiet_exit.setdefault(p, time.time())
                 failed = time.time() - since > GRACE_S
             if failed:
+                # a server aborts when a worker dies mid-request: name the worker if one died too
+                time.sleep(0.5)
+                dead = [q for q in workers if q.poll() not in (None, 0)]
+                p = dead[0] if dead and p.role != "worker" else p
+                rc = p.poll()
                 p.pump.join(timeout=1.0)         # its last lines, for the message
                 others = [q for q in procs if q is not p and q.poll() is None]
                 _stop(procs)
@@ -263,3 +270,13 @@ def main(args):
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     return launch(cmd, args.workers, args.servers, port=args.port, exit_timeout=args.exit_timeout)
+
+
+if __name__ == "__main__":       # `python -m distill.launch ...`: without the CLI's other imports
+    import argparse
+
+    from .cli import _run
+    _parser = argparse.ArgumentParser(prog="python -m distill.launch", description=__doc__.splitlines()[0])
+    add_arguments(_parser)
+    _parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
+    sys.exit(_run(main, _parser.parse_args()))

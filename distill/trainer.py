@@ -178,8 +178,9 @@ def fit(student, train_net, teacher_outputs, data, terms, cfg, checkpoints=None,
     # parameters must exist (deferred init) before checkpoints, optimizer state or modifiers
     train_net(mx.nd.array(data.train.x[:1]))
     path = latest_checkpoint(checkpoints, clean=cluster.is_root) if resume and checkpoints else None
+    init_kv = (lambda: cluster.init_trainer(trainer)) if cluster.distributed else None
     if path:
-        payload = load_checkpoint(path, owner, trainer)
+        payload = load_checkpoint(path, owner, trainer, before_states=init_kv)
         for m in modifiers:
             m.load_state_dict(payload.get("modifiers", {}).get(m.name, {}))
         start, history = payload["epoch"] + 1, payload["history"]
@@ -188,6 +189,8 @@ def fit(student, train_net, teacher_outputs, data, terms, cfg, checkpoints=None,
             log(f"resumed from {path}: continuing at epoch {start + 1}/{cfg.epochs}")
         else:
             log(f"resumed from {path}: all {cfg.epochs} epochs were already done")
+    elif init_kv:
+        init_kv()
     need_teacher = teacher_outputs is not None and any(t.block.needs_teacher for t in terms)
     n = len(data.train.x)
     steps_per_epoch = max(1, len(range(0, n - n % cfg.batch_size if n > cfg.batch_size else n, cfg.batch_size)))
