@@ -126,7 +126,7 @@ def pruned(graph, folder):
     """The teacher's copy, 50% of its channels pruned in one shot, 2 epochs of KD + CE."""
     run_dir = folder / "runs" / graph.name
     recipe = {"name": f"prune_{graph.name}", "data": graph.data,
-              "teacher": {"checkpoint": graph.prefix, "input_shape": list(graph.input_shape)},
+              "teacher": {"checkpoint": graph.prefix},          # as a new user writes it
               "student": {"from": "teacher"},
               "distillation": [{"loss": "kd", "weight": 0.7, "temperature": 4.0},
                                {"loss": "ce", "weight": 0.3}],
