@@ -264,9 +264,9 @@ def _full_shape(input_shape):
 
 
 def fit_global_pools(symbol, input_shape, input_name="data"):
-    """Set the kernel of every ``global_pool=True`` Pooling to its input's spatial size
-    (stride 1, pad 0) where the stored kernel differs: the output is the same, and MXNet's
-    quantized pooling, which checks the kernel against the map, then accepts it.
+    """Set the kernel of every ``global_pool=True`` Pooling whose stored kernel exceeds its
+    input (or is missing) to the input's spatial size (stride 1, pad 0): the output is the
+    same, and MXNet's quantized pooling, which checks the kernel against the map, accepts it.
 
     Parameters
     ----------
@@ -298,7 +298,9 @@ def fit_global_pools(symbol, input_shape, input_name="data"):
             continue
         spatial = tuple(int(s) for s in shapes[src][2:])
         kernel = _parse_tuple(attrs.get("kernel"))
-        if kernel == spatial:
+        # only a kernel larger than the map fails MXNet's int8 check; a smaller one (Gluon's
+        # GlobalAvgPool2D stores 1×1) is left alone, so ordinary graphs are not rewritten
+        if len(kernel) == len(spatial) and all(k <= s for k, s in zip(kernel, spatial)):
             continue
         ones, zeros = (1,) * len(spatial), (0,) * len(spatial)
         attrs.update(kernel=str(spatial), stride=str(ones), pad=str(zeros))
