@@ -193,7 +193,7 @@ def test_global_pool_kernel_fitted_and_quantized(pairs, caplog):
     assert _close(out, ref, 0.05)                                          # int8 ≈ fp32
     # a FloatModel built from a symbol directly (no load_pair) gets the same fit
     direct = FloatModel(sym, {**raw}, (1, 4, 4))
-    assert direct.fitted_pools == ["pool"]
+    assert direct.fitted_pools == ["pool"] and float(direct.params["bn_data_gamma"].asnumpy()[0]) == 1.0
 
 
 def test_inspect_infers_112_from_a_gdc_head_and_reads_the_channels(pairs):

@@ -22,7 +22,7 @@ from mxnet.contrib import quantization as mxq
 
 from ..errors import UserError
 from ..graphio import check_params, load_pair, make_block
-from ..graphnorm import fit_global_pools
+from ..graphnorm import normalise
 from ..modelinfo import layer_table
 
 __all__ = ["Layer", "FloatModel", "QuantizedGraph", "quantize", "inference_block", "WEIGHT_OPS"]
@@ -80,13 +80,22 @@ class FloatModel:
         The graph's input variable.
     source : str
         Where it came from, for messages.
+
+    Attributes
+    ----------
+    fitted_pools : list of str
+        Global pools whose stored kernel was larger than their input and was set to its size.
     """
 
     def __init__(self, symbol, params, input_shape, input_name="data", source="model"):
         self.input_shape = tuple(int(s) for s in input_shape)
-        # MXNet's int8 pooling checks a global pool's stored kernel against its input: fit it
-        # (same fp32 output; each rewritten layer is logged)
-        symbol, self.fitted_pools = fit_global_pools(symbol, (1,) + self.input_shape, input_name)
+        # normalised as load_pair does (idempotent: a loaded pair is unchanged), so a model built
+        # from any symbol gets it too: a Flatten before each FC (else oneDNN's "TBlob for MKLDNN
+        # data" crash in calibration), fix_gamma gammas at 1, and global pool kernels fitted to
+        # their input (MXNet's int8 pooling checks the stored kernel); each change is logged
+        symbol, params, done = normalise(symbol, params, (1,) + self.input_shape, input_name,
+                                         where=source)
+        self.fitted_pools = done.pools
         self.symbol = symbol
         self.input_name = input_name
         self.source = source
