@@ -479,13 +479,15 @@ class InputNormalisation:
     std: List[float]
 
     def advice(self):
-        """The recipe lines to use, and why, in one sentence."""
+        """The recipe lines to use, and why (for a log line or an inspect note)."""
         pixels = "raw 0..255 pixels" if self.raw_pixels else "pixels in [0, 1]"
+        # distill.data scales pixels to [0, 1], then (x - mean) / std: mean 0, std 1/255 gives
+        # back 0..255; mean 0, std 1 leaves [0, 1]
         return (f"The graph normalises its input itself ({self.description}, layer(s) "
                 f"{', '.join(self.layers)}), so it expects {pixels}. The data pipeline scales "
                 f"images to [0, 1] and then applies (x - mean) / std: set `data.mean: "
-                f"{format_values(self.mean)}` and `data.std: {format_values(self.std)}` so the graph gets {pixels}; "
-                f"another mean/std normalises a second time")
+                f"{format_values(self.mean)}` and `data.std: {format_values(self.std)}` so the "
+                f"graph gets {pixels}; another mean/std normalises a second time")
 
     def matches(self, mean, std):
         """Do the data's per-channel ``mean``/``std`` give the graph what it expects?"""

@@ -279,8 +279,9 @@ def test_truncated_or_foreign_params_file(pairs, tmp_path):
     cut = str(tmp_path / "cut")
     with open(cut + "-symbol.json", "w") as f:
         f.write(open(prefix + "-symbol.json").read())
-    for content, words in ((blob[:len(blob) // 2], "truncated"), (b"<html>not found</html>", "not an MXNet params file"),
-                           (b"", "empty")):
+    cases = ((blob[:len(blob) // 2], "truncated"), (b"<html>not found</html>", "not an MXNet params file"),
+             (b"", "empty"))
+    for content, words in cases:
         with open(cut + "-0000.params", "wb") as f:
             f.write(content)
         with pytest.raises(UserError) as e:
