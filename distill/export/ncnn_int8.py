@@ -255,7 +255,7 @@ class NcnnInt8Format(ExportFormat):
     def export(self, job):
         from .onnx_int8 import excluded_layers
         from .ncnn_worker import NcnnWorkerError
-        fp32 = job.checks.get("ncnn")
+        fp32 = getattr(job, "checks", {}).get("ncnn")
         if fp32 is not None and not fp32["passed"] and not job.options.fp16:
             raise UserError(f"ncnn-int8 starts from the fp32 ncnn model, which failed its check "
                             f"({fp32['message']}); fix that first.")

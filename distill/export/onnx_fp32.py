@@ -265,16 +265,18 @@ def runtime_failure(error, path):
 
 
 def _mxnet_internals(prefix, names, x):
-    """MXNet's outputs of the layers ``names`` (node names) on ``x``, in order."""
+    """``{layer: MXNet's output on x}`` for the layers in ``names`` with one output."""
     import mxnet as mx
     sym, arg, aux = mx.model.load_checkpoint(prefix, 0)
     internals = sym.get_internals()
+    have = set(internals.list_outputs())
+    names = [n for n in names if f"{n}_output" in have]      # multi-output layers are skipped
     group = mx.sym.Group([internals[f"{n}_output"] for n in names])
     mod = mx.mod.Module(group, data_names=["data"], label_names=None, context=mx.cpu())
     mod.bind(data_shapes=[("data", x.shape)], for_training=False)
     mod.set_params(arg, aux, allow_missing=False, allow_extra=True)
     mod.forward(mx.io.DataBatch([mx.nd.array(x)]), is_train=False)
-    return [o.asnumpy() for o in mod.get_outputs()]
+    return dict(zip(names, (o.asnumpy() for o in mod.get_outputs())))
 
 
 def first_divergence(job, onnx_path, images=8):
@@ -291,20 +293,22 @@ def first_divergence(job, onnx_path, images=8):
     model = onnx.load(onnx_path)
     tensors = {o for node in model.graph.node for o in node.output}
     with open(symbol_file(job.prefix)) as f:
-        nodes = json.loads(f.read())["nodes"]
-    layers = [(n["name"], n["op"]) for n in nodes
-              if n["op"] != "null" and n["name"] in tensors and n["name"] != model.graph.output[0].name]
+        graph = json.loads(f.read())
+    nodes, head = graph["nodes"], graph["heads"][0][0]
+    # (MXNet layer, its ONNX tensor, op): the logits layer's tensor was renamed `logits`
+    layers = [(n["name"], "logits" if i == head else n["name"], n["op"]) for i, n in enumerate(nodes)
+              if n["op"] != "null" and (n["name"] in tensors or i == head)]
     if not layers:
         return None
     x = np.ascontiguousarray(job.x_test[:images], dtype=np.float32)
     try:
-        ref = _mxnet_internals(job.prefix, [n for n, _ in layers], x)
+        ref = _mxnet_internals(job.prefix, [n for n, _, _ in layers], x)
     except Exception as e:         # a diagnosis only: the failed check stands without it
         _LOGGER.warning("onnx: cannot compare layer by layer in MXNet (%s)", e)
         return None
     known = {o.name for o in model.graph.output}
-    model.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
-                              for n, _ in layers if n not in known)
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
+                              for _, t, _ in layers if t not in known)
     probe = os.path.join(job.work_dir, "probe.onnx")
     onnx.save(model, probe)
     try:
@@ -316,9 +320,9 @@ def first_divergence(job, onnx_path, images=8):
     finally:
         os.unlink(probe)
     got = {name: res["arrays"][str(k)] for k, name in enumerate(res["meta"]["names"])}
-    for (name, op), want in zip(layers, ref):
-        out = got.get(name)
-        if out is None:
+    for name, tensor, op in layers:
+        out, want = got.get(tensor), ref.get(name)
+        if out is None or want is None:
             continue
         if out.size != want.size:
             return (f"First layer at fault: {name} ({op}), whose output has shape {list(out.shape)} in "
