@@ -205,6 +205,24 @@ def test_a_wrong_layer_is_a_failed_check_naming_it(prelu_export, tmp_path, monke
     assert not _scratch_left(str(tmp_path))
 
 
+def test_a_layer_onnxruntime_rejects_is_named(prelu_export, tmp_path, monkeypatch):
+    """Without the slope fix (MXNet's exporter as it is), onnxruntime and pnnx reject PRelu: both
+    checks fail with one paragraph naming the layer, and neither blames a missing ncnn operator."""
+    from distill.export import onnx_fp32
+    m = prelu_export
+    monkeypatch.setattr(onnx_fp32, "fix_prelu_slopes", lambda model: [])
+    card = export_run(m["run"], formats=["onnx", "ncnn"], model=m["prefix"], out_dir=str(tmp_path),
+                      options=ExportOptions(latency=False), raise_on_failure=False)
+    onnx_msg = card["exports"]["onnx"]["check"]["message"]
+    assert onnx_msg.startswith("onnxruntime could not run model.onnx at layer 'prelu1' (PRelu): "
+                               "Attempting to broadcast"), onnx_msg
+    ncnn_msg = card["exports"]["ncnn"]["check"]["message"]
+    assert "pnnx could not convert model.onnx" in ncnn_msg and "PRelu node" in ncnn_msg, ncnn_msg
+    assert "not an operator ncnn lacks" in ncnn_msg
+    assert not any("\x1b" in msg or "Traceback" in msg for msg in (onnx_msg, ncnn_msg))
+    assert not _scratch_left(str(tmp_path))
+
+
 def test_pnnx_failure_messages_say_what_failed():
     # pnnx's own output on an unflattened Gemm (the exporter's graph before the fix); it then segfaults
     out = ("fold_constants ...   ort CreateSession failed Node (fc_gemm) Op (Gemm) "

@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import UserError
 from .formats import FORMATS, ExportFormat, check_result, files_bytes
 from .parity import check_agreement, check_close, close_rule, compare_logits
-from .runtimes import package_versions
+from .runtimes import output_lines, package_versions
 
 __all__ = ["NcnnFormat", "pnnx_executable", "onnx_to_ncnn", "pnnx_failure", "foreign_layers"]
 _LOGGER = logging.getLogger(__name__)
@@ -69,11 +69,11 @@ def onnx_to_ncnn(onnx_path, input_shape, out_param, out_bin, fp16=False, work_di
     proc = subprocess.run(cmd, cwd=scratch, capture_output=True, text=True)
     made = [os.path.join(scratch, f) for f in ("model.ncnn.param", "model.ncnn.bin")]
     if proc.returncode != 0 or not all(os.path.isfile(f) and os.path.getsize(f) for f in made):
-        raise UserError(pnnx_failure(onnx_path, proc.returncode, proc.stdout + proc.stderr))
+        raise UserError(pnnx_failure(os.path.basename(onnx_path), proc.returncode, proc.stdout + proc.stderr))
     with open(made[0]) as f:
         foreign = foreign_layers(f.read())
     if foreign:
-        raise UserError(f"pnnx converted {onnx_path}, but ncnn has no layer for "
+        raise UserError(f"pnnx converted {os.path.basename(onnx_path)}, but ncnn has no layer for "
                         + ", ".join(f"{name} ({op})" for name, op in foreign[:5])
                         + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
                         + ": ncnn cannot run the model. Replace that operator in the MXNet graph, or "
@@ -90,8 +90,17 @@ def pnnx_failure(onnx_path, returncode, output):
     (e.g. a Gemm fed an unflattened 4-D tensor) it reports a ``ShapeInferenceError`` and then
     often segfaults, which says nothing about missing operators: the message says which.
     """
-    lines = [l.strip() for l in output.splitlines() if l.strip()]
+    lines = output_lines(output)
     how = (f"was killed by signal {-returncode}" if returncode < 0 else f"exited with code {returncode}")
+    run = next((re.search(r"while running (\w+) node\. Name:\s*'([^']+)'(?: Status Message: (.*))?", l)
+                for l in lines if "while running" in l), None)
+    if run:
+        detail = (run.group(3) or "").split(". ", 1)[-1] if run.group(3) else ""
+        return (f"pnnx could not convert {onnx_path} to ncnn: its onnxruntime pass could not run "
+                f"the {run.group(1)} node {run.group(2)!r} (pnnx's own name){': ' + detail if detail else ''} "
+                f"(pnnx {how}). The ONNX graph is wrong at that layer, which is not an operator ncnn "
+                f"lacks: export --format onnx, whose check names the layer in MXNet's terms, and "
+                f"report it.")
     shape = next((l for l in lines if re.search(r"ShapeInferenceError|shape inference|"
                                                 r"Dimension mismatch|Incompatible dimensions", l, re.I)), None)
     if shape:

@@ -35,6 +35,8 @@ import tempfile
 
 import numpy as np
 
+from .runtimes import output_lines
+
 __all__ = ["NcnnWorkerError", "run_tasks", "run_ncnn"]
 _LOGGER = logging.getLogger(__name__)
 
@@ -79,7 +81,7 @@ def run_tasks(tasks, arrays, work_dir, timeout=1800):
         if proc.returncode != 0 or not os.path.isfile(out):
             how = (f"was killed by signal {-proc.returncode}" if proc.returncode < 0
                    else f"exited with code {proc.returncode}")
-            tail = " / ".join(l.strip() for l in proc.stderr.splitlines()[-4:] if l.strip())
+            tail = " / ".join(output_lines(proc.stderr)[-3:])
             raise NcnnWorkerError(f"{_runtime_names(tasks)} {how} while running "
                                   f"{', '.join(sorted({t['task'] for t in tasks}))}"
                                   + (f": {tail}" if tail else ""))

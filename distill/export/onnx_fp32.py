@@ -256,12 +256,25 @@ class OnnxFormat(ExportFormat):
 
 
 def runtime_failure(error, path):
-    """A one-paragraph reason for onnxruntime failing on ``path``, naming the node when it says."""
-    node = re.search(r"node\. Name:\s*'([^']+)'", error) or re.search(r"Node \(([^)]+)\)", error)
-    where = f" at layer {node.group(1)!r}" if node else ""
-    return (f"onnxruntime could not run {os.path.basename(path)}{where}: {error}. MXNet's ONNX "
-            f"exporter wrote that layer in a form onnxruntime rejects; export --format mxnet and "
-            f"report the layer's type and attributes.")
+    """A one-paragraph reason for onnxruntime failing on ``path``, naming the node when it says.
+
+    onnxruntime's message carries its source location and the failed condition before the
+    sentence meant for people ("Attempting to broadcast an axis by a dimension other than 1"):
+    that sentence is quoted, and the whole error when there is no such structure.
+    """
+    run = re.search(r"while running (\w+) node\. Name:\s*'([^']+)'(?: Status Message: (.*))?", error)
+    if not run:
+        return (f"onnxruntime could not run {os.path.basename(path)}: {error}. Export --format "
+                f"mxnet and report the model's layers to onnxruntime or MXNet's ONNX exporter.")
+    detail = (run.group(3) or "").strip()
+    if detail.startswith("/") and " was false. " in detail:     # "file.h:540 fn(...) cond was false. Why"
+        detail = detail.split(" was false. ", 1)[1]
+    how = re.search(r"(was killed by signal \d+|exited with code -?\d+)", error)
+    return (f"onnxruntime could not run {os.path.basename(path)} at layer {run.group(2)!r} "
+            f"({run.group(1)}){': ' + detail if detail else ''}"
+            f"{' (onnxruntime ' + how.group(1) + ')' if how else ''}. MXNet's ONNX exporter wrote "
+            f"that layer in a form onnxruntime rejects; export --format mxnet and report the "
+            f"layer's type and attributes.")
 
 
 def _mxnet_internals(prefix, names, x):

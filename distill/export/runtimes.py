@@ -8,11 +8,12 @@ that child starts light.
 """
 import logging
 import os
+import re
 
 import numpy as np
 
 
-__all__ = ["package_versions", "default_threads", "best_of_ms", "ort_session", "ort_predict", "ort_latency",
+__all__ = ["package_versions", "default_threads", "output_lines", "best_of_ms", "ort_session", "ort_predict", "ort_latency",
            "ncnn_net", "ncnn_extract"]
 _LOGGER = logging.getLogger(__name__)
 
@@ -35,6 +36,16 @@ def best_of_ms(fn, repeats=20, **kw):
     return timed(fn, repeats, **kw)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def output_lines(text):
+    """A tool's output as lines worth quoting: colour codes stripped, blank lines and
+    onnxruntime's warnings (``[W:onnxruntime...]``, e.g. "Unknown CPU vendor") dropped."""
+    lines = (_ANSI.sub("", l).strip() for l in text.splitlines())
+    return [l for l in lines if l and "[W:onnxruntime" not in l]
+
+
 def default_threads():
     """``OMP_NUM_THREADS`` (what MXNet uses) or all cores."""
     try:
@@ -49,7 +60,8 @@ def ort_session(path, threads):
     """A CPU onnxruntime session with full graph optimisation and ``threads`` intra-op threads."""
     import onnxruntime as ort
     so = ort.SessionOptions()
-    so.log_severity_level = 3                   # warnings about the CPU vendor etc. are noise here
+    so.log_severity_level = 4       # fatal only: an error is raised as an exception anyway (its log
+                                    # line would repeat it), warnings about the CPU vendor are noise
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
