@@ -76,8 +76,13 @@ def run_tasks(tasks, arrays, work_dir, timeout=1800):
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-        proc = subprocess.run([sys.executable, "-m", "distill.export.ncnn_worker", inp, out],
-                              capture_output=True, text=True, timeout=timeout, env=env)
+        try:
+            proc = subprocess.run([sys.executable, "-m", "distill.export.ncnn_worker", inp, out],
+                                  capture_output=True, text=True, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            raise NcnnWorkerError(f"{_runtime_names(tasks)} did not finish "
+                                  f"{', '.join(sorted({t['task'] for t in tasks}))} in {timeout:g} s "
+                                  f"(stopped); it may hang on this model") from None
         if proc.returncode != 0 or not os.path.isfile(out):
             how = (f"was killed by signal {-proc.returncode}" if proc.returncode < 0
                    else f"exited with code {proc.returncode}")
