@@ -36,7 +36,7 @@ from .pruning import CRITERIA, SCHEDULES            # numpy-only registries
 from .quantize import CALIBRATORS, POLICIES         # the package face: registries only, no MXNet
 
 __all__ = ["Recipe", "DataConfig", "TeacherConfig", "StudentConfig", "LossTerm", "PruningConfig",
-           "LayerOverride",
+           "LayerOverride", "PruningTarget",
            "QuantizationConfig", "QATConfig", "ExportConfig", "TrainerConfig", "OutputConfig", "load_recipe", "recipe_from_dict",
            "recipe_to_dict", "recipe_hash", "apply_overrides"]
 _LOGGER = logging.getLogger(__name__)
@@ -193,6 +193,31 @@ class LayerOverride:
 
 
 @dataclass
+class PruningTarget:
+    """``pruning.target:`` prune to a resource target instead of one ratio for every layer: the
+    per-group ratios are allocated at the start of the run (``distill sensitivity --target-*``)
+    to meet it with the least predicted loss, and the schedule prunes toward them.
+
+    ``latency`` or ``macs``: the fraction of the unpruned model's (e.g. 0.4); ``backend``: where
+    latency is measured (``mxnet``: oneDNN-fused, or ``ncnn``: its runtime, one thread);
+    ``batch``: 1 or 32.
+    """
+    latency: Optional[float] = None
+    macs: Optional[float] = None
+    backend: str = "mxnet"
+    batch: int = 32
+
+    def validate(self, p):
+        given = [k for k in ("latency", "macs") if getattr(self, k) is not None]
+        _check(len(given) == 1, p, f"give exactly one of `latency` or `macs` (a fraction of the unpruned "
+               f"model's), got {', '.join(given) or 'neither'}")
+        v = getattr(self, given[0])
+        _check(0 < v < 1, f"{p}.{given[0]}", f"is a fraction of the unpruned model's, in (0, 1); got {v}")
+        _check(self.backend in ("mxnet", "ncnn"), f"{p}.backend", f"must be mxnet or ncnn, got {self.backend!r}")
+        _check(self.batch in (1, 32), f"{p}.batch", f"must be 1 or 32, got {self.batch}")
+
+
+@dataclass
 class PruningConfig:
     """``pruning:`` prune the student while it trains (see ``distill.pruning``).
 
@@ -215,8 +240,12 @@ class PruningConfig:
     round_to: int = 8
     exclude: List[str] = field(default_factory=lambda: ["first", "last"])
     overrides: List[LayerOverride] = field(default_factory=list)
+    target: Optional[PruningTarget] = None
 
     def validate(self, p):
+        _check(self.target is None or self.granularity == "channel", f"{p}.target",
+               "a latency/MACs target needs `granularity: channel` (unstructured sparsity does not "
+               "make a dense engine faster)")
         _check(self.granularity in ("unstructured", "channel"), f"{p}.granularity",
                f"must be unstructured or channel, got {self.granularity!r}")
         _check(self.scope in ("layer", "global"), f"{p}.scope", f"must be layer or global, got {self.scope!r}")
