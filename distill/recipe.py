@@ -477,6 +477,9 @@ def _coerce(value, tp, path):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        real = [a for a in args if a is not type(None)]
+        if len(real) == 1:              # Optional[X]: X's own message (a section names its key)
+            return _coerce(value, real[0], path)
         errors = []
         for a in args:
             if a is type(None):
