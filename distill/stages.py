@@ -12,6 +12,7 @@ Recipe example::
     export: {formats: [mxnet, onnx, onnx-int8, ncnn, ncnn-int8]}
 """
 import logging
+import os
 import time
 
 from .report import format_table, human
@@ -69,7 +70,8 @@ def export_stage(run_dir, cfg, metrics_path, log=print):
     section = export_section(card)
     failed = [n for n, f in section["formats"].items() if not f["passed"]]
     if failed:
-        log(f"export: check FAILED for {', '.join(failed)} (files kept; see metrics.json `export`)")
+        log(f"export: check FAILED for {', '.join(failed)} (files kept; see "
+            f"{os.path.basename(metrics_path)} `export`)")
     merge_json(metrics_path, export=section)
     return section
 
