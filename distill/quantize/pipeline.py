@@ -11,7 +11,10 @@ For each model (the run's student ``RUN_DIR/model``, and the dense teacher
    it alone, and measure its top-1 and its latency against the fused fp32 graph;
    then, with ``layer_latency``, every weight layer alone (:mod:`.layer_speed`);
 5. ``metrics.json`` gets an ``int8`` section (the teacher's under ``int8.teacher``), written
-   atomically.
+   atomically;
+6. with ``quantization.qat`` (``--qat``), the student is then fine-tuned fake-quantized from that
+   calibration, distilled from the fp32 teacher (:mod:`.qat`), and ``model-int8-*`` becomes the
+   QAT model; the section gets ``method: qat`` with the PTQ figures beside it (``int8.ptq``).
 """
 import logging
 import os
@@ -31,11 +34,11 @@ from .calibrators import calibrate, calibration_indices
 from .graph import FloatModel, QuantizedGraph
 from .layer_speed import layer_latency, slower_layers
 from .policies import Selection, resolve_policy
-from .report import comparison_table, model_report
+from .report import comparison_table, model_report, qat_table
 from .scoring import Score, Scorer
 
 __all__ = ["Outcome", "prepare", "run_policy", "quantize_target", "paired_latency", "layer_section",
-           "resolve_target", "Target", "int8_prefix"]
+           "resolve_target", "Target", "int8_prefix", "qat_section"]
 _LOGGER = logging.getLogger(__name__)
 
 
@@ -243,15 +246,22 @@ def load_with_overrides(recipe_path, overrides):
     if not given:
         return recipe
     raw = recipe_to_dict(recipe)
-    raw.setdefault("quantization", {}).update(given)
-    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in given.items())
+    qraw = raw.setdefault("quantization", {})
+    for k, v in given.items():
+        if isinstance(v, dict):          # quantization.qat: merge the keys given, keep the rest
+            qraw[k] = {**(qraw.get(k) or {}), **{a: b for a, b in v.items() if b is not None}}
+        else:
+            qraw[k] = v
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in given.items() if not isinstance(v, dict))
+    flags += "".join(f" --{k}-{a.replace('_', '-')} {b}" for k, v in given.items() if isinstance(v, dict)
+                     for a, b in v.items() if b is not None)
     out = recipe_from_dict(raw, f"{recipe_path} with {flags}")
     out.source = recipe.source
     return out
 
 
 def quantize_target(target, recipe_path=None, overrides=None, teacher=True, sensitivity=True,
-                    repeats=None, log=print):
+                    repeats=None, log=print, resume=False):
     """``distill quantize``: calibrate, select, export, measure, write ``int8`` metrics.
 
     Parameters
@@ -269,6 +279,8 @@ def quantize_target(target, recipe_path=None, overrides=None, teacher=True, sens
         Measure the per-layer table even when the policy does not need it.
     repeats : int, optional
         Latency repeats (default ``output.latency_repeats``).
+    resume : bool
+        With ``quantization.qat``: continue a killed QAT run from its last checkpoint.
 
     Returns
     -------
@@ -301,8 +313,13 @@ def quantize_target(target, recipe_path=None, overrides=None, teacher=True, sens
         section = export_outcome(outcome, prefix, repeats, recipe.trainer.eval_batch_size)
         if q.layer_latency:
             section.update(layer_section(scorer, repeats, log))
+        if role != "teacher" and q.qat.enabled:
+            log(model_report(role + " (PTQ)", prefix, model, section, data))
+            section = qat_section(outcome, section, prefix, data, recipe, tgt, repeats, resume, log)
+            log(qat_table(section))
+        else:
+            log(model_report(role, prefix, model, section, data))
         sections[role] = section
-        log(model_report(role, prefix, model, section, data))
     main_role = "student" if "student" in sections else "model"
     out = dict(sections[main_role])
     if "teacher" in sections:
@@ -312,6 +329,53 @@ def quantize_target(target, recipe_path=None, overrides=None, teacher=True, sens
     _write_metrics(tgt.metrics_path, out)
     log(f"int8 export: {', '.join(symbol_file(int8_prefix(p)) for p in tgt.models.values())}; "
         f"metrics: {tgt.metrics_path} (key int8)")
+    return out
+
+
+def qat_section(outcome, ptq, prefix, data, recipe, tgt, repeats=20, resume=False, log=print):
+    """Fine-tune the student fake-quantized from ``outcome``'s calibration (:func:`.qat.run_qat`),
+    export its int8 graph over the PTQ one, and return the ``int8`` section: the QAT model's
+    figures on top, the PTQ section under ``ptq``, the training under ``qat``.
+
+    The PTQ policies are scored beside it on the same thresholds and split: ``none`` and
+    ``first_last`` always (one int8 graph each), ``auto`` when it was the policy that ran.
+    """
+    from .qat import QAT_DIR, run_qat
+    sc = outcome.scorer
+    work = os.path.join(tgt.run_dir, QAT_DIR) if tgt.run_dir else int8_prefix(prefix) + "-qat"
+    teacher = RunFolder(tgt.run_dir).teacher_prefix if tgt.run_dir else None
+    log(f"\n== quantization-aware training of the student from its {sc.calib['mode']} calibration "
+        f"({'full int8' if not outcome.selection.excluded else f'{len(outcome.selection.excluded)} layers fp32'})")
+    res = run_qat(sc.model, sc.thresholds, list(outcome.selection.excluded), data, recipe, work,
+                  teacher, resume=resume, log=log)
+    policies = {"none": {"top1": round(sc.score([]).top1, 3), "excluded": []}}
+    fl = run_policy(sc, "first_last", outcome.budget)
+    policies["first_last"] = {"top1": round(fl.score.top1, 3), "excluded": list(fl.selection.excluded)}
+    if outcome.policy not in policies:
+        policies[outcome.policy] = {"top1": round(outcome.score.top1, 3),
+                                    "excluded": list(outcome.selection.excluded)}
+    policies[outcome.policy]["latency_ms"] = ptq["latency_ms"]
+    qprefix = int8_prefix(prefix)
+    save_pair(qprefix, res.graph.symbol, res.graph.params)
+    reloaded = load_symbol_block(qprefix, input_name=sc.model.input_name)
+    reloaded.hybridize(static_alloc=True, static_shape=True)
+    top1 = evaluate(reloaded, sc.split, recipe.trainer.eval_batch_size)
+    if abs(top1 - res.section["int8_top1"]) > 1e-6:      # the export must be the model trained
+        raise RuntimeError(f"{qprefix}: reloaded top-1 {top1} != QAT int8 {res.section['int8_top1']}")
+    fp32_lat, int8_lat = paired_latency([prefix, qprefix], sc.model.input_shape, repeats=repeats)
+    ptq_keys = ("top1", "latency_ms", "excluded", "policy", "budget", "calib_mode", "full_int8_top1",
+                "speedup", "notes", "all_fp32")
+    out = dict(ptq)
+    out.update({
+        "method": "qat", "top1": round(top1, 3), "latency_ms": int8_lat, "bytes": _bytes(qprefix),
+        "simulated_top1": res.section["simulated_top1"],
+        "sim_int8_agreement": res.section["sim_int8_agreement"],
+        "speedup": {k: round(fp32_lat[k] / int8_lat[k], 3) for k in int8_lat},
+        "ptq": {**{k: ptq[k] for k in ptq_keys if k in ptq}, "policies": policies},
+        "qat": res.section,
+    })
+    out["fp32"] = dict(ptq["fp32"], latency_ms=fp32_lat)
+    out["slower_than_fp32"] = [k for k, v in out["speedup"].items() if v < 1.0]
     return out
 
 

@@ -2,7 +2,8 @@
 teacher-vs-student comparison ("prune/distill first, then quantize")."""
 from ..report import format_table
 
-__all__ = ["model_report", "comparison_table", "sensitivity_table", "speed_lines", "layer_speed_lines"]
+__all__ = ["model_report", "comparison_table", "sensitivity_table", "speed_lines", "layer_speed_lines",
+           "qat_table"]
 
 
 def _ms(lat, key):
@@ -182,3 +183,29 @@ def _faster(ref_ms, new_ms):
     """'3.10× faster' or '1.20× SLOWER' for ``new_ms`` against ``ref_ms``."""
     r = ref_ms / new_ms
     return f"{r:.2f}× faster" if r >= 1 else f"{1 / r:.2f}× SLOWER"
+
+
+def qat_table(section):
+    """PTQ (``none``, ``first_last``, ``auto`` when it ran) beside QAT: top-1, its drop from fp32,
+    the layers kept fp32, and latency where it was measured (a full-int8 PTQ graph has the QAT
+    graph's shape, so they share its time)."""
+    fp32 = section["fp32"]
+    ptq, qat = section["ptq"], section["qat"]
+    rows = [["fp32 (fused)", f"{fp32['top1']:.2f}", "", "all", _ms(fp32["latency_ms"], "b1"),
+             _ms(fp32["latency_ms"], "b32")]]
+    for name, r in ptq["policies"].items():
+        lat = r.get("latency_ms") or (section["latency_ms"] if not r["excluded"] else {})
+        rows.append([f"PTQ {ptq['calib_mode']}, {name}", f"{r['top1']:.2f}",
+                     f"{r['top1'] - fp32['top1']:+.2f}", str(len(r["excluded"])),
+                     _ms(lat, "b1"), _ms(lat, "b32")])
+    n_fp32 = len(section.get("excluded") or [])
+    rows.append([f"QAT {qat['epochs']} ep, simulated", f"{section['simulated_top1']:.2f}",
+                 f"{section['simulated_top1'] - fp32['top1']:+.2f}", str(n_fp32), "", ""])
+    rows.append([f"QAT {qat['epochs']} ep, MXNet int8", f"{section['top1']:.2f}",
+                 f"{section['top1'] - fp32['top1']:+.2f}", str(n_fp32),
+                 _ms(section["latency_ms"], "b1"), _ms(section["latency_ms"], "b32")])
+    table = format_table(["model", "top-1 %", "Δ fp32", "fp32 layers", "ms b1", "ms b32"], rows)
+    return (f"\nPTQ vs QAT (split: {section.get('split_images', '?')} held-out images; simulated "
+            f"and MXNet int8 agree on {section['sim_int8_agreement']:.1f}% of them)\n{table}\n"
+            f"model-int8-*: the QAT model; its fine-tuned fp32 weights and learned ranges: "
+            f"{qat['fp32_prefix']}-*, {qat['thresholds_file']}")
