@@ -135,6 +135,13 @@ def timing_error(prefix, epoch, input_shape, err):
                          f"distill inserts a Flatten before every FullyConnected that flattens, "
                          f"but one with `flatten=False` needs a Reshape to (-1, last axis) before "
                          f"it and back after it, which only the graph's author can write.")
+    if "sg_mkldnn_conv" in reason and "Shape inconsistent" in reason:
+        # MXNet 1.9.1 binds the wrong weights when it fuses a conv into the sum of two branches
+        # that read the same tensor (found on a residual block with a one-conv shortcut)
+        return UserError(f"{where}: MXNet 1.9.1's oneDNN conv+sum fusion fails on this graph "
+                         f"({reason}): a bug of MXNet's on two convolutions that read the same tensor "
+                         f"and are summed. Run with MXNET_DISABLE_MKLDNN_FUSE_CONV_SUM=1 in the "
+                         f"environment (that fusion off, the rest fused; same results).")
     return UserError(f"{where}: MXNet failed: {reason}. Does `distill inspect {prefix}` show the "
                      f"graph with this input shape?")
 
