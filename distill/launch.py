@@ -55,10 +55,12 @@ class _Proc:
         self.role, self.index, self.rank = role, index, None
         self.tail = deque(maxlen=8)
         self._out, self._lock = out, lock
-        # its own session: a Ctrl-C in the terminal reaches only the launcher, which then
-        # stops each group (the process and anything it spawned) itself
+        # its own process group: a Ctrl-C in the terminal reaches only the launcher, which then
+        # stops each group (the process and anything it spawned) itself. Not its own session:
+        # with Linux's autogroup scheduling every session gets an equal CPU share, so a job of
+        # W workers would take W shares of a busy machine (and a benchmark would measure that)
         self.popen = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, start_new_session=True)
+                                      stdin=subprocess.DEVNULL, process_group=0)
         self.pump = threading.Thread(target=self._pump, daemon=True)
         self.pump.start()
 
