@@ -1,0 +1,82 @@
+"""PTQ vs QAT on the quickstart student, full int8 (issue 13's acceptance).
+
+The student is the quickstart recipe without pruning (a fixed target, ``runs/qat_student``):
+
+    python train.py recipes/quickstart.yaml --set pruning.enabled=false \\
+        --set quantization.enabled=false --set export.enabled=false --set output.dir=runs/qat_student
+
+then ``distill quantize runs/qat_student --qat --calib-mode entropy --exclude none`` (PTQ with KL
+calibration, then QAT from it). Both are run when their results are missing (``--epochs N``:
+QAT epochs, default 3; ``--run DIR``: another run folder). Reads ``int8`` of the run's
+``metrics.json`` and prints PTQ (none / first_last) beside QAT, then the checked figures.
+
+    .venv/bin/python bench/qat.py [--run runs/qat_student] [--epochs 3]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench.targets import target  # noqa: E402
+
+RUN = os.path.join(ROOT, "runs", "qat_student")
+TRAIN = ["--set", "pruning.enabled=false", "--set", "quantization.enabled=false",
+         "--set", "export.enabled=false", "--set", "output.dir=runs/qat_student"]
+
+
+def _metrics(run):
+    path = os.path.join(run, "metrics.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", default=RUN)
+    ap.add_argument("--epochs", type=int, default=3, help="QAT epochs when QAT has to run")
+    args = ap.parse_args(argv)
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    m = _metrics(args.run)
+    if not m.get("complete"):
+        subprocess.run([sys.executable, os.path.join(ROOT, "train.py"),
+                        os.path.join(ROOT, "recipes", "quickstart.yaml"), *TRAIN], cwd=ROOT, env=env, check=True)
+        m = _metrics(args.run)
+    q = m.get("int8") or {}
+    if q.get("method") != "qat" or q.get("calib_mode") != "entropy" or q.get("excluded"):
+        subprocess.run([sys.executable, "-m", "distill.cli", "quantize", args.run, "--qat",
+                        "--qat-epochs", str(args.epochs), "--calib-mode", "entropy", "--exclude", "none",
+                        "--no-layer-latency", "--no-sensitivity", "--no-teacher"], cwd=ROOT, env=env, check=True)
+        q = _metrics(args.run)["int8"]
+    from distill.quantize.report import qat_table
+    print(qat_table(q))
+    fp32, qat, ptq = q["fp32"]["top1"], q["top1"], q["ptq"]["policies"]["none"]["top1"]
+    sim = q["simulated_top1"]
+    n = q["split_images"]
+    print(f"\n{args.run}: fp32 {fp32:.2f}%, PTQ full int8 ({q['calib_mode']}) {ptq:.2f}%, "
+          f"QAT ({q['qat']['epochs']} epochs) simulated {sim:.2f}% / MXNet int8 {qat:.2f}%, on {n} images")
+    target("QAT full int8 (MXNet graph) vs fp32, top-1", "within 0.5 point", f"{qat - fp32:+.2f}",
+           qat >= fp32 - 0.5)
+    target("QAT simulated vs MXNet int8, top-1", "within 0.3 point", f"{sim - qat:+.2f}",
+           abs(sim - qat) <= 0.3 + 1e-9)
+    target("QAT simulated vs MXNet int8, same prediction", "≥ 99%", f"{q['sim_int8_agreement']:.1f}%",
+           q["sim_int8_agreement"] >= 99.0)
+    target("PTQ full int8 loses, QAT recovers", "PTQ ≤ fp32 − 0.5 and QAT ≥ fp32 − 0.5",
+           f"PTQ {ptq - fp32:+.2f}, QAT {qat - fp32:+.2f}", ptq <= fp32 - 0.5 and qat >= fp32 - 0.5)
+    ncnn = ((m.get("export") or {}).get("formats") or {}).get("ncnn-int8")
+    if ncnn and ncnn.get("from_qat"):
+        top1 = ncnn["parity"]["top1"]
+        target("ncnn-int8 from the QAT ranges vs fp32, top-1", "within 0.5 point", f"{top1 - fp32:+.2f}",
+               top1 >= fp32 - 0.5)
+    else:
+        target("ncnn-int8 from the QAT ranges vs fp32, top-1", "within 0.5 point",
+               "not measured (the ncnn-int8 export still recalibrates from RUN_DIR/model)", False)
+
+
+if __name__ == "__main__":
+    main()
