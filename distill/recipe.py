@@ -278,7 +278,9 @@ class QATConfig:
 
     ``observer`` is where the ranges start: ``calibration`` (the PTQ thresholds of
     ``quantization.calib_mode``). ``freeze_bn_epoch``: BatchNorm statistics are frozen from this
-    epoch on (0-based).
+    epoch on (0-based). The layers kept fp32 are those ``quantization.exclude`` chose (``none``:
+    full int8). Command line: ``--qat``, ``--qat-epochs N``, ``--qat-lr LR``, ``--resume``
+    (:mod:`distill.quantize.qat`).
     """
     epochs: int = 0
     lr: float = 0.005
