@@ -18,6 +18,9 @@ Recipe example::
       final_sparsity: 0.5
       round_to: 8
       exclude: [last]             # keeps the classifier's input and output widths
+      # or, instead of one final_sparsity: per-group ratios allocated at the start of the run
+      # (distill.pruning.target) to meet a latency / MACs fraction, AGP toward them
+      target: {latency: 0.4, backend: mxnet, batch: 32}
 """
 import logging
 
@@ -54,6 +57,9 @@ class ChannelPruningModifier(PruningModifier):
     def setup(self):
         self.graph = analyze(self.symbol, self.input_shape, self.input_name)
         self.group_ratio = {grp.id: self._group_ratio(grp) for grp in self.graph.groups}
+        if self.cfg.target is not None:            # prune to a target: ratios allocated now
+            from .probe import target_ratios        # lazy: timing and evaluation code
+            self.group_ratio = target_ratios(self)
         if self._plan_keep:                        # resumed: the channels removed so far
             self.removed = removed_units(self.graph, Plan(self._plan_keep))
         g = self.graph
@@ -65,12 +71,18 @@ class ChannelPruningModifier(PruningModifier):
         return sorted({s.param for s in g.slices if s.role in ("out", "scale")
                        and self.params[s.param].grad_req != "null"})
 
+    def prunable(self, grp):
+        """False for a group that no prunable layer produces, or that an excluded layer
+        produces or reads (an excluded layer keeps its input and output widths)."""
+        prods = [p for p in grp.producers if p in self.layer_ratio]
+        return bool(prods) and not any(l in self.excluded for l in grp.layers)
+
     def _group_ratio(self, grp):
         """A coupled group is pruned as one: a group that any excluded layer produces or reads
-        is kept whole (an excluded layer keeps its input and output widths); else an override
-        on any of its producers sets its ratio (the last one in the recipe)."""
+        is kept whole; else an override on any of its producers sets its ratio (the last one in
+        the recipe)."""
         prods = [p for p in grp.producers if p in self.layer_ratio]
-        if not prods or any(l in self.excluded for l in grp.layers):
+        if not self.prunable(grp):
             return 0.0
         hits = [self.override_of[p] for p in prods if p in self.override_of]
         return max(hits)[1] if hits else self.cfg.final_sparsity

@@ -44,7 +44,9 @@ from .apply import shrink, shrunk_block
 from .base import CRITERIA
 from .gradients import accumulate_grads
 from .graph import analyze
-from .plan import choose_removed, plan_from_removed, unit_scores
+from .plan import choose_removed, unit_scores
+from .pruner import prunable_layers, resolve_patterns
+from .probe import Probe, measure_curves, search_target
 
 __all__ = ["add_arguments", "main", "run_sensitivity", "propose"]
 _LOGGER = logging.getLogger(__name__)
@@ -62,6 +64,18 @@ def add_arguments(p):
     p.add_argument("--batch-size", type=int, default=32, help="batch size of the latency timing")
     p.add_argument("--repeats", type=int, default=10, help="latency: best of this many repeats")
     p.add_argument("--out", default=None, help="output folder (default RUN_DIR/sensitivity)")
+    t = p.add_argument_group("prune to a target (instead of --budget)")
+    g = t.add_mutually_exclusive_group()
+    g.add_argument("--target-latency", type=float, default=None, metavar="F",
+                   help="latency as a fraction of the unpruned model's, e.g. 0.4")
+    g.add_argument("--target-macs", type=float, default=None, metavar="F",
+                   help="MACs as a fraction of the unpruned model's")
+    t.add_argument("--backend", choices=("mxnet", "ncnn"), default="mxnet",
+                   help="where latency counts: mxnet (oneDNN-fused) or ncnn (its runtime, 1 thread)")
+    t.add_argument("--batch", type=int, choices=(1, 32), default=None,
+                   help="latency batch for the target (default --batch-size; ncnn: 1)")
+    t.add_argument("--recover-steps", type=int, default=0, metavar="N",
+                   help="KD steps on each variant before measuring it (default 0)")
 
 
 def main(args):
@@ -70,9 +84,24 @@ def main(args):
             raise UserError(f"--ratios: each ratio must be in (0, 1), got {r}")
     if args.budget < 0:
         raise UserError(f"--budget must be ≥ 0 points, got {args.budget}")
+    target = None
+    for key, v in (("latency", args.target_latency), ("macs", args.target_macs)):
+        if v is not None:
+            if not 0 < v < 1:
+                raise UserError(f"--target-{key} is a fraction of the unpruned model's, in (0, 1); "
+                                f"got {v}")
+            target = (key, v)
+    if args.recover_steps < 0:
+        raise UserError(f"--recover-steps must be ≥ 0, got {args.recover_steps}")
     recipe = load_recipe(args.recipe, args.overrides)
-    run_sensitivity(recipe, ratios=args.ratios, budget=args.budget, batch_size=args.batch_size,
-                    repeats=args.repeats, out=args.out)
+    batch = args.batch or args.batch_size
+    if target is not None:
+        run_sensitivity(recipe, ratios=args.ratios, batch_size=1 if args.backend == "ncnn" else batch,
+                        repeats=args.repeats, out=args.out, target=target, backend=args.backend,
+                        recover_steps=args.recover_steps)
+    else:
+        run_sensitivity(recipe, ratios=args.ratios, budget=args.budget, batch_size=args.batch_size,
+                        repeats=args.repeats, out=args.out, recover_steps=args.recover_steps)
     return 0
 
 
@@ -101,52 +130,6 @@ def _grads(sym, params, input_name, data, names, batches=8, batch_size=32):
     n = accumulate_grads(net, data.train.x, data.train.y, acc, seed=0, batches=batches,
                          batch_size=batch_size)
     return {k: v.asnumpy() / max(n, 1) for k, v in acc.items()}
-
-
-class _Probe:
-    """Shrinks, evaluates and times variants of one network."""
-
-    def __init__(self, graph, params, input_name, data, batch_size, repeats, eval_batch_size, tmp):
-        self.graph, self.params, self.input_name, self.data = graph, params, input_name, data
-        self.batch_size, self.repeats, self.eval_batch_size = batch_size, repeats, eval_batch_size
-        self.tmp = tmp
-        self.n = 0
-
-    def export(self, removed):
-        sym, params = shrink(self.graph, self.params, removed)
-        net = shrunk_block(sym, params, self.input_name)
-        self.n += 1
-        prefix = os.path.join(self.tmp, f"v{self.n}")
-        net(mx.nd.array(self.data.val.x[:1]))
-        net.export(prefix, epoch=0)
-        return sym, net, prefix
-
-    def latency(self, prefix):
-        shape = tuple(self.data.val.x.shape[1:])
-        lat = measure_latency(prefix, shape, batch_sizes=(self.batch_size,), repeats=self.repeats)
-        return lat[f"b{self.batch_size}"]
-
-    def measure(self, removed, keep_files=False):
-        sym, net, prefix = self.export(removed)
-        top1 = evaluate(net, self.data.val, self.eval_batch_size)
-        shape = tuple(self.data.val.x.shape[1:])
-        out = {"top1": round(top1, 3), "macs": int(total_macs(sym, (1,) + shape, self.input_name)),
-               "latency_ms": self.latency(prefix)}
-        if keep_files:
-            out["prefix"] = prefix
-        else:
-            for f in pair_files(prefix):
-                os.unlink(f)
-        return out
-
-    def compare(self, a, b, rounds=3):
-        """Best latency of two exported variants timed in alternating rounds (a busy machine
-        slows both alike)."""
-        la, lb = [], []
-        for _ in range(rounds):
-            la.append(self.latency(a))
-            lb.append(self.latency(b))
-        return min(la), min(lb)
 
 
 def propose(rows, budget, base_latency, resolution=0.01, min_saving=0.0):
@@ -191,8 +174,18 @@ def propose(rows, budget, base_latency, resolution=0.01, min_saving=0.0):
 
 
 def run_sensitivity(recipe, ratios=(0.25, 0.5, 0.75), budget=1.0, batch_size=32, repeats=10,
-                    out=None, log=print):
+                    out=None, log=print, target=None, backend="mxnet", recover_steps=0):
     """Measure the per-group sensitivity table and the proposal (see the module docstring).
+
+    Parameters
+    ----------
+    target : (str, float), optional
+        ``("latency", 0.4)`` or ``("macs", 0.5)``: allocate ratios for this fraction of the
+        unpruned model's cost instead of keeping within ``budget``.
+    backend : str
+        ``mxnet`` or ``ncnn``: where latency is measured.
+    recover_steps : int
+        KD steps on each variant before it is measured.
 
     Returns
     -------
@@ -213,34 +206,25 @@ def run_sensitivity(recipe, ratios=(0.25, 0.5, 0.75), budget=1.0, batch_size=32,
     scores = unit_scores(graph, graph.groups, criterion, np_params, grads,
                          rng=np.random.RandomState(recipe.trainer.seed))
     log(f"sensitivity of {desc}: {len(graph.groups)} coupled groups, ratios {list(ratios)}, "
-        f"criterion {cfg.criterion}, round_to {cfg.round_to}")
+        f"criterion {cfg.criterion}, round_to {cfg.round_to}"
+        + (f", {recover_steps} KD recovery steps per variant" if recover_steps else ""))
     tmp = tempfile.mkdtemp(prefix="sens-", dir=out)
+    names = {g.id: g.name for g in graph.groups}
     try:
-        probe = _Probe(graph, params, input_name, data, batch_size, repeats,
-                       recipe.trainer.eval_batch_size, tmp)
+        probe = Probe(graph, params, input_name, data, batch_size, repeats,
+                      recipe.trainer.eval_batch_size, tmp, backend=backend,
+                      recover_steps=recover_steps, recipe=recipe, seed=recipe.trainer.seed,
+                      symbol=sym)
         base = probe.measure(set(), keep_files=True)
         log(f"unpruned: top-1 {base['top1']:.2f}%, {base['macs'] / 1e6:.2f}M MACs, "
-            f"{base['latency_ms']:.3f} ms at batch {batch_size}")
-        rows = []
-        for g in graph.groups:
-            seen = set()
-            for r in ratios:
-                removed = choose_removed(graph, scores, {g.id: r}, cfg.round_to)
-                key = frozenset(removed)
-                if not removed or key in seen:      # rounding left nothing, or a repeat
-                    continue
-                seen.add(key)
-                m = probe.measure(removed)
-                kept = len(plan_from_removed(graph, removed).keep[g.id])
-                row = {"group": g.id, "name": g.name, "layers": len(g.producers),
-                       "channels": g.channels, "units": len(g.units), "ratio": r, "kept": kept,
-                       "top1": m["top1"], "drop": round(base["top1"] - m["top1"], 3),
-                       "macs": m["macs"], "latency_ms": m["latency_ms"],
-                       "latency_saving": round(1 - m["latency_ms"] / base["latency_ms"], 4)}
-                rows.append(row)
-                log(f"  {g.id:>4} {g.name[:44]:44} {r:4.2f} kept {kept:4d}/{len(g.units):<4d} "
-                    f"top-1 {m['top1']:6.2f} ({0.0 - row['drop']:+.2f})  MACs {m['macs'] / 1e6:7.2f}M  "
-                    f"{m['latency_ms']:8.3f} ms")
+            f"{base['latency_ms']:.3f} ms at batch {batch_size} ({backend})")
+        if target is not None:
+            return _run_target(recipe, probe, sym, graph, scores, base, ratios, target, names,
+                               desc, out, log)
+        rows = measure_curves(probe, graph, scores, graph.groups, ratios, cfg.round_to,
+                              base["top1"], log)
+        for row in rows:
+            row["latency_saving"] = round(1 - row["latency_ms"] / base["latency_ms"], 4)
         base["latency_ms"] = min(base["latency_ms"], probe.latency(base["prefix"]))
         # timings closer than this to the unpruned network are noise, not savings
         choice = propose(rows, budget, base["latency_ms"], min_saving=_NOISE * base["latency_ms"])
@@ -264,33 +248,100 @@ def run_sensitivity(recipe, ratios=(0.25, 0.5, 0.75), budget=1.0, batch_size=32,
         result.pop("prefix", None)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    names = {g.id: g.name for g in graph.groups}
     proposal = {"ratios": {gid: choice[gid] for gid in sorted(choice, key=lambda k: int(k[1:]))},
                 "top1": result["top1"], "drop": round(base["top1"] - result["top1"], 3),
                 "macs": result["macs"], "latency_ms": result["latency_ms"],
                 "latency_speedup": round(base["latency_ms"] / max(result["latency_ms"], 1e-9), 3),
                 "macs_ratio": round(base["macs"] / max(result["macs"], 1), 3)}
-    section = {"enabled": True, "granularity": "channel", "criterion": cfg.criterion,
-               "round_to": cfg.round_to, "final_sparsity": 0.0, "exclude": [],
-               "overrides": [{"layers": names[gid], "final_sparsity": float(r)}
-                             for gid, r in proposal["ratios"].items()]}
+    section = _section(cfg, names, proposal["ratios"])
     report = {"network": desc, "criterion": cfg.criterion, "round_to": cfg.round_to,
               "batch_size": batch_size, "budget": budget, "base": base, "rows": rows,
               "proposal": proposal, "recipe_section": {"pruning": section},
               "groups": graph.summary()["groups"], "intact": graph.intact}
-    with open(os.path.join(out, "sensitivity.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    with open(os.path.join(out, "proposal.yaml"), "w") as f:
-        f.write(f"# distill sensitivity: within {budget} point(s) of top-1, measured "
-                f"{proposal['latency_speedup']}x faster at batch {batch_size} (no fine-tuning yet)\n")
-        yaml.safe_dump({"pruning": section}, f, sort_keys=False)
-    _write_csv(os.path.join(out, "sensitivity.csv"), rows)
-    _plot(os.path.join(out, "sensitivity.png"), rows, base, names)
+    _write(out, report, rows, base, names, section,
+           f"# distill sensitivity: within {budget} point(s) of top-1, measured "
+           f"{proposal['latency_speedup']}x faster at batch {batch_size} (no fine-tuning yet)\n")
     log(f"proposal (budget {budget} points): {len(choice)} groups pruned → top-1 "
         f"{proposal['top1']:.2f}% ({-proposal['drop']:+.2f}), MACs {proposal['macs_ratio']}× fewer, "
         f"latency {proposal['latency_speedup']}× faster (measured, before fine-tuning)")
     log(f"table, plot and proposal: {out}/ (sensitivity.csv, sensitivity.png, proposal.yaml)")
     return report
+
+
+def _section(cfg, names, ratios):
+    """The ``pruning:`` section of a proposal (one override per pruned group)."""
+    return {"enabled": True, "granularity": "channel", "criterion": cfg.criterion,
+            "round_to": cfg.round_to, "final_sparsity": 0.0, "exclude": list(cfg.exclude),
+            "overrides": [{"layers": names[gid], "final_sparsity": float(r)}
+                          for gid, r in ratios.items()]}
+
+
+def _write(out, report, rows, base, names, section, header):
+    with open(os.path.join(out, "sensitivity.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(out, "proposal.yaml"), "w") as f:
+        f.write(header)
+        yaml.safe_dump({"pruning": section}, f, sort_keys=False)
+    _write_csv(os.path.join(out, "sensitivity.csv"), rows)
+    _plot(os.path.join(out, "sensitivity.png"), rows, base, names)
+
+
+def _run_target(recipe, probe, sym, graph, scores, base, ratios, target, names, desc, out, log):
+    """The ``--target-*`` half of :func:`run_sensitivity` (inside its scratch folder)."""
+    cfg = recipe.pruning
+    what, fraction = target
+    allowed, excluded = allowed_groups(graph, sym, cfg.exclude)
+    groups = [g for g in graph.groups if g.id in allowed]
+    log(f"target: {what} {fraction:g}× the unpruned model's ({probe.backend}, batch "
+        f"{probe.batch_size}); {len(groups)} of {len(graph.groups)} groups may be pruned"
+        + (f" (excluded: {', '.join(excluded)})" if excluded else ""))
+    # the curves rank groups by loss; each variant's own latency is not needed (the model has it)
+    rows = measure_curves(probe, graph, scores, groups, ratios, cfg.round_to, base["top1"], log,
+                          time=False)
+    res = search_target(probe, sym, graph, scores, rows, cfg.round_to, what, fraction, base, names,
+                        excluded=excluded, max_ratio=max(ratios), model_repeats=probe.repeats,
+                        log=log)
+    res.pop("prefix", None)
+    base.pop("prefix", None)
+    for row in rows:
+        row["latency_saving"] = None
+    chosen = {gid: res["ratios"][gid] for gid in sorted(res["ratios"], key=lambda k: int(k[1:]))}
+    section = _section(cfg, names, chosen)
+    proposal = dict(res, ratios=chosen, drop=round(base["top1"] - res["top1"], 3),
+                    macs_ratio=round(base["macs"] / max(res["macs"], 1), 3),
+                    latency_speedup=round(res["base_ms"] / max(res["measured_ms"], 1e-9), 3))
+    report = {"network": desc, "criterion": cfg.criterion, "round_to": cfg.round_to,
+              "batch_size": probe.batch_size, "backend": probe.backend,
+              "target": {what: fraction}, "recover_steps": probe.recover_steps, "base": base,
+              "rows": rows, "proposal": proposal, "recipe_section": {"pruning": section},
+              "groups": graph.summary()["groups"], "intact": graph.intact}
+    err = proposal.get("model_error")
+    _write(out, report, rows, base, names, section,
+           f"# distill sensitivity: target {what} {fraction:g}x ({probe.backend}, batch "
+           f"{probe.batch_size}); predicted {proposal['predicted']:.3f}x, measured "
+           f"{proposal['measured']:.3f}x; top-1 {proposal['top1']:.2f}% before fine-tuning\n")
+    lat = (f"latency predicted {proposal['predicted_ms']:.3f} ms, measured {proposal['measured_ms']:.3f} ms "
+           f"vs {proposal['base_ms']:.3f} ms unpruned (model error {err:+.1%})"
+           if err is not None else
+           f"latency measured {proposal['measured_ms']:.3f} ms vs {proposal['base_ms']:.3f} ms unpruned")
+    log(f"proposal (target {what} {fraction:g}×): {len(chosen)} groups pruned → {what} "
+        f"{proposal['measured']:.3f}× measured ({proposal['predicted']:.3f}× predicted), MACs "
+        f"{proposal['macs_ratio']}× fewer, {lat}; top-1 {proposal['top1']:.2f}% "
+        f"({-proposal['drop']:+.2f}) before fine-tuning (predicted drop {proposal['predicted_drop']:.2f})")
+    log(f"table, plot and proposal: {out}/ (sensitivity.csv, sensitivity.png, proposal.yaml)")
+    return report
+
+
+def allowed_groups(graph, symbol, exclude):
+    """``(group ids that may be pruned, excluded layer names)``: a group that an excluded layer
+    produces or reads is kept whole, as the channel pruner does."""
+    layers = prunable_layers(symbol)
+    hits = resolve_patterns(exclude, layers, "pruning.exclude")
+    excluded = sorted({l for h in hits.values() for l in h})
+    prunable = {l for l, _, _ in layers}
+    allowed = {g.id for g in graph.groups
+               if any(p in prunable for p in g.producers) and not any(l in excluded for l in g.layers)}
+    return allowed, excluded
 
 
 def _write_csv(path, rows):

@@ -1,0 +1,369 @@
+"""Variants of one network, shrunk, optionally recovered, evaluated and timed; and the search
+that turns their sensitivity curves into per-group ratios for a target.
+
+:class:`Probe` is what ``distill sensitivity`` measures with: it cuts units out
+(:func:`~distill.pruning.apply.shrink`), optionally fine-tunes the variant for a few steps with
+the unpruned network's soft targets (``recover_steps``: so that the curves rank what
+fine-tuning cannot fix, not what a few epochs of distillation give back), and measures top-1,
+MACs and latency on the backend the user deploys on (``mxnet``: oneDNN-fused; ``ncnn``: its
+runtime, one thread, batch 1, in a child process through
+:func:`distill.export.ncnn_worker.run_tasks`, so a crash in it cannot kill this one).
+
+:func:`search_target` allocates ratios with :func:`distill.pruning.target.allocate` over the
+per-layer latency model (:class:`~distill.pruning.latency_model.LayerLatencyModel`) or exact
+MACs, measures the proposal against the unpruned network in alternating rounds, and corrects the
+goal when the measurement misses the target by more than 5%.
+"""
+import logging
+import os
+from types import SimpleNamespace
+
+import mxnet as mx
+import numpy as np
+
+from ..errors import UserError
+from ..graphio import make_block, pair_files
+from ..modelinfo import layer_table, measure_latency, total_macs
+from .apply import shrink, shrunk_block
+from .latency_model import LayerLatencyModel
+from .plan import choose_removed
+from .pruner import prunable_layers
+from .target import allocate, curves_from_rows, group_levels, macs_cost
+
+__all__ = ["Probe", "search_target", "measure_curves", "target_ratios", "TOLERANCE", "TARGET_FILE"]
+_LOGGER = logging.getLogger(__name__)
+
+#: a measured proposal further than this (relative) from the target is re-allocated
+TOLERANCE = 0.05
+
+
+class Probe:
+    """Shrinks, (recovers,) evaluates and times variants of one network.
+
+    Parameters
+    ----------
+    graph : ChannelGraph
+    params : dict
+        name → NDArray of the unpruned network.
+    input_name : str
+    data : DataBundle
+    batch_size : int
+        Latency batch (ncnn: always 1 image).
+    repeats : int
+    eval_batch_size : int
+    tmp : str
+        Scratch folder for the exported variants.
+    backend : str
+        ``mxnet`` or ``ncnn``.
+    recover_steps : int
+        KD steps on each variant before it is evaluated (0: none).
+    recipe : Recipe, optional
+        For the ncnn export's metadata.
+    eval_limit : int, optional
+        Evaluate on the first this many held-out images only.
+    seed : int
+    symbol : mx.sym.Symbol, optional
+        The unpruned network (the soft targets of ``recover_steps``).
+    """
+
+    def __init__(self, graph, params, input_name, data, batch_size, repeats, eval_batch_size, tmp,
+                 backend="mxnet", recover_steps=0, recipe=None, eval_limit=None, seed=0, symbol=None):
+        self.graph, self.params, self.input_name, self.data = graph, params, input_name, data
+        self.batch_size, self.repeats, self.eval_batch_size = batch_size, repeats, eval_batch_size
+        self.tmp, self.backend, self.recover_steps = tmp, backend, recover_steps
+        self.recipe, self.seed, self.symbol = recipe, seed, symbol
+        self.val = data.val
+        if eval_limit and len(data.val.x) > eval_limit:
+            self.val = SimpleNamespace(x=data.val.x[:eval_limit], y=None if data.val.y is None
+                                       else data.val.y[:eval_limit])
+        self.n = 0
+        self._teacher = None
+        self._ncnn = {}
+        self.shape = tuple(data.val.x.shape[1:])
+
+    # -- variants ---------------------------------------------------------------------------------
+    def export(self, removed):
+        sym, params = shrink(self.graph, self.params, removed)
+        net = shrunk_block(sym, params, self.input_name)
+        if self.recover_steps and removed:
+            self._recover(net)
+        self.n += 1
+        prefix = os.path.join(self.tmp, f"v{self.n}")
+        net(mx.nd.array(self.data.val.x[:1]))
+        net.export(prefix, epoch=0)
+        return sym, net, prefix
+
+    def _recover(self, net, temperature=4.0, batch=32, lr=1e-3):
+        """A short KD fine-tune of ``net`` toward the unpruned network's soft targets."""
+        if self._teacher is None:
+            self._teacher = make_block(self.symbol, self.params, self.input_name)
+        x_all = self.data.train.x
+        rng = np.random.RandomState(self.seed)
+        trainer = mx.gluon.Trainer(net.collect_params(), "adam", {"learning_rate": lr})
+        for _ in range(self.recover_steps):
+            x = mx.nd.array(x_all[rng.randint(0, len(x_all), batch)])
+            p_t = mx.nd.softmax(self._teacher(x) / temperature)
+            with mx.autograd.record():
+                loss = -(p_t * mx.nd.log_softmax(net(x) / temperature)).sum(axis=1).mean()
+            loss.backward()
+            trainer.step(1)
+
+    def latency(self, prefix):
+        """Best-of-``repeats`` ms of the exported pair at ``prefix`` on the backend."""
+        if self.backend == "ncnn":
+            return self._ncnn_latency(prefix)
+        lat = measure_latency(prefix, self.shape, batch_sizes=(self.batch_size,), repeats=self.repeats)
+        return lat[f"b{self.batch_size}"]
+
+    def _ncnn_latency(self, prefix):
+        from ..export.ncnn_pnnx import onnx_to_ncnn
+        from ..export.ncnn_worker import NcnnWorkerError, run_tasks
+        from ..export.onnx_fp32 import export_onnx
+        if prefix not in self._ncnn:
+            recipe = self.recipe
+            if recipe is None:              # only the ONNX file's metadata reads it
+                from ..recipe import recipe_from_dict
+                recipe = recipe_from_dict({})
+            job = SimpleNamespace(prefix=prefix, source=SimpleNamespace(prefix=prefix, sha256=""),
+                                  input_shape=self.shape, recipe=recipe, data=self.data)
+            onnx_path = export_onnx(job, prefix + ".onnx")
+            self._ncnn[prefix] = onnx_to_ncnn(onnx_path, self.shape, prefix + ".ncnn.param",
+                                              prefix + ".ncnn.bin", work_dir=self.tmp)
+        param, bin_ = self._ncnn[prefix]
+        task = {"task": "latency", "param": param, "bin": bin_, "x": "x", "repeats": self.repeats,
+                "threads": 1}
+        try:
+            res = run_tasks([task], {"x": self.data.val.x[:1].astype(np.float32)}, self.tmp)
+        except NcnnWorkerError as e:
+            raise UserError(f"sensitivity --backend ncnn: ncnn's runtime failed on the variant "
+                            f"{prefix}: {e}. Use --backend mxnet, or export the unpruned model "
+                            f"(`distill export --format ncnn`) to see the failing layer.") from None
+        return float(res[0]["meta"]["ms"])
+
+    def measure(self, removed, keep_files=False, time=True):
+        sym, net, prefix = self.export(removed)
+        from ..trainer import evaluate            # lazy: the trainer imports the pruning package
+        top1 = evaluate(net, self.val, self.eval_batch_size)
+        out = {"top1": round(top1, 3), "macs": int(total_macs(sym, (1,) + self.shape, self.input_name)),
+               "latency_ms": self.latency(prefix) if time else None}
+        if keep_files:
+            out["prefix"] = prefix
+        else:
+            for f in pair_files(prefix):
+                os.unlink(f)
+        return out
+
+    def compare(self, a, b, rounds=3):
+        """Best latency of two exported variants timed in alternating rounds (a busy machine
+        slows both alike)."""
+        la, lb = [], []
+        for _ in range(rounds):
+            la.append(self.latency(a))
+            lb.append(self.latency(b))
+        return min(la), min(lb)
+
+
+def measure_curves(probe, graph, scores, groups, ratios, round_to, base_top1, log=print, time=True):
+    """Sensitivity rows: each group in ``groups`` pruned alone at each ratio."""
+    rows = []
+    for g in groups:
+        seen = set()
+        for r in ratios:
+            removed = choose_removed(graph, scores, {g.id: r}, round_to)
+            key = frozenset(removed)
+            if not removed or key in seen:      # rounding left nothing, or a repeat
+                continue
+            seen.add(key)
+            m = probe.measure(removed, time=time)
+            kept = len(g.units) - len(removed & set(g.units.tolist()))
+            row = {"group": g.id, "name": g.name, "layers": len(g.producers),
+                   "channels": g.channels, "units": len(g.units), "ratio": r, "kept": kept,
+                   "top1": m["top1"], "drop": round(base_top1 - m["top1"], 3),
+                   "macs": m["macs"], "latency_ms": m["latency_ms"]}
+            rows.append(row)
+            lat = f"{m['latency_ms']:8.3f} ms" if m["latency_ms"] is not None else ""
+            log(f"  {g.id:>4} {g.name[:44]:44} {r:4.2f} kept {kept:4d}/{len(g.units):<4d} "
+                f"top-1 {m['top1']:6.2f} ({0.0 - row['drop']:+.2f})  MACs {m['macs'] / 1e6:7.2f}M  {lat}")
+    return rows
+
+
+def search_target(probe, symbol, graph, scores, rows, round_to, what, fraction, base, names,
+                  excluded=(), max_ratio=0.75, model_repeats=10, corrections=2, log=print,
+                  latency_model=None, time_macs=True):
+    """Allocate ratios for ``what`` (``latency`` or ``macs``) ``fraction`` and check them.
+
+    Parameters
+    ----------
+    probe : Probe
+    symbol : mx.sym.Symbol
+        The unpruned network.
+    rows : list of dict
+        Sensitivity rows (:func:`measure_curves`).
+    base : dict
+        The unpruned network's measurement, with ``prefix`` (kept files).
+    latency_model : LayerLatencyModel, optional
+        Built here when not given.
+    time_macs : bool
+        For a MACs target, also time the proposal against the unpruned network.
+
+    Returns
+    -------
+    dict
+        ``ratios`` (group id → ratio), ``predicted`` (fraction), ``measured`` (fraction),
+        ``predicted_ms``/``measured_ms``/``base_ms`` (latency), ``model_error`` (relative),
+        ``coverage``, ``macs``, ``top1`` and ``prefix`` of the proposal.
+    """
+    curves = curves_from_rows(rows)
+    levels = group_levels(graph, round_to, curves, max_ratio)
+    shape = (1,) + probe.shape
+    info = {}
+    if what == "macs":
+        table = layer_table(symbol, shape, probe.input_name)
+        layer_macs = {r["name"]: r["macs"] for r in table}
+        weight_of = {l: w for l, w, _ in prunable_layers(symbol)}
+        cost = macs_cost(graph, layer_macs, weight_of, scores, round_to)
+    else:
+        mx_batch = 1 if probe.backend == "ncnn" else probe.batch_size
+        model = latency_model or LayerLatencyModel(graph, symbol, shape, probe.input_name,
+                                                   batch=mx_batch, repeats=model_repeats)
+        if probe.backend == "ncnn":
+            mx_base = measure_latency(base["prefix"], probe.shape, batch_sizes=(1,),
+                                      repeats=probe.repeats)["b1"]
+        else:
+            mx_base = base["latency_ms"]
+        model.calibrate(mx_base)
+        scale = base["latency_ms"] / max(mx_base, 1e-9)     # ncnn ms per MXNet ms (1 for mxnet)
+        info["coverage"] = round(model.coverage(), 4)
+        log(f"latency model: Σ of {len(model.specs)} layers timed alone = {model.base_layers_ms:.3f} ms "
+            f"({model.coverage():.0%} of the measured {mx_base:.3f} ms MXNet graph; scaled by "
+            f"{model.scale:.3f})"
+            + (f"; ncnn/MXNet scale {scale:.3f}" if probe.backend == "ncnn" else ""))
+
+        def cost(ratios):
+            removed = choose_removed(graph, scores, ratios, round_to) if ratios else set()
+            return model.predict(removed) * scale
+    goal = fraction
+    result = None
+    for attempt in range(corrections + 1):
+        try:
+            alloc = allocate(levels, curves, cost, goal, what, names, excluded)
+        except UserError:
+            if result is None:
+                raise
+            break                   # the corrected goal is out of reach: keep the last proposal
+        removed = choose_removed(graph, scores, dict(alloc), round_to) if alloc else set()
+        m = probe.measure(removed, keep_files=True, time=what != "macs")
+        if what == "macs":
+            measured = m["macs"] / max(base["macs"], 1)
+            b_ms, p_ms = probe.compare(base["prefix"], m["prefix"]) if time_macs else (None, None)
+            pred_ms = None
+        else:
+            b_ms, p_ms = probe.compare(base["prefix"], m["prefix"])
+            b_ms = min(b_ms, base["latency_ms"])
+            measured = p_ms / max(b_ms, 1e-9)
+            pred_ms = alloc.cost * b_ms / max(alloc.base, 1e-9)
+        new = {"ratios": dict(alloc), "predicted": round(alloc.fraction, 4),
+               "measured": round(measured, 4), "goal": round(goal, 4), "top1": m["top1"],
+               "macs": m["macs"], "base_ms": b_ms, "measured_ms": p_ms,
+               "predicted_ms": None if pred_ms is None else round(pred_ms, 4),
+               "predicted_drop": round(alloc.drop, 3), "attempts": attempt + 1,
+               "prefix": m["prefix"], **info}
+        if pred_ms is not None:
+            new["model_error"] = round((pred_ms - p_ms) / max(p_ms, 1e-9), 4)
+        log(f"  allocation {attempt + 1}: {len(alloc)} groups pruned, predicted {alloc.fraction:.3f}× "
+            f"{what}, measured {measured:.3f}×"
+            + (f" ({p_ms:.3f} vs {b_ms:.3f} ms" if p_ms is not None else "")
+            + (f", model error {new['model_error']:+.1%}" if pred_ms is not None else "")
+            + (")" if p_ms is not None else "") + f", top-1 {m['top1']:.2f}% before fine-tuning")
+        # keep the measurement closest to the target
+        if result is None or abs(measured - fraction) < abs(result["measured"] - fraction):
+            old, result = result, new
+        else:
+            old = new
+        if old is not None and old.get("prefix") and old["prefix"] != result["prefix"]:
+            for f in pair_files(old["prefix"]):
+                if os.path.exists(f):
+                    os.unlink(f)
+        if abs(measured / fraction - 1) <= TOLERANCE:
+            break
+        # the model was off by measured / predicted: aim the prediction where that lands on target
+        nxt = fraction * alloc.fraction / max(measured, 1e-9)
+        if not 0 < nxt < 1 or abs(nxt / goal - 1) < 1e-3:
+            break
+        goal = nxt
+    return result
+
+
+#: the allocation a run made at its start (reused by ``--resume``: timings are not repeatable)
+TARGET_FILE = "pruning-target.json"
+
+
+def target_ratios(pruner, ratios=(0.25, 0.5, 0.75), eval_limit=1000, repeats=5, log=None):
+    """``pruning.target`` at the start of a run: group id → ratio allocated for the target.
+
+    Measures the sensitivity curves of the pruner's network as it starts (the student copied
+    from the teacher, or its initialisation), allocates with :func:`search_target` and writes
+    the result to the run folder (``pruning-target.json``); a resumed run reads it back.
+
+    Parameters
+    ----------
+    pruner : ChannelPruningModifier
+        After its graph analysis (``pruner.graph``, ``symbol``, ``params``, ``data``).
+    """
+    import json
+    import shutil
+    import tempfile
+    from .base import CRITERIA
+    from .plan import unit_scores
+    log = log or pruner.log
+    cfg, t = pruner.cfg, pruner.cfg.target
+    what, fraction = ("latency", t.latency) if t.latency is not None else ("macs", t.macs)
+    key = {"target": {what: fraction, "backend": t.backend, "batch": t.batch},
+           "round_to": cfg.round_to, "exclude": list(cfg.exclude),
+           "groups": [g.id for g in pruner.graph.groups]}
+    path = pruner.folder.file(TARGET_FILE)
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+            if all(saved.get(k) == v for k, v in key.items()):
+                log(f"pruning: target {what} {fraction:g}×: allocation of {path} (made at the start)")
+                return {g.id: float(saved["ratios"].get(g.id, 0.0)) for g in pruner.graph.groups}
+        except (OSError, ValueError):
+            pass
+    graph = pruner.graph
+    params = {n: p.data() for n, p in pruner.params.items()}
+    # the allocation ranks channels as the schedule will; taylor's gradients are not at hand
+    # before training, so it ranks them by their filters' L1 norm
+    crit = pruner.criterion if not pruner.criterion.needs_grad else CRITERIA.get("l1")()
+    np_params = {k: v.asnumpy() for k, v in params.items()}
+    scores = unit_scores(graph, graph.groups, crit, np_params, None,
+                         rng=np.random.RandomState(pruner.seed))
+    groups = [g for g in graph.groups if pruner.prunable(g)]
+    names = {g.id: g.name for g in graph.groups}
+    batch = 1 if t.backend == "ncnn" else t.batch
+    os.makedirs(pruner.folder.path, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="target-", dir=pruner.folder.path)
+    try:
+        probe = Probe(graph, params, pruner.input_name, pruner.data, batch, repeats, 256, tmp,
+                      backend=t.backend, eval_limit=eval_limit, seed=pruner.seed,
+                      symbol=pruner.symbol, recipe=getattr(pruner, "recipe", None))
+        base = probe.measure(set(), keep_files=True, time=what != "macs")
+        log(f"pruning: target {what} {fraction:g}× ({t.backend}, batch {batch}): measuring "
+            f"{len(groups)} groups at ratios {list(ratios)} (top-1 {base['top1']:.2f}% on "
+            f"{len(probe.val.x)} held-out images unpruned)")
+        rows = measure_curves(probe, graph, scores, groups, ratios, cfg.round_to, base["top1"],
+                              log=_LOGGER.info, time=False)
+        res = search_target(probe, pruner.symbol, graph, scores, rows, cfg.round_to, what, fraction,
+                            base, names, excluded=pruner.excluded, max_ratio=max(ratios),
+                            model_repeats=repeats, log=log, time_macs=False)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    res.pop("prefix", None)
+    out = {g.id: float(res["ratios"].get(g.id, 0.0)) for g in graph.groups}
+    with open(path, "w") as f:
+        json.dump({**key, "ratios": res["ratios"], "result": res, "rows": rows}, f, indent=1)
+    log(f"pruning: target {what} {fraction:g}×: {len(res['ratios'])} groups pruned, "
+        f"{what} {res['measured']:.3f}× measured ({res['predicted']:.3f}× predicted): "
+        + ", ".join(f"{gid} {r:.2f}" for gid, r in res["ratios"].items()) + f" ({path})")
+    return out

@@ -1,0 +1,208 @@
+"""Prune to a target: per-group ratios that meet a latency or MACs fraction with the least
+predicted loss.
+
+The sensitivity curves (top-1 drop of each coupled group pruned alone at a few ratios,
+:mod:`distill.pruning.sensitivity`, optionally after a short KD recovery) predict the loss of an
+allocation as the sum of its groups' interpolated drops. The resource is computed exactly for
+every candidate (MACs from the layer table and the plan) or from the per-layer latency model
+(:class:`~distill.pruning.latency_model.LayerLatencyModel`), so interactions between groups (a
+conv between two pruned groups loses on both sides) are counted. The search is greedy on the
+marginal trade, as NetAdapt (Yang et al., 2018) does: from the unpruned network, repeatedly take
+the one-step deeper cut (one more multiple of ``round_to`` channels) of the group with the least
+predicted drop per unit of resource saved, until the target is met; then undo the cuts the
+target no longer needs (the last step may overshoot), the largest predicted gain first.
+
+Recipe example::
+
+    pruning:
+      enabled: true
+      granularity: channel
+      round_to: 8
+      exclude: [last]
+      target: {latency: 0.4, backend: mxnet, batch: 32}
+"""
+import logging
+
+import numpy as np
+
+from ..errors import UserError
+from .apply import param_keeps
+from .plan import choose_removed, round_keep
+
+__all__ = ["allocate", "group_levels", "predicted_drop", "curves_from_rows", "macs_cost",
+           "Allocation"]
+_LOGGER = logging.getLogger(__name__)
+
+
+class Allocation(dict):
+    """group id → ratio, with ``cost`` (resource of the allocation), ``base`` (unpruned),
+    ``fraction`` (cost / base) and ``drop`` (predicted Σ drop, points)."""
+    cost = base = fraction = drop = 0.0
+
+
+def curves_from_rows(rows):
+    """group id → sorted ``[(ratio, drop)]`` from sensitivity rows (``group``, ``ratio``, ``drop``)."""
+    out = {}
+    for r in rows:
+        out.setdefault(r["group"], []).append((float(r["ratio"]), float(r["drop"])))
+    return {g: sorted(v) for g, v in out.items()}
+
+
+def predicted_drop(curve, ratio):
+    """Top-1 drop predicted at ``ratio``: the measured curve made monotone (a deeper cut never
+    helps) and non-negative, interpolated linearly from (0, 0); beyond its last point, extended
+    with its last slope."""
+    if ratio <= 0 or not curve:
+        return 0.0
+    xs = [0.0] + [r for r, _ in curve]
+    ys = list(np.maximum.accumulate([0.0] + [max(d, 0.0) for _, d in curve]))
+    if ratio <= xs[-1]:
+        return float(np.interp(ratio, xs, ys))
+    slope = (ys[-1] - ys[-2]) / max(xs[-1] - xs[-2], 1e-9)
+    return float(ys[-1] + max(slope, 0.0) * (ratio - xs[-1]))
+
+
+def group_levels(graph, round_to, allowed, max_ratio):
+    """Per group, the ratios a plan can realise: each keeps a multiple of ``round_to`` anchor
+    channels (:func:`~distill.pruning.plan.round_keep`), at most ``max_ratio`` removed.
+
+    Parameters
+    ----------
+    allowed : iterable of str
+        The group ids that may be pruned (not excluded).
+
+    Returns
+    -------
+    dict
+        group id → ascending list of ratios (> 0).
+    """
+    allowed = set(allowed)
+    out = {}
+    for g in graph.groups:
+        if g.id not in allowed:
+            continue
+        n = len(g.units)
+        ratios = set()
+        for k in range(n - 1, 0, -1):
+            kept = round_keep(n, k, g.multiplicity, round_to)
+            r = 1.0 - kept / n
+            if kept < n and r <= max_ratio + 1e-9:
+                ratios.add(round(r, 6))
+        if ratios:
+            out[g.id] = sorted(ratios)
+    return out
+
+
+def macs_cost(graph, layer_macs, weight_of, scores, round_to):
+    """``cost(ratios) -> MACs`` of the network once ``ratios`` (group id → ratio) are cut out."""
+    def cost(ratios):
+        removed = choose_removed(graph, scores, ratios, round_to) if ratios else set()
+        keeps = param_keeps(graph, removed)
+        total = 0.0
+        for layer, macs in layer_macs.items():
+            frac = 1.0
+            for _axis, keep in keeps.get(weight_of.get(layer, ""), []):
+                frac *= keep.mean()
+            total += macs * frac
+        return total
+    return cost
+
+
+def allocate(levels, curves, cost, target, what="latency", names=None, excluded=()):
+    """Greedy per-group ratios meeting ``cost(ratios) ≤ target × cost({})`` at the least
+    predicted drop.
+
+    Parameters
+    ----------
+    levels : dict
+        group id → ascending ratios it can take (:func:`group_levels`).
+    curves : dict
+        group id → ``[(ratio, drop)]`` (:func:`curves_from_rows`); a group without a curve is
+        predicted to lose nothing.
+    cost : callable
+        ``cost(ratios)`` → resource (ms, MACs) of the network pruned to ``ratios``.
+    target : float
+        Fraction of the unpruned cost, in (0, 1).
+    what : str
+        The resource, for messages.
+    names : dict, optional
+        group id → layer name, for messages.
+    excluded : iterable of str
+        Excluded layers, for the unreachable message.
+
+    Returns
+    -------
+    Allocation
+
+    Raises
+    ------
+    UserError
+        Even every group at its deepest ratio does not reach the target: says what is reachable.
+    """
+    base = float(cost({}))
+    goal = target * base
+    deepest = {g: lv[-1] for g, lv in levels.items()}
+    floor = float(cost(deepest)) if deepest else base
+    if floor > goal * (1 + 1e-9):
+        names = names or {}
+        raise UserError(
+            f"pruning target {what} {target:g}× the unpruned model's cannot be met: with every "
+            f"prunable group ({len(levels)} of them) at its deepest cut, keeping multiples of "
+            f"round_to channels, the network is still at {floor / base:.3f}× "
+            f"({'no group can be pruned' if not levels else 'deepest ratio ' + str(round(max(deepest.values()), 3))}"
+            f"{'; excluded layers: ' + ', '.join(excluded) if excluded else ''}). The reachable "
+            f"target is {floor / base:.3f}: ask for {what} ≥ {np.ceil(floor / base * 100) / 100:.2f}, "
+            f"or lower `pruning.round_to`, exclude fewer layers (`pruning.exclude`), or measure "
+            f"deeper ratios (--ratios).")
+    state = {g: -1 for g in levels}               # index into levels; -1: unpruned
+    current = base
+    ratios = {}
+    while current > goal * (1 + 1e-9):
+        best = None
+        for g, lv in levels.items():
+            k = state[g] + 1
+            if k >= len(lv):
+                continue
+            trial = dict(ratios, **{g: lv[k]})
+            c = float(cost(trial))
+            saving = current - c
+            if saving <= 0:
+                continue
+            d = predicted_drop(curves.get(g, []), lv[k]) - predicted_drop(curves.get(g, []), ratios.get(g, 0.0))
+            # least drop per unit saved; among free cuts, the largest saving first
+            key = ((max(d, 0.0) + 1e-6) / saving, -saving)
+            if best is None or key < best[0]:
+                best = (key, g, k, c)
+        if best is None:
+            break
+        _, g, k, current = best
+        state[g] = k
+        ratios[g] = levels[g][k]
+    # give back the cuts the target does not need (the last step may overshoot): undo one
+    # level of a group while the target still holds, the largest predicted gain first
+    while True:
+        best = None
+        for g, k in state.items():
+            if k < 0:
+                continue
+            trial = dict(ratios)
+            if k == 0:
+                trial.pop(g)
+            else:
+                trial[g] = levels[g][k - 1]
+            c = float(cost(trial))
+            if c > goal * (1 + 1e-9):
+                continue
+            gain = predicted_drop(curves.get(g, []), ratios[g]) - \
+                predicted_drop(curves.get(g, []), trial.get(g, 0.0))
+            key = (gain, c)
+            if best is None or key > best[0]:
+                best = (key, g, trial, c)
+        if best is None:
+            break
+        _, g, ratios, current = best
+        state[g] -= 1
+    out = Allocation(sorted(ratios.items(), key=lambda kv: int(kv[0][1:]) if kv[0][1:].isdigit() else kv[0]))
+    out.base, out.cost, out.fraction = base, current, current / max(base, 1e-12)
+    out.drop = sum(predicted_drop(curves.get(g, []), r) for g, r in ratios.items())
+    return out

@@ -1,0 +1,168 @@
+"""Prune to a target (issue 16): the allocation over sensitivity curves, the per-layer latency
+model's bookkeeping, the unreachable-target message and the ``pruning.target`` recipe hook."""
+import json
+import os
+
+import mxnet as mx
+import numpy as np
+import pytest
+
+from distill.errors import UserError
+from distill.graphio import make_block
+from distill.modelinfo import layer_table
+from distill.pruning.graph import analyze
+from distill.pruning.latency_model import LayerLatencyModel, _one_layer, layer_specs
+from distill.pruning.modifier import build_modifiers, prunable_layers
+from distill.pruning.plan import choose_removed
+from distill.pruning.probe import TARGET_FILE
+from distill.pruning.target import allocate, group_levels, macs_cost, predicted_drop
+from distill.recipe import recipe_from_dict
+
+SHAPE = (1, 3, 8, 8)
+
+
+def _chain():
+    """Three independent conv groups (c0, c1, c2) and a classifier."""
+    x = mx.sym.var("data")
+    for i, n in enumerate((16, 16, 16)):
+        x = mx.sym.Convolution(x, num_filter=n, kernel=(3, 3), pad=(1, 1), name=f"c{i}")
+        x = mx.sym.Activation(mx.sym.BatchNorm(x, fix_gamma=False, name=f"bn{i}"), act_type="relu")
+    x = mx.sym.Pooling(x, global_pool=True, kernel=(1, 1), pool_type="avg")
+    return mx.sym.FullyConnected(mx.sym.Flatten(x), num_hidden=4, name="fc")
+
+
+def _params(sym, seed=0):
+    rs = np.random.RandomState(seed)
+    args, _, auxs = sym.infer_shape(data=SHAPE)
+    names = sym.list_arguments() + sym.list_auxiliary_states()
+    return {n: mx.nd.array(rs.uniform(0.5, 1.5, s) if n.endswith(("gamma", "var")) else rs.normal(0, 0.3, s))
+            for n, s in zip(names, list(args) + list(auxs)) if n != "data"}
+
+
+@pytest.fixture(scope="module")
+def chain():
+    sym = _chain()
+    graph = analyze(sym, SHAPE)
+    scores = {int(u): float(u) for g in graph.groups for u in g.unit_ids}
+    layer_macs = {r["name"]: r["macs"] for r in layer_table(sym, SHAPE)}
+    weight_of = {l: w for l, w, _ in prunable_layers(sym)}
+    return sym, graph, scores, layer_macs, weight_of
+
+
+def _group(graph, layer):
+    return next(g.id for g in graph.groups if g.name == layer)
+
+
+def test_allocation_meets_a_macs_target_and_prefers_insensitive_groups(chain):
+    sym, graph, scores, layer_macs, weight_of = chain
+    cost = macs_cost(graph, layer_macs, weight_of, scores, round_to=2)
+    g0, g1 = _group(graph, "c0"), _group(graph, "c1")
+    levels = group_levels(graph, 2, [g0, g1], max_ratio=0.75)
+    # c0 loses a lot per channel, c1 almost nothing: c1 goes first and deepest
+    curves = {g0: [(0.25, 5.0), (0.5, 20.0), (0.75, 60.0)], g1: [(0.25, 0.1), (0.5, 0.2), (0.75, 0.5)]}
+    alloc = allocate(levels, curves, cost, 0.6, "macs")
+    base = cost({})
+    assert cost(dict(alloc)) <= 0.6 * base * (1 + 1e-9)
+    assert alloc.fraction == pytest.approx(cost(dict(alloc)) / base, rel=1e-9)
+    # "exactly enough": undoing the last (smallest) step would miss the target
+    assert alloc.fraction > 0.6 - 0.15
+    assert alloc.get(g1, 0) > alloc.get(g0, 0)
+    # swapped curves: the other way round
+    swapped = allocate(levels, {g0: curves[g1], g1: curves[g0]}, cost, 0.6, "macs")
+    assert swapped.get(g0, 0) > swapped.get(g1, 0)
+    assert predicted_drop(curves[g0], 0.5) == pytest.approx(20.0)
+    assert predicted_drop([(0.25, 3.0), (0.5, 1.0)], 0.5) == pytest.approx(3.0)   # made monotone
+
+
+def test_unreachable_target_names_what_is_reachable(chain):
+    sym, graph, scores, layer_macs, weight_of = chain
+    cost = macs_cost(graph, layer_macs, weight_of, scores, round_to=8)
+    g1 = _group(graph, "c1")
+    levels = group_levels(graph, 8, [g1], max_ratio=0.75)
+    assert levels == {g1: [0.5]}                     # 16 channels, multiples of 8
+    floor = cost({g1: 0.5}) / cost({})
+    with pytest.raises(UserError) as e:
+        allocate(levels, {}, cost, 0.2, "macs", excluded=["c0", "c2"])
+    msg = str(e.value)
+    assert "reachable" in msg and f"{floor:.3f}" in msg and "c0, c2" in msg and "round_to" in msg
+
+
+def test_latency_model_bookkeeping_with_injected_timings(chain):
+    sym, graph, scores, _, _ = chain
+    calls = []
+
+    def timer(spec, cin, cout, batch):               # MACs-proportional, with noise on the full width
+        calls.append((spec["weight"], cin, cout))
+        noise = 1.3 if (cin, cout) == (spec["in"], spec["out"]) and len(calls) % 2 else 1.0
+        return 1e-3 * cin * cout * noise
+
+    model = LayerLatencyModel(graph, sym, SHAPE, batch=32, timer=timer, rounds=2)
+    scale = model.calibrate(measured_ms=2.0)
+    assert scale == pytest.approx(2.0 / model.base_layers_ms)
+    assert model.predict(set()) == pytest.approx(2.0)
+    g1 = _group(graph, "c1")
+    removed = choose_removed(graph, scores, {g1: 0.5}, round_to=8)
+    widths = model.widths(removed)
+    assert widths["c1"] == (16, 8) and widths["c2"] == (8, 16) and widths["c0"] == (3, 16)
+    pred = model.predict(removed)
+    assert pred == pytest.approx(scale * sum(model.layer_ms(l, *w) for l, w in widths.items()))
+    # every width is timed in alternation with its full width; the best of both is kept, and a
+    # narrower layer is never slower than the full one
+    for layer, (ci, co) in widths.items():
+        spec = model.specs[layer]
+        assert model.layer_ms(layer, ci, co) <= model.layer_ms(layer, spec["in"], spec["out"])
+    assert ("c1_weight", 16, 16) in calls and ("c1_weight", 16, 8) in calls
+    assert pred < model.predict(set())
+
+
+def test_one_layer_graph_has_the_kept_widths(chain):
+    sym = chain[0]
+    specs = layer_specs(sym, SHAPE)
+    s, shapes = _one_layer(specs["c1"], 8, 4, batch=2)
+    args, outs, _ = s.infer_shape(**shapes)
+    assert tuple(outs[0]) == (2, 4, 8, 8)
+    assert (4, 8, 3, 3) in [tuple(a) for a in args]
+    fc, shapes = _one_layer(specs["fc"], 8, 4, batch=2)
+    assert tuple(fc.infer_shape(**shapes)[1][0]) == (2, 4)
+    # the real profiler times it (a positive number; its size is never asserted)
+    model = LayerLatencyModel(analyze(sym, SHAPE), sym, SHAPE, batch=2, repeats=2, warmup=1, rounds=1)
+    assert model.layer_ms("c1", 8, 8) > 0
+
+
+class _Split:
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+
+class _Data:
+    def __init__(self, n=32, classes=4):
+        rs = np.random.RandomState(0)
+        self.train = _Split(rs.normal(size=(n,) + SHAPE[1:]).astype("float32"), rs.randint(0, classes, n))
+        self.val = _Split(rs.normal(size=(n,) + SHAPE[1:]).astype("float32"), rs.randint(0, classes, n))
+
+
+def test_recipe_target_allocates_the_ratios_and_the_schedule_reaches_them(tmp_path):
+    sym = _chain()
+    r = recipe_from_dict({"pruning": {"enabled": True, "schedule": "agp", "start_epoch": 0,
+                                      "end_epoch": 1, "round_to": 4, "exclude": ["last"],
+                                      "target": {"macs": 0.5}},
+                          "trainer": {"epochs": 3}, "output": {"dir": str(tmp_path)}})
+    net = make_block(sym, _params(sym))
+    data, logs = _Data(), []
+    pruner, keeper = build_modifiers(r, log=logs.append)
+    for m in (pruner, keeper):
+        m.initialize(net, None, data)
+    with open(os.path.join(str(tmp_path), TARGET_FILE)) as f:
+        saved = json.load(f)
+    allocated = {g: r for g, r in pruner.group_ratio.items() if r > 0}
+    assert allocated == saved["ratios"] and allocated
+    for epoch in (0, 1):
+        pruner.epoch_start(epoch)
+    macs, _ = pruner.cost()
+    assert macs <= 0.5 * pruner.dense_macs * (1 + 1e-6)
+    assert any("target macs 0.5" in l for l in logs)
+    # a resumed run reads the allocation back instead of measuring again
+    again, _ = build_modifiers(r, log=logs.append)
+    again.initialize(make_block(sym, _params(sym, seed=1)), None, data)
+    assert {g: v for g, v in again.group_ratio.items() if v > 0} == allocated
+    assert any("made at the start" in l for l in logs)
