@@ -9,8 +9,10 @@ communication; this module only wraps it:
 - :func:`shard_indices`: worker ``r`` of ``W`` trains on the train images ``r, r + W, ...``,
   ``N // W`` of them, the same count on every worker (a ``dist_sync`` step waits for every
   worker's push: a worker with one more batch would wait forever).
-- :meth:`Cluster.average` (BatchNorm running statistics, which no gradient carries),
-  :meth:`Cluster.broadcast` (rank 0's pruning masks), :meth:`Cluster.min_int` (steps per epoch).
+- :meth:`Cluster.init_trainer` (rank 0's parameters into the KVStore and every worker, without
+  the race of the Trainer's own lazy set-up), :meth:`Cluster.average` (BatchNorm running
+  statistics, which no gradient carries), :meth:`Cluster.broadcast` (rank 0's pruning masks),
+  :meth:`Cluster.min_int` (steps per epoch).
 
 Keys: the Gluon Trainer uses ``0 .. P-1``; ours start at :data:`KEY_BASE` and every collective
 takes a fresh one, in the same order on every worker (the code path is the same).
@@ -27,7 +29,7 @@ import numpy as np
 from .errors import UserError
 
 __all__ = ["Cluster", "create_kvstore", "shard_indices", "DIST_KVSTORES", "KEY_BASE",
-           "dump_state"]
+           "DUMP_ENV", "dump_state"]
 _LOGGER = logging.getLogger(__name__)
 
 DIST_KVSTORES = ("dist_sync", "dist_async")

@@ -5,6 +5,10 @@ the student's logits go through every loss term of the recipe, weighted and summ
 epoch: evaluation, tensorboardX scalars, an atomic checkpoint. A killed run resumes from its
 last complete epoch with the same result as an uninterrupted one: the batch order and MXNet's
 RNG are derived from ``(seed, epoch)``, and parameters and optimizer state are checkpointed.
+
+With a ``dist_sync`` :class:`~distill.distributed.Cluster` the same loop runs on every worker
+over its own shard: the KVStore sums the gradients (averaged here), every worker applies the
+same update, BatchNorm statistics are averaged per epoch and pruning masks are rank 0's.
 """
 import itertools
 import logging
