@@ -110,15 +110,15 @@ def read_run(path, label=None):
     seed = recipe.trainer.seed
     unseeded = dataclasses.replace(recipe, trainer=dataclasses.replace(recipe.trainer, seed=0))
     s = metrics["student"]
-    int8 = metrics.get("int8") or {}
+    int8 = has_int8(folder)
     values = {
         "top1": s.get("top1"),
-        "top1_int8": int8.get("top1") if has_int8(folder) else None,
+        "top1_int8": metrics["int8"].get("top1") if int8 else None,
         "params": s.get("params"),
         "nonzero": count_nonzero(folder.model_prefix),
         "macs": s.get("macs"),
         "bytes": s.get("bytes") or pair_size(folder.model_prefix),
-        "bytes_int8": pair_size(folder.int8_prefix) if has_int8(folder) else None,
+        "bytes_int8": pair_size(folder.int8_prefix) if int8 else None,
         "train_s": metrics.get("train_time_s"),
     }
     values.update({k: None for k in LATENCY_KEYS})

@@ -17,7 +17,7 @@ body { font-family: sans-serif; margin: 24px; color: #222; }
 table { border-collapse: collapse; font-size: 13px; }
 th, td { border: 1px solid #ccc; padding: 3px 7px; text-align: right; white-space: nowrap; }
 th { background: #f0f0f0; }
-td:first-child, th:first-child, td:last-child { text-align: left; }
+td:first-child, th:first-child, td:last-child, th:last-child { text-align: left; }
 td:last-child { font-family: monospace; font-size: 11px; }
 .plots img { max-width: 48%; margin: 8px 1% 0 0; border: 1px solid #ddd; }
 .notes { font-size: 13px; color: #555; }

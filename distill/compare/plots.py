@@ -85,7 +85,7 @@ def latency_plot(rows, title=""):
     ax.set_ylabel("top-1 (%)")
     ax.set_title(title or "top-1 vs latency")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     return _png(plt, fig)
 
 
@@ -100,5 +100,5 @@ def macs_plot(rows, title=""):
     ax.set_ylabel("top-1 (%)")
     ax.set_title(title or "top-1 vs MACs")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     return _png(plt, fig)

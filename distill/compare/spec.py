@@ -185,9 +185,8 @@ def load_comparison(path, out=None):
             key = f"{where}recipe" if v.get("recipe") else "base"
             raise UserError(f"{path}: `{key}: {base}` does not exist ({rpath}); paths are relative "
                             f"to the comparison recipe.")
-        for flag in ("int8",):
-            if not isinstance(v.get(flag, False), bool):
-                raise UserError(f"{path}: `{where}{flag}` must be true or false, got {v[flag]!r}.")
+        if not isinstance(v.get("int8", False), bool):
+            raise UserError(f"{path}: `{where}int8` must be true or false, got {v['int8']!r}.")
         variant = Variant(vname, rpath, common + _overrides(v.get("set"), f"{where}set", path),
                           bool(v.get("int8", False)), _exports(v.get("export"), f"{where}export", path))
         if variant.folder_name in seen:
