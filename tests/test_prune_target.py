@@ -97,8 +97,8 @@ def test_latency_model_bookkeeping_with_injected_timings(chain):
         return 1e-3 * cin * cout * noise
 
     model = LayerLatencyModel(graph, sym, SHAPE, batch=32, timer=timer, rounds=2)
-    scale = model.calibrate(measured_ms=2.0)
-    assert scale == pytest.approx(2.0 / model.base_layers_ms)
+    scale, offset = model.calibrate(measured_ms=2.0)
+    assert scale == pytest.approx(2.0 / model.base_layers_ms) and offset == 0
     assert model.predict(set()) == pytest.approx(2.0)
     g1 = _group(graph, "c1")
     removed = choose_removed(graph, scores, {g1: 0.5}, round_to=8)
@@ -113,6 +113,10 @@ def test_latency_model_bookkeeping_with_injected_timings(chain):
         assert model.layer_ms(layer, ci, co) <= model.layer_ms(layer, spec["in"], spec["out"])
     assert ("c1_weight", 16, 16) in calls and ("c1_weight", 16, 8) in calls
     assert pred < model.predict(set())
+    # two measured points: an affine fit through both (a rest that does not shrink)
+    a, c = model.calibrate(2.0, (removed, 1.5))
+    assert model.predict(set()) == pytest.approx(2.0) and model.predict(removed) == pytest.approx(1.5)
+    assert a > 0 and 0 <= c < 2.0
 
 
 def test_one_layer_graph_has_the_kept_widths(chain):

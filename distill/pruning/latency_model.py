@@ -5,11 +5,13 @@ noisy) for a search over per-group ratios. Instead, each weight layer (conv + Ba
 activation, oneDNN-fused as deployed) is rebuilt as a one-layer graph at the input and output
 widths a plan leaves it, and timed alone with the per-layer timer of ``distill quantize``
 (:func:`distill.quantize.layer_speed._profile`: MXNet's profiler, best of ``repeats``). A
-network's predicted time is the sum over its layers, scaled by the measured unpruned whole graph
-over the same sum: the rest (pooling, residual sums, the engine's per-op overhead, and a busy
-machine's slowdown of wall-clock timings against the profiler's best per-op times) is taken to
-scale with the layers. :meth:`LayerLatencyModel.coverage` says how much of the measured graph
-the layers' own sum explains, and callers check the model against a measured variant.
+network's predicted time is affine in the sum over its layers, ``a · Σ + c``, fitted to two
+measured whole graphs (the unpruned network and one variant, timed in alternation):
+``c`` is the rest that does not shrink with the layers (the engine's per-op overhead, pooling),
+``a`` absorbs the gap between the profiler's best per-op times and wall-clock timings on a busy
+machine (or another runtime's, for ncnn). With one point only, ``a`` scales the sum alone.
+:meth:`LayerLatencyModel.coverage` says how much of the measured graph the layers' own sum
+explains; callers check the model against a *third*, measured proposal.
 
 Every width is timed in alternation with the layer's full width and both keep their best, and a
 narrower layer is never taken as slower than the full one: a variant cannot come out slower than
@@ -139,7 +141,7 @@ class LayerLatencyModel:
         self.specs = layer_specs(symbol, input_shape, input_name)
         self.timer = timer or self._profile
         self.times = {}                   # (layer, cin, cout) -> best ms so far
-        self.scale = 1.0
+        self.scale, self.offset = 1.0, 0.0
         self.base_layers_ms = self.measured_base_ms = None
         self.timings = 0
 
@@ -180,12 +182,22 @@ class LayerLatencyModel:
         """Sum of the layers' own times."""
         return sum(self.layer_ms(l, ci, co) for l, (ci, co) in self.widths(removed).items())
 
-    def calibrate(self, measured_ms):
-        """Scale the layers' sum to the measured unpruned whole graph; returns the scale."""
+    def calibrate(self, measured_ms, variant=None):
+        """Fit ``a · Σ layers + c`` to the measured unpruned whole graph (and ``variant``:
+        ``(removed units, measured ms)``, timed in alternation with it); returns ``(a, c)``."""
         self.base_layers_ms = self.layers_ms(set())
         self.measured_base_ms = float(measured_ms)
         self.scale = self.measured_base_ms / max(self.base_layers_ms, 1e-12)
-        return self.scale
+        self.offset = 0.0
+        if variant is not None:
+            lv, mv = self.layers_ms(variant[0]), float(variant[1])
+            if self.base_layers_ms - lv > 1e-9:
+                a = (self.measured_base_ms - mv) / (self.base_layers_ms - lv)
+                c = self.measured_base_ms - a * self.base_layers_ms
+                # a rest outside [0, measured) is timer noise, not overhead: scale alone
+                if a > 0 and 0 <= c < self.measured_base_ms:
+                    self.scale, self.offset = a, c
+        return self.scale, self.offset
 
     def coverage(self):
         """Σ layers alone / measured unpruned graph (1 = the layers explain all of it)."""
@@ -193,4 +205,4 @@ class LayerLatencyModel:
 
     def predict(self, removed):
         """Predicted ms of the network without the units ``removed``."""
-        return self.layers_ms(removed) * self.scale
+        return self.layers_ms(removed) * self.scale + self.offset

@@ -226,22 +226,24 @@ def search_target(probe, symbol, graph, scores, rows, round_to, what, fraction, 
         mx_batch = 1 if probe.backend == "ncnn" else probe.batch_size
         model = latency_model or LayerLatencyModel(graph, symbol, shape, probe.input_name,
                                                    batch=mx_batch, repeats=model_repeats)
-        if probe.backend == "ncnn":
-            mx_base = measure_latency(base["prefix"], probe.shape, batch_sizes=(1,),
-                                      repeats=probe.repeats)["b1"]
-        else:
-            mx_base = base["latency_ms"]
-        model.calibrate(mx_base)
-        scale = base["latency_ms"] / max(mx_base, 1e-9)     # ncnn ms per MXNet ms (1 for mxnet)
+        # the second calibration point: every allowed group at half its channels
+        half = choose_removed(graph, scores, {g: 0.5 for g in levels}, round_to)
+        v = probe.measure(half, keep_files=True, time=False)
+        b_ms, v_ms = probe.compare(base["prefix"], v["prefix"])
+        for f in pair_files(v["prefix"]):
+            os.unlink(f)
+        a, c = model.calibrate(b_ms, (half, v_ms))
         info["coverage"] = round(model.coverage(), 4)
-        log(f"latency model: Σ of {len(model.specs)} layers timed alone = {model.base_layers_ms:.3f} ms "
-            f"({model.coverage():.0%} of the measured {mx_base:.3f} ms MXNet graph; scaled by "
-            f"{model.scale:.3f})"
-            + (f"; ncnn/MXNet scale {scale:.3f}" if probe.backend == "ncnn" else ""))
+        info["calibration"] = {"base_ms": b_ms, "half_ms": v_ms, "scale": round(a, 4),
+                               "rest_ms": round(c, 4)}
+        log(f"latency model: Σ of {len(model.specs)} layers timed alone (MXNet, batch {mx_batch}) = "
+            f"{model.base_layers_ms:.3f} ms, {model.coverage():.0%} of the measured {b_ms:.3f} ms "
+            f"{probe.backend} graph; fitted to it and to every group at half width ({v_ms:.3f} ms): "
+            f"{a:.3f} × Σ layers + {c:.3f} ms")
 
         def cost(ratios):
             removed = choose_removed(graph, scores, ratios, round_to) if ratios else set()
-            return model.predict(removed) * scale
+            return model.predict(removed)
     goal = fraction
     result = None
     for attempt in range(corrections + 1):
@@ -298,7 +300,7 @@ def search_target(probe, symbol, graph, scores, rows, round_to, what, fraction, 
 TARGET_FILE = "pruning-target.json"
 
 
-def target_ratios(pruner, ratios=(0.25, 0.5, 0.75), eval_limit=1000, repeats=5, log=None):
+def target_ratios(pruner, ratios=(0.25, 0.5, 0.75, 0.875), eval_limit=1000, repeats=5, log=None):
     """``pruning.target`` at the start of a run: group id → ratio allocated for the target.
 
     Measures the sensitivity curves of the pruner's network as it starts (the student copied

@@ -8,6 +8,13 @@ propose per-group ratios that keep the summed accuracy drop within ``--budget`` 
 largest saving of *measured* latency (a multiple-choice knapsack over the table), check the
 proposal by measuring it, and print it as ``pruning.overrides`` for the recipe.
 
+With ``--target-latency F`` or ``--target-macs F`` (a fraction of the unpruned model's), the
+curves are measured without timing each variant, and the ratios are allocated to meet the target
+with the least predicted loss (:mod:`distill.pruning.target`, over the per-layer latency model of
+:mod:`distill.pruning.latency_model` or exact MACs), then the combined proposal is measured
+(:func:`distill.pruning.probe.search_target`). ``--backend ncnn`` times in ncnn's runtime (one
+thread, batch 1); ``--recover-steps N`` fine-tunes each variant N KD steps before it is measured.
+
 The network is the teacher for ``student.from: teacher``, else the student trained by the recipe
 (its run folder's model pair, :attr:`distill.runfolder.RunFolder.model_prefix`). Output in the
 run folder's :attr:`~distill.runfolder.RunFolder.sensitivity_dir`::
@@ -20,6 +27,7 @@ run folder's :attr:`~distill.runfolder.RunFolder.sensitivity_dir`::
 Example::
 
     distill sensitivity recipes/prune_channel_mnist.yaml --ratios 0.25 0.5 0.75 --budget 1.0
+    distill sensitivity recipes/prune_channel_mnist.yaml --target-latency 0.4 --batch 32
 """
 import csv
 import json
@@ -35,12 +43,9 @@ import yaml
 from ..data import load_data
 from ..errors import UserError
 from ..graphio import load_pair, make_block, pair_exists, pair_files
-from ..modelinfo import measure_latency, total_macs
 from ..recipe import load_recipe
 from ..run import resolve_teacher
 from ..runfolder import RunFolder
-from ..trainer import evaluate
-from .apply import shrink, shrunk_block
 from .base import CRITERIA
 from .gradients import accumulate_grads
 from .graph import analyze
@@ -48,7 +53,7 @@ from .plan import choose_removed, unit_scores
 from .pruner import prunable_layers, resolve_patterns
 from .probe import Probe, measure_curves, search_target
 
-__all__ = ["add_arguments", "main", "run_sensitivity", "propose"]
+__all__ = ["add_arguments", "main", "run_sensitivity", "propose", "allowed_groups"]
 _LOGGER = logging.getLogger(__name__)
 _NOISE = 0.02       # latency differences below 2% of the unpruned network are not counted
 
@@ -57,8 +62,9 @@ def add_arguments(p):
     p.add_argument("recipe", help="the recipe whose network (teacher copy or trained student) to probe")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key (repeatable)")
-    p.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75],
-                   help="fractions of each group's channels to remove (default 0.25 0.5 0.75)")
+    p.add_argument("--ratios", type=float, nargs="+", default=None,
+                   help="fractions of each group's channels to remove (default 0.25 0.5 0.75; "
+                        "with a target also 0.875, the deepest cut it allocates)")
     p.add_argument("--budget", type=float, default=1.0,
                    help="allowed top-1 drop in points for the proposal (default 1.0)")
     p.add_argument("--batch-size", type=int, default=32, help="batch size of the latency timing")
@@ -79,6 +85,8 @@ def add_arguments(p):
 
 
 def main(args):
+    targeted = args.target_latency is not None or args.target_macs is not None
+    args.ratios = args.ratios or ([0.25, 0.5, 0.75, 0.875] if targeted else [0.25, 0.5, 0.75])
     for r in args.ratios:
         if not 0 < r < 1:
             raise UserError(f"--ratios: each ratio must be in (0, 1), got {r}")

@@ -144,12 +144,13 @@ def allocate(levels, curves, cost, target, what="latency", names=None, excluded=
     deepest = {g: lv[-1] for g, lv in levels.items()}
     floor = float(cost(deepest)) if deepest else base
     if floor > goal * (1 + 1e-9):
-        names = names or {}
+        cut = ("no group can be pruned" if not levels
+               else f"deepest ratio {max(deepest.values()):.3g}")
         raise UserError(
             f"pruning target {what} {target:g}× the unpruned model's cannot be met: with every "
             f"prunable group ({len(levels)} of them) at its deepest cut, keeping multiples of "
             f"round_to channels, the network is still at {floor / base:.3f}× "
-            f"({'no group can be pruned' if not levels else 'deepest ratio ' + str(round(max(deepest.values()), 3))}"
+            f"({cut}"
             f"{'; excluded layers: ' + ', '.join(excluded) if excluded else ''}). The reachable "
             f"target is {floor / base:.3f}: ask for {what} ≥ {np.ceil(floor / base * 100) / 100:.2f}, "
             f"or lower `pruning.round_to`, exclude fewer layers (`pruning.exclude`), or measure "
@@ -168,7 +169,8 @@ def allocate(levels, curves, cost, target, what="latency", names=None, excluded=
             saving = current - c
             if saving <= 0:
                 continue
-            d = predicted_drop(curves.get(g, []), lv[k]) - predicted_drop(curves.get(g, []), ratios.get(g, 0.0))
+            curve = curves.get(g, [])
+            d = predicted_drop(curve, lv[k]) - predicted_drop(curve, ratios.get(g, 0.0))
             # least drop per unit saved; among free cuts, the largest saving first
             key = ((max(d, 0.0) + 1e-6) / saving, -saving)
             if best is None or key < best[0]:
