@@ -132,7 +132,7 @@ def launch(command, workers, servers=1, host="127.0.0.1", port=None, exit_timeou
     Parameters
     ----------
     command : list of str
-        The worker command, e.g. ``["python", "train.py", "recipe.yaml"]``.
+        The worker command, e.g. ``["python", "train.py", "RECIPE.yaml"]``.
     workers, servers : int
     host : str
         ``DMLC_PS_ROOT_URI`` and every node's address.
@@ -158,7 +158,7 @@ def launch(command, workers, servers=1, host="127.0.0.1", port=None, exit_timeou
     """
     if not command:
         raise UserError("distill launch: give the worker command after `--`, e.g. "
-                        "`distill launch -n 2 -s 1 -- python train.py recipe.yaml "
+                        "`distill launch -n 2 -s 1 -- python train.py RECIPE.yaml "
                         "--set trainer.kvstore=dist_sync`.")
     if workers < 1 or servers < 1:
         raise UserError(f"distill launch: -n (workers, got {workers}) and -s (servers, got "
