@@ -48,8 +48,8 @@ GOAL = 0.4
 UNIFORM = (0.25, 0.375, 0.5, 0.625, 0.75)
 
 
-def _recipe(prefix, out, seed, epochs, pruning):
-    sets = ["teacher.recipe=null", f"teacher.checkpoint={prefix}", f"output.dir={out}",
+def _recipe(prefix, out, seed, epochs, pruning, samples=None):
+    sets = ([f"data.num_samples={samples}"] if samples else []) + ["teacher.recipe=null", f"teacher.checkpoint={prefix}", f"output.dir={out}",
             f"name=bench_{os.path.basename(out)}", "trainer.progress=false", f"trainer.seed={seed}",
             "pruning.exclude=[last]"] + [f"pruning.{k}={v}" for k, v in pruning.items()]
     if epochs:      # AGP over the first half, then fine-tune
@@ -57,8 +57,8 @@ def _recipe(prefix, out, seed, epochs, pruning):
     return load_recipe(os.path.join("recipes", "prune_channel_mnist.yaml"), sets)
 
 
-def _train(prefix, out, seed, epochs, pruning, reuse=None):
-    recipe = _recipe(prefix, out, seed, epochs, pruning)
+def _train(prefix, out, seed, epochs, pruning, reuse=None, samples=None):
+    recipe = _recipe(prefix, out, seed, epochs, pruning, samples)
     os.makedirs(out, exist_ok=True)
     if reuse and os.path.isfile(reuse):
         shutil.copyfile(reuse, os.path.join(out, TARGET_FILE))
@@ -110,9 +110,10 @@ def ncnn_allocation(prefix, repeats):
                       eval_limit=1000)
         base = probe.measure(set(), keep_files=True)
         rows = measure_curves(probe, graph, scores, [g for g in graph.groups if g.id in allowed],
-                              (0.25, 0.5, 0.75), 8, base["top1"], time=False)
+                              (0.25, 0.5, 0.75, 0.875), 8, base["top1"], time=False)
         res = search_target(probe, sym, graph, scores, rows, 8, "latency", GOAL, base,
-                            {g.id: g.name for g in graph.groups}, excluded=excluded)
+                            {g.id: g.name for g in graph.groups}, excluded=excluded,
+                            max_ratio=0.875)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     res.pop("prefix", None)
@@ -126,10 +127,29 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--repeats", type=int, default=10, help="latency: best of this many repeats")
     p.add_argument("--ncnn", action="store_true", help="also the ncnn allocation on the ResNet-20")
+    p.add_argument("--samples", type=int, default=None,
+                   help="data.num_samples of the training runs (default: the recipe's, all 5,000)")
     args = p.parse_args(argv)
     os.chdir(ROOT)
     os.makedirs(OUT, exist_ok=True)
     res = {}
+    if args.ncnn:
+        try:
+            a = res["ncnn_resnet20"] = ncnn_allocation(NETS["resnet20"], args.repeats)
+        except Exception as e:          # the training comparison below still runs
+            print(f"ncnn allocation failed: {type(e).__name__}: {e}", flush=True)
+            target("resnet20: proposal's measured ncnn latency vs 0.4×", "within 10%", "failed", False)
+            a = None
+    if args.ncnn and a is not None:
+        print(f"\n== resnet20, ncnn (1 thread, batch 1): allocation {a['ratios']}, predicted "
+              f"{a['predicted']:.3f}×, measured {a['measured']:.3f}× ({a['measured_ms']:.3f} vs "
+              f"{a['base_ms']:.3f} ms), model error {a.get('model_error', float('nan')):+.1%}")
+        target("resnet20: proposal's measured ncnn latency vs 0.4×", "within 10%",
+               f"{a['measured']:.3f}×", abs(a["measured"] / GOAL - 1) <= 0.10)
+        err = a.get("model_error")
+        target("resnet20: per-layer model (MXNet layers, fitted to ncnn) vs measured ncnn graph",
+               "within 15%", f"{err:+.1%}" if err is not None else "n/a",
+               err is not None and abs(err) <= 0.15)
     for net in args.only or sorted(NETS):
         prefix = NETS[net]
         r = res[net] = {"target": [], "uniform": []}
@@ -138,7 +158,7 @@ def main(argv=None):
             out = os.path.join(OUT, f"{net}-target-s{seed}")
             r["target"].append(_train(prefix, out, seed, args.epochs,
                                       {"target": f"{{latency: {GOAL}, backend: mxnet, batch: 32}}"},
-                                      reuse=first))
+                                      reuse=first, samples=args.samples))
             first = first or os.path.join(out, TARGET_FILE)
         with open(first) as f:
             alloc = json.load(f)["result"]
@@ -149,7 +169,7 @@ def main(argv=None):
         for seed in args.seeds:
             out = os.path.join(OUT, f"{net}-uniform-s{seed}")
             r["uniform"].append(_train(prefix, out, seed, args.epochs,
-                                       {"final_sparsity": best["ratio"]}))
+                                       {"final_sparsity": best["ratio"]}, samples=args.samples))
         t1 = float(np.mean([x["top1"] for x in r["target"]]))
         u1 = float(np.mean([x["top1"] for x in r["uniform"]]))
         print(f"\n== {net}: target latency {GOAL}× (mxnet, batch 32), {len(args.seeds)} seeds")
@@ -171,17 +191,6 @@ def main(argv=None):
         target(f"{net}: top-1 target vs uniform at the same measured latency "
                f"(uniform {best['ratio']}: {best['fraction']:.3f}×), mean of {len(args.seeds)} seeds",
                "≥ uniform", f"{t1:.2f} vs {u1:.2f}", t1 >= u1)
-    if args.ncnn:
-        a = res["ncnn_resnet20"] = ncnn_allocation(NETS["resnet20"], args.repeats)
-        print(f"\n== resnet20, ncnn (1 thread, batch 1): allocation {a['ratios']}, predicted "
-              f"{a['predicted']:.3f}×, measured {a['measured']:.3f}× ({a['measured_ms']:.3f} vs "
-              f"{a['base_ms']:.3f} ms), model error {a.get('model_error', float('nan')):+.1%}")
-        target("resnet20: proposal's measured ncnn latency vs 0.4×", "within 10%",
-               f"{a['measured']:.3f}×", abs(a["measured"] / GOAL - 1) <= 0.10)
-        err = a.get("model_error")
-        target("resnet20: per-layer model (MXNet layers scaled to ncnn) vs measured ncnn graph",
-               "within 15%", f"{err:+.1%}" if err is not None else "n/a",
-               err is not None and abs(err) <= 0.15)
     with open(os.path.join(OUT, "results.json"), "w") as f:
         json.dump(res, f, indent=1, default=str)
     print(f"\nresults: {OUT}/results.json")

@@ -161,21 +161,22 @@ def allocate(levels, curves, cost, target, what="latency", names=None, excluded=
     while current > goal * (1 + 1e-9):
         best = None
         for g, lv in levels.items():
-            k = state[g] + 1
-            if k >= len(lv):
-                continue
-            trial = dict(ratios, **{g: lv[k]})
-            c = float(cost(trial))
-            saving = current - c
-            if saving <= 0:
-                continue
             curve = curves.get(g, [])
-            d = predicted_drop(curve, lv[k]) - predicted_drop(curve, ratios.get(g, 0.0))
-            # least drop per unit saved; among free cuts, the largest saving first
-            key = ((max(d, 0.0) + 1e-6) / saving, -saving)
-            if best is None or key < best[0]:
-                best = (key, g, k, c)
-        if best is None:
+            # every deeper level, not only the next: a timed layer can plateau for one step
+            for k in range(state[g] + 1, len(lv)):
+                trial = dict(ratios, **{g: lv[k]})
+                c = float(cost(trial))
+                saving = current - c
+                if saving <= 0:
+                    continue
+                d = predicted_drop(curve, lv[k]) - predicted_drop(curve, ratios.get(g, 0.0))
+                # least drop per unit saved; among free cuts, the largest saving first
+                key = ((max(d, 0.0) + 1e-6) / saving, -saving)
+                if best is None or key < best[0]:
+                    best = (key, g, k, c)
+        if best is None:        # no single cut saves any more: start from the deepest cuts
+            state = {g: len(lv) - 1 for g, lv in levels.items()}
+            ratios, current = dict(deepest), floor
             break
         _, g, k, current = best
         state[g] = k
