@@ -191,9 +191,10 @@ def main(argv=None):
         target(f"{net}: top-1 target vs uniform at the same measured latency "
                f"(uniform {best['ratio']}: {best['fraction']:.3f}×), mean of {len(args.seeds)} seeds",
                "≥ uniform", f"{t1:.2f} vs {u1:.2f}", t1 >= u1)
-    with open(os.path.join(OUT, "results.json"), "w") as f:
+    path = os.path.join(OUT, f"results-{'-'.join(args.only or sorted(NETS))}.json")
+    with open(path, "w") as f:
         json.dump(res, f, indent=1, default=str)
-    print(f"\nresults: {OUT}/results.json")
+    print(f"\nresults: {path}")
     return 0
 
 

@@ -199,8 +199,9 @@ class PruningTarget:
     to meet it with the least predicted loss, and the schedule prunes toward them.
 
     ``latency`` or ``macs``: the fraction of the unpruned model's (e.g. 0.4); ``backend``: where
-    latency is measured (``mxnet``: oneDNN-fused, or ``ncnn``: its runtime, one thread);
-    ``batch``: 1 or 32.
+    latency is measured (``mxnet``: oneDNN-fused, or ``ncnn``: its runtime, one thread, which
+    runs one image at a time, so batch 1); ``batch``: 1 or 32 (MXNet's timing batch). The
+    allocation is written to the run folder (``pruning-target.json``) and reused by ``--resume``.
     """
     latency: Optional[float] = None
     macs: Optional[float] = None

@@ -7,7 +7,8 @@ widths a plan leaves it, and timed alone with the per-layer timer of ``distill q
 (:func:`distill.quantize.layer_speed._profile`: MXNet's profiler, best of ``repeats``). A
 network's predicted time is affine in the sum over its layers, ``a · Σ + c``, fitted to two
 measured whole graphs (the unpruned network and one variant, timed in alternation):
-``c`` is the rest that does not shrink with the layers (the engine's per-op overhead, pooling),
+``c`` is the rest that does not shrink with the layers (the engine's per-op overhead, pooling;
+negative when the layers timed alone carry a fixed per-call cost the deployed graph does not),
 ``a`` absorbs the gap between the profiler's best per-op times and wall-clock timings on a busy
 machine (or another runtime's, for ncnn). With one point only, ``a`` scales the sum alone.
 :meth:`LayerLatencyModel.coverage` says how much of the measured graph the layers' own sum
@@ -194,8 +195,10 @@ class LayerLatencyModel:
             if self.base_layers_ms - lv > 1e-9:
                 a = (self.measured_base_ms - mv) / (self.base_layers_ms - lv)
                 c = self.measured_base_ms - a * self.base_layers_ms
-                # a rest outside [0, measured) is timer noise, not overhead: scale alone
-                if a > 0 and 0 <= c < self.measured_base_ms:
+                # c < 0: the timed layers carry a fixed cost per call that the deployed graph
+                # does not (MXNet's per-op overhead at batch 1 against ncnn); a line that
+                # does not rise with the layers is noise: scale alone
+                if a > 0 and abs(c) < self.measured_base_ms:
                     self.scale, self.offset = a, c
         return self.scale, self.offset
 
@@ -205,4 +208,6 @@ class LayerLatencyModel:
 
     def predict(self, removed):
         """Predicted ms of the network without the units ``removed``."""
-        return self.layers_ms(removed) * self.scale + self.offset
+        # a line fitted through two points may extrapolate below zero for deeper cuts
+        return max(self.layers_ms(removed) * self.scale + self.offset, 0.01 * self.measured_base_ms
+                   if self.measured_base_ms else 0.0)

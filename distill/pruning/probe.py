@@ -103,7 +103,8 @@ class Probe:
         for _ in range(self.recover_steps):
             x = mx.nd.array(x_all[rng.randint(0, len(x_all), batch)])
             p_t = mx.nd.softmax(self._teacher(x) / temperature)
-            with mx.autograd.record():
+            # BatchNorm in inference mode: a few noisy batches must not overwrite its statistics
+            with mx.autograd.record(train_mode=False):
                 loss = -(p_t * mx.nd.log_softmax(net(x) / temperature)).sum(axis=1).mean()
             loss.backward()
             trainer.step(1)
