@@ -109,6 +109,11 @@ def teacher_recipe_prefix(path, recipe_dir="."):
         _LOGGER.info("teacher: reusing the trained teacher in %s (recipe unchanged)", trecipe.run_dir)
     else:
         _LOGGER.info("teacher: training it from %s into %s (cached there for later runs)", rpath, trecipe.run_dir)
+        if trecipe.trainer.kvstore.startswith("dist"):
+            # rank 0 trains it alone while the other workers wait: a second KVStore would hang
+            _LOGGER.warning("teacher: %s sets `trainer.kvstore: %s`; the teacher is trained by one "
+                            "process (kvstore local), then shared", rpath, trecipe.trainer.kvstore)
+            trecipe.trainer.kvstore = "local"
         run_training(trecipe, resume="auto", role="teacher")
     return folder.model_prefix, f"recipe {path} ({trecipe.run_dir})"
 
