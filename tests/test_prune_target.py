@@ -85,6 +85,7 @@ def test_unreachable_target_names_what_is_reachable(chain):
         allocate(levels, {}, cost, 0.2, "macs", excluded=["c0", "c2"])
     msg = str(e.value)
     assert "reachable" in msg and f"{floor:.3f}" in msg and "c0, c2" in msg and "round_to" in msg
+    assert e.value.reachable == pytest.approx(floor)
 
 
 def test_latency_model_bookkeeping_with_injected_timings(chain):

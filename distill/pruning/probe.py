@@ -250,10 +250,15 @@ def search_target(probe, symbol, graph, scores, rows, round_to, what, fraction, 
     for attempt in range(corrections + 1):
         try:
             alloc = allocate(levels, curves, cost, goal, what, names, excluded)
-        except UserError:
+        except UserError as e:
             if result is None:
                 raise
-            break                   # the corrected goal is out of reach: keep the last proposal
+            # the corrected goal is out of the model's reach: try the deepest cuts once
+            reach = getattr(e, "reachable", None)
+            if reach is None or reach >= result["predicted"] - 1e-6:
+                break
+            goal = reach
+            alloc = allocate(levels, curves, cost, goal, what, names, excluded)
         removed = choose_removed(graph, scores, dict(alloc), round_to) if alloc else set()
         m = probe.measure(removed, keep_files=True, time=what != "macs")
         if what == "macs":

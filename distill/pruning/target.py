@@ -137,7 +137,8 @@ def allocate(levels, curves, cost, target, what="latency", names=None, excluded=
     Raises
     ------
     UserError
-        Even every group at its deepest ratio does not reach the target: says what is reachable.
+        Even every group at its deepest ratio does not reach the target: says what is reachable
+        (also as its ``reachable`` attribute, a fraction).
     """
     base = float(cost({}))
     goal = target * base
@@ -146,7 +147,7 @@ def allocate(levels, curves, cost, target, what="latency", names=None, excluded=
     if floor > goal * (1 + 1e-9):
         cut = ("no group can be pruned" if not levels
                else f"deepest ratio {max(deepest.values()):.3g}")
-        raise UserError(
+        err = UserError(
             f"pruning target {what} {target:g}× the unpruned model's cannot be met: with every "
             f"prunable group ({len(levels)} of them) at its deepest cut, keeping multiples of "
             f"round_to channels, the network is still at {floor / base:.3f}× "
@@ -155,6 +156,8 @@ def allocate(levels, curves, cost, target, what="latency", names=None, excluded=
             f"target is {floor / base:.3f}: ask for {what} ≥ {np.ceil(floor / base * 100) / 100:.2f}, "
             f"or lower `pruning.round_to`, exclude fewer layers (`pruning.exclude`), or measure "
             f"deeper ratios (--ratios).")
+        err.reachable = floor / base
+        raise err
     state = {g: -1 for g in levels}               # index into levels; -1: unpruned
     current = base
     ratios = {}
