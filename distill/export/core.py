@@ -212,6 +212,8 @@ def export_run(run_dir, formats=None, model=None, epoch=0, out_dir=None, options
     recipe, metrics = _read_run(run_dir)
     chosen, skipped, explicit = _choose_formats(list(formats) if formats else None)
     prefix, kind = resolve_prefix(run_dir, model)
+    if kind == "student":
+        prefix = _qat_student(metrics, prefix)
     source = load_source(prefix, epoch, kind, options.logits, options.input_name)
     out_dir = out_dir or default_out_dir(run_dir, kind, prefix)
     try:
@@ -271,6 +273,24 @@ def _export_one(name, job):
         files = [f for f in fmt.files if os.path.isfile(os.path.join(job.out_dir, f))]
         return {"files": files, "bytes": files_bytes(job.out_dir, files), "parity": None,
                 "latency_ms": None, "check": check_result(str(e), f"{name}: converted and run in its runtime")}
+
+
+def _qat_student(metrics, prefix):
+    """The student to export: after ``distill quantize --qat``, the fine-tuned fp32 weights the
+    int8 ranges were learned on (so every format, int8 ones included, ships what was trained)."""
+    int8 = metrics.get("int8") or {}
+    qat = int8.get("qat") or {}
+    fp32 = qat.get("fp32_prefix")
+    if int8.get("method") != "qat" or not fp32:
+        return prefix
+    if not os.path.isfile(symbol_file(fp32)):
+        _LOGGER.warning("export: the run's int8 model was trained with QAT, but its fine-tuned fp32 "
+                        "pair %s is missing: exporting %s, whose int8 exports will not match the "
+                        "QAT model", fp32, prefix)
+        return prefix
+    _LOGGER.info("export: the run's int8 model is QAT: exporting its fine-tuned fp32 weights %s "
+                 "with the learned int8 ranges", fp32)
+    return fp32
 
 
 def _top1(logits, labels):

@@ -110,11 +110,26 @@ def mxnet_int8_reference(job, calib, excluded):
     q = job.recipe.quantization
     model = FloatModel.from_prefix(job.prefix, job.input_shape)    # the clean pair reads "data"
     thresholds = calibrate(model, calib, job.calib_mode, q.calib_batch_size)
+    thresholds.update(_qat_ranges(job, model))
     known = set(model.layer_names)
     g = quantize(model, thresholds, [n for n in excluded if n in known], q.granularity)
     logits = predict(inference_block(g.symbol, g.params, model.input_name), job.x_test,
                      job.options.eval_batch_size)
     return model, thresholds, logits
+
+
+def _qat_ranges(job, model):
+    """After ``distill quantize --qat``: the learned ranges, keyed as the thresholds are (the
+    fused node outputs), which replace the calibrated ones; ``{}`` for a PTQ model."""
+    qat = job.int8_section().get("qat") or {}
+    path = qat.get("thresholds_file")
+    if job.int8_section().get("method") != "qat" or not path or not os.path.isfile(path):
+        return {}
+    from ..quantize.qat.train import fused_output_names
+    with open(path) as f:
+        learned = json.load(f)["by_node"]
+    names = fused_output_names(model)
+    return {names[n]: tuple(v) for n, v in learned.items() if n in names}
 
 
 class _Reader:
