@@ -199,8 +199,9 @@ def _last_line(e):
 
 
 def _recipe_hash(job):
-    from ..recipe import recipe_hash
-    return recipe_hash(job.recipe)
+    """The hash the run recorded (``metrics.json``): the export reads the run folder, it does
+    not re-derive the recipe (which would import the recipe layer from the export floor)."""
+    return str((getattr(job, "metrics", None) or {}).get("recipe_hash", ""))
 
 
 @FORMATS.register("onnx")

@@ -122,9 +122,8 @@ class Probe:
         from ..export.onnx_fp32 import export_onnx
         if prefix not in self._ncnn:
             recipe = self.recipe
-            if recipe is None:              # only the ONNX file's metadata reads it
-                from ..recipe import recipe_from_dict
-                recipe = recipe_from_dict({})
+            if recipe is None:              # only the ONNX file's metadata reads its name
+                recipe = SimpleNamespace(name="sensitivity")
             job = SimpleNamespace(prefix=prefix, source=SimpleNamespace(prefix=prefix, sha256=""),
                                   input_shape=self.shape, recipe=recipe, data=self.data)
             onnx_path = export_onnx(job, prefix + ".onnx")
