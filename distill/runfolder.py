@@ -12,10 +12,12 @@ test)::
     model-int8-symbol.json the int8 student (distill quantize)
     model-int8-0000.params
     pruning-plan.json      channel pruning: which channels each group keeps
+    pruning-target.json    pruning.target: the allocated per-group ratios
     checkpoints/           epoch-NNNN.ckpt, written atomically
     tb/                    tensorboardX event files
     export/                distill export: one file set per format, model card
     sensitivity/           distill sensitivity: per-group table, plot, proposal
+    qat/                   distill quantize --qat: fine-tuned fp32 pair, ranges, checkpoints
     .teacher/              the teacher's inference pair (model-symbol.json + model-0000.params)
     .cache/                the teacher's cached outputs
 
@@ -41,6 +43,7 @@ RECIPE_FILE = "recipe.yaml"
 METRICS_FILE = "metrics.json"
 LOG_FILE = "train.log"
 PLAN_FILE = "pruning-plan.json"
+TARGET_FILE = "pruning-target.json"
 MODEL = "model"
 INT8_SUFFIX = "-int8"
 
@@ -54,10 +57,12 @@ LAYOUT = (
     (pair_files(MODEL + INT8_SUFFIX)[0], "the int8 student (distill quantize)"),
     (pair_files(MODEL + INT8_SUFFIX)[1], ""),
     (PLAN_FILE, "channel pruning: which channels each group keeps"),
+    (TARGET_FILE, "pruning.target: the per-group ratios allocated to meet it (reused by --resume)"),
     ("checkpoints/", "epoch-NNNN.ckpt (the newest two), each written atomically"),
     ("tb/", "tensorboardX: loss/<term>, loss/total, lr, top1/*, speed/images_per_s, pruning/*"),
     ("export/", "distill export: one file set per format, model card"),
     ("sensitivity/", "distill sensitivity: per-group table, plot, proposal"),
+    ("qat/", "distill quantize --qat: fine-tuned fp32 pair, learned ranges, checkpoints"),
     (".teacher/", "the teacher's inference pair (model-symbol.json + model-0000.params)"),
     (".cache/", "the teacher's cached outputs"),
 )
@@ -109,6 +114,11 @@ class RunFolder:
     @property
     def plan_path(self):
         return self.file(PLAN_FILE)
+
+    @property
+    def target_path(self):
+        """``pruning.target``'s allocation (per-group ratios)."""
+        return self.file(TARGET_FILE)
 
     @property
     def model_prefix(self):

@@ -14,7 +14,7 @@ from distill.pruning.graph import analyze
 from distill.pruning.latency_model import LayerLatencyModel, _one_layer, layer_specs
 from distill.pruning.modifier import build_modifiers, prunable_layers
 from distill.pruning.plan import choose_removed
-from distill.pruning.probe import TARGET_FILE
+from distill.runfolder import TARGET_FILE
 from distill.pruning.target import allocate, group_levels, macs_cost, predicted_drop
 from distill.recipe import recipe_from_dict
 

@@ -54,6 +54,11 @@ def build_modifiers(recipe, teacher=None, log=print):
     pruner_cls = PRUNERS.get(cfg.granularity, where="pruning.granularity")
     pruner = pruner_cls(cfg, criterion, schedule, keeper, input_name=input_name,
                         run_dir=recipe.run_dir, seed=recipe.trainer.seed, teacher=teacher, log=log)
+    t = cfg.target
+    goal = (f"a {'latency' if t.latency is not None else 'MACs'} target of "
+            f"{(t.latency if t.latency is not None else t.macs):.2f}× the unpruned model's "
+            f"({t.backend}, batch {t.batch}; per-group ratios allocated at the start)" if t
+            else f"{cfg.final_sparsity:.0%}")
     log(f"pruning: {cfg.granularity}, {cfg.criterion}, {cfg.scope} scope, {cfg.schedule} at epochs "
-        f"{', '.join(str(e + 1) for e in schedule.events())} to {cfg.final_sparsity:.0%}")
+        f"{', '.join(str(e + 1) for e in schedule.events())} to {goal}")
     return [pruner, keeper]

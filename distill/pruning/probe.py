@@ -30,7 +30,7 @@ from .plan import choose_removed
 from .pruner import prunable_layers
 from .target import allocate, curves_from_rows, group_levels, macs_cost
 
-__all__ = ["Probe", "search_target", "measure_curves", "target_ratios", "TOLERANCE", "TARGET_FILE"]
+__all__ = ["Probe", "search_target", "measure_curves", "target_ratios", "TOLERANCE"]
 _LOGGER = logging.getLogger(__name__)
 
 #: a measured proposal further than this (relative) from the target is re-allocated
@@ -302,7 +302,6 @@ def search_target(probe, symbol, graph, scores, rows, round_to, what, fraction, 
 
 
 #: the allocation a run made at its start (reused by ``--resume``: timings are not repeatable)
-TARGET_FILE = "pruning-target.json"
 
 
 def target_ratios(pruner, ratios=(0.25, 0.5, 0.75, 0.875), eval_limit=1000, repeats=5, log=None):
@@ -328,7 +327,7 @@ def target_ratios(pruner, ratios=(0.25, 0.5, 0.75, 0.875), eval_limit=1000, repe
     key = {"target": {what: fraction, "backend": t.backend, "batch": t.batch},
            "round_to": cfg.round_to, "exclude": list(cfg.exclude),
            "groups": [g.id for g in pruner.graph.groups]}
-    path = pruner.folder.file(TARGET_FILE)
+    path = pruner.folder.target_path
     if os.path.isfile(path):
         try:
             with open(path) as f:
