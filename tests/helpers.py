@@ -44,5 +44,5 @@ def run_cli(*args, cwd=None, timeout=600, **popen):
         cmd = [sys.executable, "-m", "distill.cli", *args[1:]]
     else:
         cmd = [sys.executable, os.path.join(ROOT, "train.py"), *args]
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="2")
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     return subprocess.run(cmd, cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout, env=env)
