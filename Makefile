@@ -21,9 +21,9 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) train.py recipes/quickstart.yaml
 
-# two test processes, one OpenMP thread each: most tests are short MXNet runs whose
-# single-threaded parts (graph set-up, subprocess start-up) dominate, so two processes finish
-# sooner than one with two threads
+# two test processes, one OpenMP thread each for in-process work: most tests are short MXNet
+# runs whose single-threaded parts (graph set-up, subprocess start-up) dominate, so two processes
+# finish sooner than one with two threads (training subprocesses keep two threads: see run_cli)
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2
 
