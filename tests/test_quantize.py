@@ -386,3 +386,37 @@ def test_layer_latency_keeps_going_when_one_layer_cannot_be_timed(tiny_model, mo
     assert [r["layer"] for r in rows] == model.layer_names
     assert "no kernel" in rows[0]["error"] and all(r["b2"]["fp32_ms"] > 0 for r in rows[1:])
     assert model.layers[0].name in caplog.text
+
+
+def test_hard_swish_graph_runs_in_int8(tmp_path):
+    """MobileNetV3's hard-swish (x * relu6(x + 3) / 6): MXNet 1.9.1's quantized elemwise_mul
+    fails at run time on the uint8 input it gets there, so that op stays fp32 and the rest is
+    int8 (without it: "quantized elemwise mul only support int8 inputs", a traceback)."""
+    from mxnet.gluon import nn
+    from distill.quantize.graph import quantize
+
+    class HS(nn.HybridBlock):
+        def __init__(self):
+            super().__init__()
+            with self.name_scope():
+                self.c0, self.b0 = nn.Conv2D(8, 3, padding=1), nn.BatchNorm()
+                self.c1, self.fc = nn.Conv2D(8, 3, padding=1), nn.Dense(4)
+
+        def hybrid_forward(self, F, x):
+            h = F.relu(self.b0(self.c0(x)))
+            h = h * (F.clip(h + 3, 0, 6) / 6)
+            return self.fc(F.mean(self.c1(h), axis=(2, 3)))
+
+    mx.random.seed(0)
+    net = HS()
+    net.initialize(mx.init.Xavier())
+    net.hybridize()
+    x = np.random.RandomState(0).uniform(size=(32, 1, 8, 8)).astype("float32")
+    ref = net(mx.nd.array(x)).asnumpy()
+    prefix = str(tmp_path / "hs")
+    net.export(prefix, 0)
+    model = FloatModel.from_prefix(prefix, (1, 8, 8))
+    g = quantize(model, calibrate(model, x, "naive", 16))
+    out = make_block(g.symbol, g.params, model.input_name)(mx.nd.array(x)).asnumpy()
+    assert np.isfinite(out).all()
+    assert np.abs(out - ref).max() <= 0.1 * np.abs(ref).max()

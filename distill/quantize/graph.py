@@ -154,6 +154,12 @@ class FloatModel:
         return [n for n in names if n == self.input_name or (n.endswith("_output") and n not in params)]
 
 
+# op types always left fp32: MXNet 1.9.1's quantized elemwise_mul takes int8 inputs only and
+# fails at run time on the uint8 it gets after a ReLU-like op (MobileNetV3's hard-swish,
+# "currently, quantized elemwise mul only support int8 inputs")
+FP32_OPS = ["elemwise_mul"]
+
+
 def quantize(model, thresholds, excluded=(), granularity="channel-wise", exclude_ops=()):
     """Build the calibrated int8 graph of ``model`` with the ``excluded`` layers in fp32.
 
@@ -183,7 +189,7 @@ def quantize(model, thresholds, excluded=(), granularity="channel-wise", exclude
         # (collector.include_layer); the thresholds themselves come from our own calibration.
         qsym, qarg, qaux, collector = mxq.quantize_graph(
             sym=model.fused, arg_params=model.arg_params, aux_params=model.aux_params,
-            ctx=mx.cpu(), excluded_sym_names=names, excluded_op_names=[], calib_mode="naive",
+            ctx=mx.cpu(), excluded_sym_names=names, excluded_op_names=FP32_OPS, calib_mode="naive",
             quantized_dtype="auto", quantize_mode="full", quantize_granularity=granularity,
             logger=None)
         need = list(collector.include_layer)

@@ -16,8 +16,11 @@ cleanly; interactions are then handled by checking every candidate set on the re
 import logging
 from dataclasses import dataclass
 
+import mxnet as mx
 import numpy as np
 
+from ..errors import UserError
+from ..graphio import mxnet_reason
 from ..trainer import predict
 from .graph import inference_block, quantize
 
@@ -106,8 +109,22 @@ class Scorer:
         key = (frozenset(excluded), frozenset(exclude_ops))
         if key not in self._cache:
             g = self.build(excluded, exclude_ops)
-            logits = predict(inference_block(g.symbol, g.params, self.model.input_name),
-                             self.split.x, self.batch_size)
+            try:
+                logits = predict(inference_block(g.symbol, g.params, self.model.input_name),
+                                 self.split.x, self.batch_size)
+            except mx.base.MXNetError as e:
+                # MXNet 1.9.1's int8 operators reject some layer combinations at run time
+                # (seen: MobileNetV3's hard-swish / squeeze-excite blocks, "Expected: unsigned
+                # char v.s. given char"); a traceback would tell the user nothing
+                n_fp32 = len(excluded) + len(exclude_ops)
+                raise UserError(
+                    f"int8 calibration: MXNet's oneDNN int8 graph fails when it runs with "
+                    f"{n_fp32} layer(s) kept in fp32 ({mxnet_reason(e)}). This is a limit of MXNet "
+                    f"1.9.1's int8 operators on some layer types (seen on MobileNetV3's hard-swish "
+                    f"and squeeze-excite blocks), not of the calibration. Keep those layers in "
+                    f"fp32 with `--exclude` patterns (e.g. \"*hswish*,*se*\"; `distill inspect` "
+                    f"lists the names), or quantize a student without them (MobileNetV2, "
+                    f"ShuffleNet).") from None
             kl, changed = output_shift(self.fp32_logits, logits)
             self._cache[key] = Score(self._top1(logits), kl, changed)
         return self._cache[key]
