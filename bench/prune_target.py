@@ -36,7 +36,8 @@ from distill.graphio import load_pair  # noqa: E402
 from distill.pruning.base import CRITERIA  # noqa: E402
 from distill.pruning.graph import analyze  # noqa: E402
 from distill.pruning.plan import choose_removed, unit_scores  # noqa: E402
-from distill.pruning.probe import TARGET_FILE, Probe, measure_curves, search_target  # noqa: E402
+from distill.pruning.probe import Probe, measure_curves, search_target  # noqa: E402
+from distill.runfolder import TARGET_FILE  # noqa: E402
 from distill.pruning.sensitivity import allowed_groups  # noqa: E402
 from distill.recipe import load_recipe  # noqa: E402
 from distill.run import run_training  # noqa: E402
@@ -69,15 +70,21 @@ def _train(prefix, out, seed, epochs, pruning, reuse=None, samples=None):
             "teacher_macs": m["teacher"]["macs"], "teacher_latency_ms": m["teacher"].get("latency_ms")}
 
 
-def uniform_match(prefix, measured_fraction, repeats, backend="mxnet"):
-    """The uniform ratio whose measured latency fraction is closest to ``measured_fraction``."""
+def _teacher_analysis(prefix):
+    """The teacher pair at ``prefix`` analysed the way both measurements need it: symbol, params, the mnist5k
+    data, the dependency graph, l1 unit scores, and the groups ``exclude: [last]`` allows."""
     sym, params = load_pair(prefix, 0)
     data = load_data(load_recipe(os.path.join("recipes", "teacher_mnist.yaml")).data, seed=0)
-    shape = (1,) + tuple(data.val.x.shape[1:])
-    graph = analyze(sym, shape)
+    graph = analyze(sym, (1,) + tuple(data.val.x.shape[1:]))
     np_params = {k: v.asnumpy() for k, v in params.items()}
     scores = unit_scores(graph, graph.groups, CRITERIA.get("l1")(), np_params)
-    allowed, _ = allowed_groups(graph, sym, ["last"])
+    allowed, excluded = allowed_groups(graph, sym, ["last"])
+    return sym, params, data, graph, scores, allowed, excluded
+
+
+def uniform_match(prefix, measured_fraction, repeats, backend="mxnet"):
+    """The uniform ratio whose measured latency fraction is closest to ``measured_fraction``."""
+    _, params, data, graph, scores, allowed, _ = _teacher_analysis(prefix)
     tmp = tempfile.mkdtemp(prefix="bench-uniform-")
     try:
         probe = Probe(graph, params, "data", data, 32, repeats, 256, tmp, backend=backend)
@@ -97,13 +104,7 @@ def uniform_match(prefix, measured_fraction, repeats, backend="mxnet"):
 
 def ncnn_allocation(prefix, repeats):
     """The ResNet-20's allocation for latency 0.4 in ncnn's runtime (no training)."""
-    sym, params = load_pair(prefix, 0)
-    data = load_data(load_recipe(os.path.join("recipes", "teacher_mnist.yaml")).data, seed=0)
-    shape = (1,) + tuple(data.val.x.shape[1:])
-    graph = analyze(sym, shape)
-    np_params = {k: v.asnumpy() for k, v in params.items()}
-    scores = unit_scores(graph, graph.groups, CRITERIA.get("l1")(), np_params)
-    allowed, excluded = allowed_groups(graph, sym, ["last"])
+    sym, params, data, graph, scores, allowed, excluded = _teacher_analysis(prefix)
     tmp = tempfile.mkdtemp(prefix="bench-ncnn-")
     try:
         probe = Probe(graph, params, "data", data, 1, repeats, 256, tmp, backend="ncnn",
