@@ -32,3 +32,14 @@ def test_every_bench_script_reports_through_targets():
     for name in run_all.scripts():
         text = open(os.path.join(here, name + ".py")).read()
         assert "from bench.targets import target" in text and "target(" in text, name
+
+
+def test_every_bench_script_imports():
+    """A bench script's imports break silently (nothing else imports it): import them all, in a
+    child process (some set OMP_NUM_THREADS at import)."""
+    import subprocess
+    names = run_all.scripts()
+    code = "import importlib\nfor n in %r:\n    importlib.import_module('bench.' + n)\n" % names
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
