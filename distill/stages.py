@@ -77,7 +77,7 @@ def export_stage(run_dir, cfg, metrics_path, log=print):
 
 
 def _lat(d, key):
-    v = (d or {}).get(key) if isinstance(d, dict) else None
+    v = d.get(key) if isinstance(d, dict) else None
     return f"{v:.3f}" if isinstance(v, (int, float)) else "-"
 
 
