@@ -23,7 +23,7 @@ sys.path.insert(0, ROOT)
 from distill.report import format_table  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-NOT_BENCHES = {"targets.py", "run_all.py"}
+NOT_BENCHES = {"targets.py", "run_all.py", "peers.py", "peers_torch.py"}  # peers: make bench-peers (torch)
 
 
 def scripts():

@@ -1,0 +1,94 @@
+"""``bench/peers.py`` compares Torch-Pruning with ours from one network: the PyTorch copy of an
+MXNet student must compute the same logits, count the same MACs and parameters, and train with
+our loop's batch order, lr schedule and AGP ratios.
+
+The PyTorch side runs in ``.venv-peers`` (``make bench-peers`` builds it: gluoncv 0.10 refuses to
+import beside torch ≥ 2, so torch never enters ``.venv``): this test computes MXNet's side here
+and runs ``bench/peers_torch.py check`` with ``.venv-peers/bin/python``. Without that virtualenv
+it skips, unless ``PEERS_REQUIRED=1`` (``make bench-peers`` sets it), where it fails.
+"""
+import json
+import os
+import subprocess
+
+import mxnet as mx
+import numpy as np
+import pytest
+
+from distill.graphio import count_param_dict, load_pair, load_symbol_block
+from distill.modelinfo import total_macs
+from distill.pruning.schedules.agp import AGP
+from distill.optim import lr_at
+from distill.recipe import TrainerConfig
+from distill.trainer import _batches
+from students import build_student
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEERS_PYTHON = os.path.join(ROOT, os.environ.get("PEERS_PYTHON", os.path.join(".venv-peers", "bin", "python")))
+MODELS = {"resnet20": "cifar_resnet20_v1", "mobilenetv2": "mobilenetv2_0.5"}
+
+
+def _peers_python():
+    if os.path.isfile(PEERS_PYTHON) and os.access(PEERS_PYTHON, os.X_OK):
+        return PEERS_PYTHON
+    if os.environ.get("PEERS_REQUIRED") == "1":
+        pytest.fail(f"PEERS_REQUIRED=1 but {PEERS_PYTHON} does not exist (make bench-peers builds it)")
+    pytest.skip(f"no {PEERS_PYTHON}: the PyTorch side lives in .venv-peers (make bench-peers builds it)")
+
+
+def _student_pair(name, folder):
+    """An exported student whose BatchNorms are not at their initial values (random gammas,
+    betas, running statistics: gamma = 0 on residual branches would hide a wrong copy)."""
+    net = build_student(name, 1, 10, (28, 28), seed=0)
+    rng = np.random.RandomState(1)
+    for pname, p in net.collect_params().items():
+        if pname.endswith(("gamma", "running_var")):
+            p.set_data(mx.nd.array(rng.uniform(0.5, 1.5, p.shape)))
+        elif pname.endswith(("beta", "running_mean")):
+            p.set_data(mx.nd.array(rng.uniform(-0.3, 0.3, p.shape)))
+    net.hybridize()
+    net(mx.nd.zeros((1, 1, 28, 28)))
+    prefix = os.path.join(folder, name)
+    net.export(prefix, 0)
+    return prefix
+
+
+def test_pytorch_copy_computes_the_mxnet_students(tmp_path):
+    python = _peers_python()
+    x = np.random.RandomState(0).randn(16, 1, 28, 28).astype(np.float32)
+    arrays, ours = {}, {}
+    for m, name in MODELS.items():
+        prefix = _student_pair(name, str(tmp_path))
+        sym, params = load_pair(prefix, input_shape=(1, 1, 28, 28))
+        arrays[f"{m}:symbol_json"] = np.array(sym.tojson())
+        arrays.update({f"{m}:param:{k}": v.asnumpy() for k, v in params.items()})
+        arrays[f"{m}:x"] = x
+        arrays[f"{m}:ref"] = load_symbol_block(prefix)(mx.nd.array(x)).asnumpy()
+        ours[m] = (total_macs(sym, (1, 1, 28, 28)), count_param_dict(params))
+    trainer = {"batch_size": 64, "seed": 3, "lr": 0.02, "epochs": 4, "lr_schedule": "cosine",
+               "warmup_epochs": 0.0}
+    payload = str(tmp_path / "payload.npz")
+    np.savez(payload, models=np.array(json.dumps(list(MODELS))), trainer=np.array(json.dumps(trainer)),
+             n=np.array(300), agp=np.array(json.dumps([0.75, 4])), **arrays)
+    out = str(tmp_path / "out.json")
+    proc = subprocess.run([python, os.path.join(ROOT, "bench", "peers_torch.py"), "check", payload, out],
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out) as f:
+        res = json.load(f)
+    for m in MODELS:
+        r = res["models"][m]
+        # every weight copied, and the two networks are one: logits within 1e-4 of their scale
+        # (max(1, max |logit|), the rule of distill.pruning.channel.SHRINK_RTOL)
+        assert r["copied"] == len([k for k in arrays if k.startswith(f"{m}:param:")]), m
+        assert r["scale"] > 0.1 and r["max_abs_diff"] <= 1e-4 * max(1.0, r["scale"]), (m, r)
+        # MACs and parameters counted as distill.modelinfo / graphio count them
+        assert (r["macs"], r["params"]) == ours[m], (m, r, ours[m])
+    # the PyTorch loop's batch order, lr per step and AGP ratios are ours
+    rng = [np.random.RandomState(trainer["seed"] * 100003 + e) for e in range(2)]
+    assert res["batches"] == [next(_batches(300, 64, rng[e], drop_last=True)).tolist() for e in range(2)]
+    cfg = TrainerConfig(epochs=4, batch_size=64, lr=0.02, lr_schedule="cosine", seed=3)
+    assert np.allclose(res["lr"], [lr_at(cfg, e / 4) for e in range(17)], rtol=1e-12)
+    agp = AGP(0, 3, 1)
+    assert np.allclose(res["agp"], [0.0] + [0.75 * agp.fraction(k, 4) for k in range(4)], rtol=1e-12)
