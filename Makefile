@@ -33,3 +33,25 @@ clean:
 # every bench script, one table of figures and targets at the end (accuracy benches: about an hour)
 bench: $(STAMP)
 	$(PY) bench/run_all.py
+
+# Torch-Pruning + KD vs ours on the same networks, every result timed in ncnn (bench/peers.py,
+# under an hour on 2 cores). torch gets its own virtualenv: gluoncv 0.10 refuses to import beside
+# torch >= 2, and the main install stays lean (make test never installs torch). torch==2.13.0 is
+# the CPU wheel (plain `torch` pulls a CUDA build of several GB), installed before torch-pruning,
+# whose `torch>=2.0` it then meets; onnx for torch.onnx.export, numpy pinned as in pyproject.toml.
+# The weight-copy test runs first (PEERS_REQUIRED: it fails instead of skipping).
+PEERS_VENV := .venv-peers
+PEERS_PY := $(PEERS_VENV)/bin/python
+PEERS_STAMP := $(PEERS_VENV)/.installed
+
+$(PEERS_STAMP):
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_PY) -m pip install -q --upgrade pip
+	$(PEERS_PY) -m pip install -q torch==2.13.0
+	$(PEERS_PY) -m pip install -q torch-pruning==1.6.1 'numpy>=1.21,<1.24' onnx==1.15.0 'protobuf<5'
+	touch $(PEERS_STAMP)
+
+.PHONY: bench-peers
+bench-peers: $(STAMP) $(PEERS_STAMP)
+	PEERS_REQUIRED=1 PEERS_PYTHON=$(PEERS_PY) OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/test_peers.py
+	PEERS_PYTHON=$(PEERS_PY) $(PY) bench/peers.py

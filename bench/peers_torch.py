@@ -485,7 +485,7 @@ def run_peer(cfg, log=print):
     result = {"tool": "torch-pruning", "model": cfg["model"], "ratio": cfg["ratio"],
               "top1_torch": float((logits.argmax(1) == data["y_val"]).mean() * 100.0),
               "macs": macs, "params": n_params, "dense_macs": dense_macs, "dense_params": dense_params,
-              "copy_max_abs_diff": diff, "history": history, "widths": widths,
+              "copy": {"max_abs_diff": diff, "scale": scale}, "history": history, "widths": widths,
               "onnx": onnx_path, "seconds": round(time.time() - t0, 1)}
     with open(os.path.join(cfg["out"], "result.json"), "w") as f:
         json.dump(result, f, indent=2)
