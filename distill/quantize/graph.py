@@ -109,6 +109,17 @@ class FloatModel:
         # The graph as oneDNN runs it in fp32; the int8 pass starts from it, and its node outputs
         # are what calibration measures. Node names are numbered per call, so build it once.
         self.fused = symbol.get_backend_symbol("MKLDNN_QUANTIZE")
+        self.unfused_adds = mixed_sign_sums(self.fused)
+        if self.unfused_adds:
+            symbol = keep_adds_unfused(symbol, self.unfused_adds)
+            self.symbol = symbol
+            self.fused = symbol.get_backend_symbol("MKLDNN_QUANTIZE")
+            _LOGGER.info("%s: int8: %d residual add(s) kept out of oneDNN's conv+sum fusion (%s): "
+                         "their shortcut and the fused output differ in sign (int8 vs uint8), and "
+                         "MXNet 1.9.1's fused int8 conv reads the shortcut's codes as the output's "
+                         "type (a pruned ResNet-20 lost 2.0 points of top-1 to it); the add runs as "
+                         "a separate op instead, same values.", source, len(self.unfused_adds),
+                         ", ".join(self.unfused_adds[:4]) + (" ..." if len(self.unfused_adds) > 4 else ""))
         self.layers = self._weight_layers()
         if not self.layers:
             raise UserError(f"{source}: the graph has no Convolution or FullyConnected layer: "
@@ -152,6 +163,70 @@ class FloatModel:
         names = self.fused.get_internals().list_outputs()
         params = set(self.arg_params) | set(self.aux_params)
         return [n for n in names if n == self.input_name or (n.endswith("_output") and n not in params)]
+
+
+_UNSIGNED_ACTS = ("relu", "sigmoid", "softrelu")
+_PASS_SIGN = ("Pooling", "Flatten", "Reshape", "flatten", "reshape", "Dropout")
+
+
+def _ends_unsigned(nodes, i):
+    """Whether node ``i`` of a oneDNN-fused fp32 graph is stored as uint8 by the int8 pass:
+    a fused conv / FC or an activation ending in ReLU, sigmoid, softrelu or a clip at ≥ 0 (what
+    MXNet's ``IsOutputUInt8`` decides by op type), through pooling and reshapes. Anything else
+    counts as signed: a tensor entering int8 from fp32 is uint8 only when its calibrated minimum
+    is ≥ 0, which the graph alone does not tell."""
+    n = nodes[i]
+    op, attrs = n["op"], n.get("attrs", {})
+    if op in _PASS_SIGN:
+        return _ends_unsigned(nodes, n["inputs"][0][0])
+    if op.startswith("_sg_mkldnn"):
+        inner = [m for m in n["subgraphs"][0]["nodes"] if m["op"] != "null"] if n.get("subgraphs") else []
+        if not inner:
+            return False
+        last = inner[-1]
+        n, op, attrs = last, last["op"], last.get("attrs", {})
+    if op == "Activation":
+        return attrs.get("act_type") in _UNSIGNED_ACTS
+    if op in ("relu", "sigmoid"):
+        return True
+    if op == "clip":
+        return float(attrs.get("a_min", -1.0)) >= 0.0
+    return False
+
+
+def mixed_sign_sums(fused):
+    """Original names of the ``elemwise_add`` nodes that oneDNN fused into a convolution as its
+    ``sum`` post-op where the shortcut and the fused output differ in sign: a signed shortcut
+    (a BatchNorm output, e.g. ResNet v1's projection shortcut or GluonCV's stem without ReLU)
+    into a conv whose ReLU after the add makes its output uint8, or a uint8 shortcut into a conv
+    whose output stays int8. MXNet 1.9.1 adds the shortcut's codes in place, read as the output's
+    type: negative int8 codes become large uint8 ones (and uint8 codes > 127 negative)."""
+    nodes = json.loads(fused.tojson())["nodes"]
+    out = []
+    for n in nodes:
+        attrs = n.get("attrs", {})
+        if n["op"] != "_sg_mkldnn_conv" or str(attrs.get("with_sum", "false")).lower() != "true":
+            continue
+        ins = [e for e in n["inputs"] if nodes[e[0]]["op"] != "null"]
+        if len(ins) < 2:
+            continue
+        sum_unsigned = _ends_unsigned(nodes, ins[-1][0])
+        out_unsigned = str(attrs.get("with_postsum_act", "false")).lower() == "true" and \
+            _ends_unsigned(nodes, nodes.index(n))
+        if sum_unsigned != out_unsigned:
+            out += [m["name"] for m in n["subgraphs"][0]["nodes"] if m["op"] == "elemwise_add"]
+    return out
+
+
+def keep_adds_unfused(symbol, names):
+    """``symbol`` with the ``elemwise_add`` nodes ``names`` as ``broadcast_add`` (same values and
+    names; oneDNN's conv+sum fusion only takes ``elemwise_add``, so these stay separate ops)."""
+    graph = json.loads(symbol.tojson())
+    names = set(names)
+    for n in graph["nodes"]:
+        if n["name"] in names and n["op"] == "elemwise_add":
+            n["op"] = "broadcast_add"
+    return mx.sym.load_json(json.dumps(graph))
 
 
 # op types always left fp32: MXNet 1.9.1's quantized elemwise_mul takes int8 inputs only and

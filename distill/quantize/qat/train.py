@@ -71,20 +71,26 @@ class QATNet(gluon.Block):
 
 
 class FreezeBN(Modifier):
-    """BatchNorm statistics frozen from ``freeze_bn_epoch`` (0-based) on.
+    """BatchNorm statistics frozen from ``freeze_bn_epoch`` (0-based) on, and from then on every
+    parameter's learning rate multiplied by ``lr_mult`` (``freeze_bn_lr_mult``: with BatchNorm on
+    batch statistics a step's scale is normalised away; frozen, the same rate can diverge).
 
     Recipe example::
 
-        quantization: {qat: {epochs: 3, freeze_bn_epoch: 1}}
+        quantization: {qat: {epochs: 3, freeze_bn_epoch: 1, freeze_bn_lr_mult: 0.1}}
     """
 
     name = "qat_freeze_bn"
 
-    def __init__(self, net, freeze_bn_epoch):
-        self.net, self.freeze_bn_epoch = net, int(freeze_bn_epoch)
+    def __init__(self, net, freeze_bn_epoch, lr_mult=1.0):
+        self.net, self.freeze_bn_epoch, self.lr_mult = net, int(freeze_bn_epoch), float(lr_mult)
+        self._base = {k: p.lr_mult for k, p in net.live.collect_params().items()}
 
     def epoch_start(self, epoch):
         self.net.bn_frozen = epoch >= self.freeze_bn_epoch
+        mult = self.lr_mult if self.net.bn_frozen else 1.0
+        for k, p in self.net.live.collect_params().items():
+            p.lr_mult = self._base[k] * mult
 
     def epoch_end(self, epoch):
         return {"bn_frozen": bool(self.net.bn_frozen)}
@@ -225,6 +231,7 @@ def _signature(qcfg, excluded, calib):
     """What a resumed QAT run must share with the one that wrote its checkpoints."""
     q = qcfg.qat
     return {"epochs": q.epochs, "lr": q.lr, "freeze_bn_epoch": q.freeze_bn_epoch,
+            "freeze_bn_lr_mult": q.freeze_bn_lr_mult,
             "observer": q.observer, "calib_mode": qcfg.calib_mode, "granularity": qcfg.granularity,
             "excluded": sorted(excluded), "calib": calib}
 
@@ -284,7 +291,7 @@ def run_qat(model, thresholds, excluded, data, recipe, work_dir, teacher_prefix=
                                  recipe.trainer.eval_batch_size)
     terms = qat_terms(recipe, teacher is not None, labelled, log)
     log(f"qat: {qat.epochs} epoch(s) at lr {qat.lr}, BatchNorm frozen from epoch "
-        f"{qat.freeze_bn_epoch + 1}, loss {' + '.join(f'{t.weight:g}·{t.name}' for t in terms)}"
+        f"{qat.freeze_bn_epoch + 1} (lr × {qat.freeze_bn_lr_mult:g} from then), loss {' + '.join(f'{t.weight:g}·{t.name}' for t in terms)}"
         f"{' against the fp32 teacher' if teacher is not None else ''}")
     cfg = dataclasses.replace(recipe.trainer, epochs=qat.epochs, lr=qat.lr, warmup_epochs=0.0,
                               kvstore="local", lr_steps=[s for s in recipe.trainer.lr_steps if s < qat.epochs])
@@ -297,7 +304,7 @@ def run_qat(model, thresholds, excluded, data, recipe, work_dir, teacher_prefix=
         for f in os.listdir(ckpt_dir):            # a fresh QAT run: never resume old ones by accident
             if f.endswith(".ckpt"):
                 os.unlink(os.path.join(ckpt_dir, f))
-    mods = [FreezeBN(net, qat.freeze_bn_epoch), FiniteGuard(net, qat.lr, ckpt_dir),
+    mods = [FreezeBN(net, qat.freeze_bn_epoch, qat.freeze_bn_lr_mult), FiniteGuard(net, qat.lr, ckpt_dir),
             Checkpointer(ckpt_dir, signature), EpochLog(log)]
     result = fit(net, net, teacher, data, terms, cfg, checkpoints=ckpt_dir, resume=resume, log=log,
                  modifiers=mods, augment=recipe.data.augment)
@@ -332,6 +339,7 @@ def run_qat(model, thresholds, excluded, data, recipe, work_dir, teacher_prefix=
     hist = result["history"]
     section = {
         "method": "qat", "epochs": qat.epochs, "lr": qat.lr, "freeze_bn_epoch": qat.freeze_bn_epoch,
+        "freeze_bn_lr_mult": qat.freeze_bn_lr_mult,
         "observer": qat.observer, "losses": [t.name for t in terms],
         "teacher": teacher_prefix if teacher is not None else None,
         "simulated_top1_before": round(sim_before, 3), "simulated_top1": round(sim_top1, 3),
