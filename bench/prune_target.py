@@ -108,7 +108,7 @@ def ncnn_allocation(prefix, repeats):
     tmp = tempfile.mkdtemp(prefix="bench-ncnn-")
     try:
         probe = Probe(graph, params, "data", data, 1, repeats, 256, tmp, backend="ncnn",
-                      eval_limit=1000)
+                      eval_limit=1000, bn_batches=8)
         base = probe.measure(set(), keep_files=True)
         rows = measure_curves(probe, graph, scores, [g for g in graph.groups if g.id in allowed],
                               (0.25, 0.5, 0.75, 0.875), 8, base["top1"], time=False)

@@ -200,13 +200,18 @@ class PruningTarget:
 
     ``latency`` or ``macs``: the fraction of the unpruned model's (e.g. 0.4); ``backend``: where
     latency is measured (``mxnet``: oneDNN-fused, or ``ncnn``: its runtime, one thread, which
-    runs one image at a time, so batch 1); ``batch``: 1 or 32 (MXNet's timing batch). The
-    allocation is written to the run folder (``pruning-target.json``) and reused by ``--resume``.
+    runs one image at a time, so batch 1); ``batch``: 1 or 32 (MXNet's timing batch);
+    ``bn_batches``: each candidate's BatchNorm statistics are re-estimated on ``64 × bn_batches``
+    training images before it is scored (0: off; a cut shifts the statistics of what follows it,
+    and without this most of a candidate's drop is stale BatchNorm that fine-tuning fixes at
+    once). The allocation is written to the run folder (``pruning-target.json``) and reused by
+    ``--resume``.
     """
     latency: Optional[float] = None
     macs: Optional[float] = None
     backend: str = "mxnet"
     batch: int = 32
+    bn_batches: int = 8
 
     def validate(self, p):
         given = [k for k in ("latency", "macs") if getattr(self, k) is not None]
@@ -216,6 +221,7 @@ class PruningTarget:
         _check(0 < v < 1, f"{p}.{given[0]}", f"is a fraction of the unpruned model's, in (0, 1); got {v}")
         _check(self.backend in ("mxnet", "ncnn"), f"{p}.backend", f"must be mxnet or ncnn, got {self.backend!r}")
         _check(self.batch in (1, 32), f"{p}.batch", f"must be 1 or 32, got {self.batch}")
+        _check(self.bn_batches >= 0, f"{p}.bn_batches", f"must be ≥ 0 (0: off), got {self.bn_batches}")
 
 
 @dataclass

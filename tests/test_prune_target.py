@@ -192,3 +192,56 @@ def test_recover_steps_move_a_variant_toward_the_unpruned_network(chain, tmp_pat
         return float((ref * (mx.nd.log(ref + 1e-12) - p)).sum(axis=1).mean().asscalar())
 
     assert kl(30) < kl(0)
+
+
+def test_uniform_cut_is_the_allocation_floor(chain):
+    """The greedy trade is myopic; the shallowest uniform cut meeting the target, scored by the
+    same predictions, is taken when it is predicted to lose less."""
+    from distill.pruning.target import uniform_allocation
+    sym, graph, scores, layer_macs, weight_of = chain
+    cost = macs_cost(graph, layer_macs, weight_of, scores, round_to=2)
+    gs = [_group(graph, c) for c in ("c0", "c1", "c2")]
+    levels = group_levels(graph, 2, gs, max_ratio=0.75)
+    uni = uniform_allocation(levels, {}, cost, 0.6)
+    assert len(set(dict(uni).values())) == 1 and uni.cost <= 0.6 * cost({}) * (1 + 1e-9)
+    shallower = max(r for r in levels[gs[0]] if r < uni.ratio)
+    assert cost({g: shallower for g in gs}) > 0.6 * cost({})          # the shallowest that meets it
+    # curves (found by a random search) on which the greedy trade ends at a predicted 0.27
+    # points and every group at 0.25 at 0.22: the uniform cut is taken
+    ratios = levels[gs[0]]
+    drops = [[0.01, 0.04, 0.06, 0.25, 0.49, 0.53], [0.06, 0.08, 0.23, 0.31, 0.34, 0.41],
+             [0.05, 0.10, 0.25, 0.25, 0.26, 0.27]]
+    curves = {g: list(zip(ratios, d)) for g, d in zip(gs, drops)}
+    import distill.pruning.target as target_mod
+    real = target_mod.uniform_allocation
+    try:
+        target_mod.uniform_allocation = lambda *a, **k: None
+        greedy = allocate(levels, curves, cost, 0.6, "macs")
+    finally:
+        target_mod.uniform_allocation = real
+    alloc = allocate(levels, curves, cost, 0.6, "macs")
+    uni = uniform_allocation(levels, curves, cost, 0.6)
+    assert greedy.drop == pytest.approx(0.27) and uni.drop == pytest.approx(0.22)
+    assert dict(alloc) == {g: 0.25 for g in gs} and alloc.drop == pytest.approx(0.22)
+
+
+def test_bn_recalibration_matches_the_variant_s_own_statistics(chain, tmp_path):
+    """After a cut, each BatchNorm's running statistics are re-estimated layer by layer: the
+    variant in inference mode then computes what it computes on batch statistics (stale
+    statistics do not)."""
+    from distill.pruning.apply import shrink
+    from distill.pruning.probe import recalibrate_bn
+    sym, graph, scores, layer_macs, weight_of = chain
+    params = _params(sym)
+    removed = choose_removed(graph, scores, {_group(graph, "c0"): 0.5}, 2)
+    small, p = shrink(graph, params, removed)
+    x = np.random.RandomState(1).normal(size=(256,) + SHAPE[1:]).astype("float32")
+    fixed = recalibrate_bn(small, p, "data", x)
+    with mx.autograd.train_mode():
+        ref = make_block(small, p, "data", trainable=False)(mx.nd.array(x)).asnumpy()
+    new = make_block(small, fixed, "data", trainable=False)(mx.nd.array(x)).asnumpy()
+    old = make_block(small, p, "data", trainable=False)(mx.nd.array(x)).asnumpy()
+    scale = np.abs(ref).max()
+    assert np.abs(new - ref).max() <= 1e-3 * scale
+    assert np.abs(old - ref).max() > 10 * np.abs(new - ref).max()
+    assert all(np.array_equal(p[k].asnumpy(), params_k.asnumpy()) for k, params_k in shrink(graph, params, removed)[1].items())

@@ -14,6 +14,7 @@ per-layer latency model (:class:`~distill.pruning.latency_model.LayerLatencyMode
 MACs, measures the proposal against the unpruned network in alternating rounds, and corrects the
 goal when the measurement misses the target by more than 5%.
 """
+import json
 import logging
 import os
 from types import SimpleNamespace
@@ -57,6 +58,12 @@ class Probe:
         ``mxnet`` or ``ncnn``.
     recover_steps : int
         KD steps on each variant before it is evaluated (0: none).
+    bn_batches : int
+        ``64 × bn_batches`` training images whose statistics replace every BatchNorm's running
+        mean and variance in each variant before it is evaluated (0: keep the unpruned network's). Cutting a
+        layer's inputs shifts the statistics of its output: without this, a variant's drop is
+        mostly stale BatchNorm, which a fine-tune fixes in a few steps (EagleEye's adaptive BN,
+        Li et al. 2020).
     recipe : Recipe, optional
         For the ncnn export's metadata.
     eval_limit : int, optional
@@ -67,10 +74,12 @@ class Probe:
     """
 
     def __init__(self, graph, params, input_name, data, batch_size, repeats, eval_batch_size, tmp,
-                 backend="mxnet", recover_steps=0, recipe=None, eval_limit=None, seed=0, symbol=None):
+                 backend="mxnet", recover_steps=0, recipe=None, eval_limit=None, seed=0, symbol=None,
+                 bn_batches=0):
         self.graph, self.params, self.input_name, self.data = graph, params, input_name, data
         self.batch_size, self.repeats, self.eval_batch_size = batch_size, repeats, eval_batch_size
         self.tmp, self.backend, self.recover_steps = tmp, backend, recover_steps
+        self.bn_batches = int(bn_batches)
         self.recipe, self.seed, self.symbol = recipe, seed, symbol
         self.val = data.val
         if eval_limit and len(data.val.x) > eval_limit:
@@ -84,6 +93,11 @@ class Probe:
     # -- variants ---------------------------------------------------------------------------------
     def export(self, removed):
         sym, params = shrink(self.graph, self.params, removed)
+        if self.bn_batches and removed:
+            rng = np.random.RandomState(self.seed)
+            x = self.data.train.x[rng.choice(len(self.data.train.x),
+                                             min(len(self.data.train.x), 64 * self.bn_batches), replace=False)]
+            params = recalibrate_bn(sym, params, self.input_name, x)
         net = shrunk_block(sym, params, self.input_name)
         if self.recover_steps and removed:
             self._recover(net)
@@ -161,6 +175,39 @@ class Probe:
             la.append(self.latency(a))
             lb.append(self.latency(b))
         return min(la), min(lb)
+
+
+def recalibrate_bn(sym, params, input_name, x):
+    """``params`` with every BatchNorm's running mean and variance replaced by the statistics of
+    the images ``x``, the layers before each BatchNorm already re-estimated: one forward pass in
+    training mode, where each BatchNorm normalises with the statistics of its own input, gives
+    every BatchNorm's input as the recalibrated network computes it. Returns a new dict;
+    ``params`` is not changed."""
+    nodes = json.loads(sym.tojson())["nodes"]
+    bns = [n for n in nodes if n["op"] == "BatchNorm"]
+    if not bns:
+        return dict(params)
+    internals = sym.get_internals()
+    srcs = []
+    for n in bns:
+        src = nodes[n["inputs"][0][0]]
+        srcs.append(src["name"] if src["op"] == "null" else f"{src['name']}_output")
+    group = mx.sym.Group([internals[n] for n in srcs])
+    used = set(group.list_arguments()) | set(group.list_auxiliary_states())
+    net = make_block(group, {k: v for k, v in params.items() if k in used}, input_name,
+                     trainable=False)
+    with mx.autograd.train_mode():
+        outs = net(mx.nd.array(x))
+    outs = outs if isinstance(outs, (list, tuple)) else [outs]
+    out = dict(params)
+    for n, h in zip(bns, outs):
+        h = h.asnumpy().astype(np.float64)
+        axis = int(n.get("attrs", {}).get("axis", 1))
+        axes = tuple(a for a in range(h.ndim) if a != axis % h.ndim)
+        mean_name, var_name = nodes[n["inputs"][3][0]]["name"], nodes[n["inputs"][4][0]]["name"]
+        out[mean_name] = mx.nd.array(h.mean(axis=axes).astype(np.float32))
+        out[var_name] = mx.nd.array(h.var(axis=axes).astype(np.float32))
+    return out
 
 
 def measure_curves(probe, graph, scores, groups, ratios, round_to, base_top1, log=print, time=True):
@@ -324,7 +371,7 @@ def target_ratios(pruner, ratios=(0.25, 0.5, 0.75, 0.875), eval_limit=1000, repe
     log = log or pruner.log
     cfg, t = pruner.cfg, pruner.cfg.target
     what, fraction = ("latency", t.latency) if t.latency is not None else ("macs", t.macs)
-    key = {"target": {what: fraction, "backend": t.backend, "batch": t.batch},
+    key = {"target": {what: fraction, "backend": t.backend, "batch": t.batch, "bn_batches": t.bn_batches},
            "round_to": cfg.round_to, "exclude": list(cfg.exclude),
            "groups": [g.id for g in pruner.graph.groups]}
     path = pruner.folder.target_path
@@ -353,7 +400,8 @@ def target_ratios(pruner, ratios=(0.25, 0.5, 0.75, 0.875), eval_limit=1000, repe
     try:
         probe = Probe(graph, params, pruner.input_name, pruner.data, batch, repeats, 256, tmp,
                       backend=t.backend, eval_limit=eval_limit, seed=pruner.seed,
-                      symbol=pruner.symbol, recipe=getattr(pruner, "recipe", None))
+                      symbol=pruner.symbol, recipe=getattr(pruner, "recipe", None),
+                      bn_batches=t.bn_batches)
         base = probe.measure(set(), keep_files=True, time=what != "macs")
         log(f"pruning: target {what} {fraction:g}× ({t.backend}, batch {batch}): measuring "
             f"{len(groups)} groups at ratios {list(ratios)} (top-1 {base['top1']:.2f}% on "

@@ -2,7 +2,10 @@
 
 For every coupled group of the network (the layers the dependency analysis ties together: pruning
 one conv of a residual sum alone measures nothing), remove several ratios of its channels with
-the recipe's criterion, without fine-tuning, and measure top-1 on the held-out split and the
+the recipe's criterion, re-estimate every BatchNorm's statistics on 512 training images
+(``--bn-batches``; EagleEye's adaptive BN, Li et al. 2020: on the ResNet-20 teacher, half the
+stem's channels cost 88.3 points with the stale statistics and 4.1 after), without fine-tuning,
+and measure top-1 on the held-out split and the
 deployed latency (oneDNN-fused, as :func:`distill.modelinfo.measure_latency` times it). Then
 propose per-group ratios that keep the summed accuracy drop within ``--budget`` points at the
 largest saving of *measured* latency (a multiple-choice knapsack over the table), check the
@@ -82,6 +85,9 @@ def add_arguments(p):
                    help="latency batch for the target (default --batch-size; ncnn: 1)")
     t.add_argument("--recover-steps", type=int, default=0, metavar="N",
                    help="KD steps on each variant before measuring it (default 0)")
+    t.add_argument("--bn-batches", type=int, default=8, metavar="N",
+                   help="re-estimate each variant's BatchNorm statistics on 64×N training images "
+                        "before measuring it (default 8; 0: keep the unpruned network's)")
 
 
 def main(args):
@@ -101,15 +107,18 @@ def main(args):
             target = (key, v)
     if args.recover_steps < 0:
         raise UserError(f"--recover-steps must be ≥ 0, got {args.recover_steps}")
+    if args.bn_batches < 0:
+        raise UserError(f"--bn-batches must be ≥ 0 (0: off), got {args.bn_batches}")
     recipe = load_recipe(args.recipe, args.overrides)
     batch = args.batch or args.batch_size
     if target is not None:
         run_sensitivity(recipe, ratios=args.ratios, batch_size=1 if args.backend == "ncnn" else batch,
                         repeats=args.repeats, out=args.out, target=target, backend=args.backend,
-                        recover_steps=args.recover_steps)
+                        recover_steps=args.recover_steps, bn_batches=args.bn_batches)
     else:
         run_sensitivity(recipe, ratios=args.ratios, budget=args.budget, batch_size=args.batch_size,
-                        repeats=args.repeats, out=args.out, recover_steps=args.recover_steps)
+                        repeats=args.repeats, out=args.out, recover_steps=args.recover_steps,
+                        bn_batches=args.bn_batches)
     return 0
 
 
@@ -182,7 +191,7 @@ def propose(rows, budget, base_latency, resolution=0.01, min_saving=0.0):
 
 
 def run_sensitivity(recipe, ratios=(0.25, 0.5, 0.75), budget=1.0, batch_size=32, repeats=10,
-                    out=None, log=print, target=None, backend="mxnet", recover_steps=0):
+                    out=None, log=print, target=None, backend="mxnet", recover_steps=0, bn_batches=8):
     """Measure the per-group sensitivity table and the proposal (see the module docstring).
 
     Parameters
@@ -194,6 +203,9 @@ def run_sensitivity(recipe, ratios=(0.25, 0.5, 0.75), budget=1.0, batch_size=32,
         ``mxnet`` or ``ncnn``: where latency is measured.
     recover_steps : int
         KD steps on each variant before it is measured.
+    bn_batches : int
+        Each variant's BatchNorm statistics re-estimated on ``64 × bn_batches`` training
+        images before it is measured (0: off).
 
     Returns
     -------
@@ -215,6 +227,7 @@ def run_sensitivity(recipe, ratios=(0.25, 0.5, 0.75), budget=1.0, batch_size=32,
                          rng=np.random.RandomState(recipe.trainer.seed))
     log(f"sensitivity of {desc}: {len(graph.groups)} coupled groups, ratios {list(ratios)}, "
         f"criterion {cfg.criterion}, round_to {cfg.round_to}"
+        + (f", BatchNorm re-estimated on {64 * bn_batches} training images per variant" if bn_batches else "")
         + (f", {recover_steps} KD recovery steps per variant" if recover_steps else ""))
     tmp = tempfile.mkdtemp(prefix="sens-", dir=out)
     names = {g.id: g.name for g in graph.groups}
@@ -222,7 +235,7 @@ def run_sensitivity(recipe, ratios=(0.25, 0.5, 0.75), budget=1.0, batch_size=32,
         probe = Probe(graph, params, input_name, data, batch_size, repeats,
                       recipe.trainer.eval_batch_size, tmp, backend=backend,
                       recover_steps=recover_steps, recipe=recipe, seed=recipe.trainer.seed,
-                      symbol=sym)
+                      symbol=sym, bn_batches=bn_batches)
         base = probe.measure(set(), keep_files=True)
         log(f"unpruned: top-1 {base['top1']:.2f}%, {base['macs'] / 1e6:.2f}M MACs, "
             f"{base['latency_ms']:.3f} ms at batch {batch_size} ({backend})")
@@ -320,7 +333,8 @@ def _run_target(recipe, probe, sym, graph, scores, base, ratios, target, names, 
                     latency_speedup=round(res["base_ms"] / max(res["measured_ms"], 1e-9), 3))
     report = {"network": desc, "criterion": cfg.criterion, "round_to": cfg.round_to,
               "batch_size": probe.batch_size, "backend": probe.backend,
-              "target": {what: fraction}, "recover_steps": probe.recover_steps, "base": base,
+              "target": {what: fraction}, "recover_steps": probe.recover_steps,
+              "bn_batches": probe.bn_batches, "base": base,
               "rows": rows, "proposal": proposal, "recipe_section": {"pruning": section},
               "groups": graph.summary()["groups"], "intact": graph.intact}
     err = proposal.get("model_error")

@@ -10,7 +10,9 @@ conv between two pruned groups loses on both sides) are counted. The search is g
 marginal trade, as NetAdapt (Yang et al., 2018) does: from the unpruned network, repeatedly take
 the one-step deeper cut (one more multiple of ``round_to`` channels) of the group with the least
 predicted drop per unit of resource saved, until the target is met; then undo the cuts the
-target no longer needs (the last step may overshoot), the largest predicted gain first.
+target no longer needs (the last step may overshoot), the largest predicted gain first. The
+shallowest uniform cut that meets the target is scored by the same predictions, and taken when it
+is predicted to lose less.
 
 Recipe example::
 
@@ -30,7 +32,7 @@ from .apply import param_keeps
 from .plan import choose_removed, round_keep
 
 __all__ = ["allocate", "group_levels", "predicted_drop", "curves_from_rows", "macs_cost",
-           "Allocation"]
+           "uniform_allocation", "Allocation"]
 _LOGGER = logging.getLogger(__name__)
 
 
@@ -208,7 +210,38 @@ def allocate(levels, curves, cost, target, what="latency", names=None, excluded=
             break
         _, g, ratios, current = best
         state[g] -= 1
-    out = Allocation(sorted(ratios.items(), key=lambda kv: int(kv[0][1:]) if kv[0][1:].isdigit() else kv[0]))
-    out.base, out.cost, out.fraction = base, current, current / max(base, 1e-12)
+    out = _allocation(ratios, base, current, curves)
+    uni = uniform_allocation(levels, curves, cost, target, base)
+    if uni is not None and uni.drop < out.drop - 1e-9:
+        _LOGGER.info("allocation: uniform %.3g (predicted drop %.2f) beats the greedy allocation "
+                     "(%.2f): taken", uni.ratio, uni.drop, out.drop)
+        return uni
+    return out
+
+
+def _order(kv):
+    return int(kv[0][1:]) if kv[0][1:].isdigit() else kv[0]
+
+
+def _allocation(ratios, base, cost, curves):
+    out = Allocation(sorted(ratios.items(), key=_order))
+    out.base, out.cost, out.fraction = base, cost, cost / max(base, 1e-12)
     out.drop = sum(predicted_drop(curves.get(g, []), r) for g, r in ratios.items())
     return out
+
+
+def uniform_allocation(levels, curves, cost, target, base=None):
+    """The shallowest *uniform* cut that meets ``target`` (a fraction of ``base``, the unpruned
+    cost; every group at the level nearest one
+    common ratio), or None: the greedy search is a heuristic on additive predictions, and the
+    plain uniform allocation, scored by the same predictions, is its floor."""
+    base = float(cost({})) if base is None else base
+    goal = target * base
+    for r in sorted({x for lv in levels.values() for x in lv}):
+        ratios = {g: min(lv, key=lambda x: (abs(x - r), x)) for g, lv in levels.items()}
+        c = float(cost(ratios))
+        if c <= goal * (1 + 1e-9):
+            out = _allocation(ratios, base, c, curves)
+            out.ratio = r
+            return out
+    return None
