@@ -69,7 +69,7 @@ TOOLS = ("ours", "torch-pruning")
 TEACHER_RECIPE = os.path.join(ROOT, "recipes", "teacher_mnist.yaml")
 PRUNE_RECIPE = os.path.join(ROOT, "recipes", "prune_channel_mnist.yaml")
 QUICKSTART = os.path.join(ROOT, "recipes", "quickstart.yaml")
-PEERS_PYTHON = os.environ.get("PEERS_PYTHON", os.path.join(ROOT, ".venv-peers", "bin", "python"))
+PEERS_PYTHON = os.path.join(ROOT, os.environ.get("PEERS_PYTHON", os.path.join(".venv-peers", "bin", "python")))
 INPUT_SHAPE = (1, 28, 28)
 ATOL, RTOL = 1e-3, 1e-4           # distill export's fp32 parity rule (--atol / --rtol defaults)
 
