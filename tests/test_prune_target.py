@@ -245,3 +245,69 @@ def test_bn_recalibration_matches_the_variant_s_own_statistics(chain, tmp_path):
     assert np.abs(new - ref).max() <= 1e-3 * scale
     assert np.abs(old - ref).max() > 10 * np.abs(new - ref).max()
     assert all(np.array_equal(p[k].asnumpy(), params_k.asnumpy()) for k, params_k in shrink(graph, params, removed)[1].items())
+
+
+class _FakeProbe:
+    """Latency ``10 ms × kept share of the prunable units``; every variant at top-1 90."""
+    backend, batch_size, input_name, shape = "mxnet", 32, "data", SHAPE[1:]
+
+    def __init__(self, graph, folder, floor=0.0):
+        self.units = sum(len(g.units) for g in graph.groups)
+        self.folder, self.floor, self.n, self.ms = folder, floor, 0, {}
+
+    def measure(self, removed, keep_files=False, time=True):
+        self.n += 1
+        prefix = os.path.join(self.folder, f"v{self.n}")
+        for f in (prefix + "-symbol.json", prefix + "-0000.params"):
+            open(f, "w").close()
+        self.ms[prefix] = 10.0 * max(1 - len(removed) / self.units, self.floor)
+        return {"top1": 90.0, "macs": 1, "latency_ms": self.ms[prefix] if time else None,
+                "prefix": prefix}
+
+    def compare(self, a, b, rounds=3):
+        return self.ms[a], self.ms[b]
+
+
+class _PessimisticModel:
+    """Predicts the truth but never under 8 ms: its floor misses any target under 0.8×."""
+    specs, base_layers_ms = {}, 10.0
+
+    def __init__(self, units):
+        self.units, self.a, self.c = units, 1.0, 0.0
+
+    def calibrate(self, base_ms, variant=None):
+        if variant is not None and len(variant[0]) >= 0.7 * self.units:
+            self.c = -10.0          # refitted through the deepest cut: the floor goes
+        return self.a, self.c
+
+    def coverage(self):
+        return 1.0
+
+    def predict(self, removed):
+        true = 10.0 * (1 - len(removed) / self.units)
+        return true if self.c else max(true, 8.0)
+
+
+def test_a_target_the_model_calls_unreachable_is_checked_by_measuring(chain, tmp_path):
+    """The per-layer model's floor is a prediction: the deepest cut is timed, the model refitted
+    through it, and the target met; when even the measured deepest cut misses, the error says
+    what was measured."""
+    from distill.pruning.probe import search_target
+    sym, graph, scores, layer_macs, weight_of = chain
+    gs = [_group(graph, c) for c in ("c0", "c1", "c2")]
+    rows = [{"group": g, "ratio": r, "drop": r} for g in gs for r in (0.25, 0.5, 0.75)]
+    probe = _FakeProbe(graph, str(tmp_path))
+    base = probe.measure(set(), keep_files=True)
+    model = _PessimisticModel(probe.units)
+    res = search_target(probe, sym, graph, scores, rows, 2, "latency", 0.5, base,
+                        {g.id: g.name for g in graph.groups}, max_ratio=0.75, latency_model=model,
+                        log=lambda *a: None)
+    assert res["calibration"]["refit"] == "deepest"
+    assert abs(res["measured"] / 0.5 - 1) <= 0.1
+    slow = _FakeProbe(graph, str(tmp_path), floor=0.7)
+    base = slow.measure(set(), keep_files=True)
+    with pytest.raises(UserError) as e:
+        search_target(slow, sym, graph, scores, rows, 2, "latency", 0.5, base,
+                      {g.id: g.name for g in graph.groups}, max_ratio=0.75,
+                      latency_model=_PessimisticModel(slow.units), log=lambda *a: None)
+    assert "Measured, the deepest cut runs at 0.700×" in str(e.value) and "≥ 0.70" in str(e.value)

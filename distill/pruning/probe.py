@@ -293,6 +293,32 @@ def search_target(probe, symbol, graph, scores, rows, round_to, what, fraction, 
             return model.predict(removed)
     goal = fraction
     result = None
+    if what != "macs":
+        try:
+            allocate(levels, curves, cost, goal, what, names, excluded)
+        except UserError as e:
+            # the model's floor is a prediction: time the deepest cut itself, and refit the
+            # model through it when it is closer to the target than the model says
+            deepest = choose_removed(graph, scores, {g: lv[-1] for g, lv in levels.items()}, round_to)
+            v = probe.measure(deepest, keep_files=True, time=False)
+            b_ms, d_ms = probe.compare(base["prefix"], v["prefix"])
+            for f in pair_files(v["prefix"]):
+                os.unlink(f)
+            reach = d_ms / max(b_ms, 1e-9)
+            log(f"latency model: its floor is {getattr(e, 'reachable', float('nan')):.3f}×; the "
+                f"deepest cut measured {reach:.3f}× ({d_ms:.3f} vs {b_ms:.3f} ms)")
+            if reach > fraction * (1 + TOLERANCE):
+                e.reachable = reach
+                e.args = (str(e).split(" The reachable")[0] + f" Measured, the deepest cut runs at "
+                          f"{reach:.3f}× ({probe.backend}): ask for {what} ≥ "
+                          f"{np.ceil(reach * 100) / 100:.2f}, or lower `pruning.round_to`, exclude "
+                          f"fewer layers (`pruning.exclude`), or measure deeper ratios (--ratios).",)
+                raise
+            a, c = model.calibrate(b_ms, (deepest, d_ms))
+            info["calibration"].update({"deepest_ms": d_ms, "scale": round(a, 4), "rest_ms": round(c, 4),
+                                        "refit": "deepest"})
+            log(f"latency model: refitted to the unpruned graph and the deepest cut: "
+                f"{a:.3f} × Σ layers + {c:.3f} ms")
     for attempt in range(corrections + 1):
         try:
             alloc = allocate(levels, curves, cost, goal, what, names, excluded)
