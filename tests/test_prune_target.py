@@ -250,7 +250,6 @@ def test_bn_recalibration_matches_the_variant_s_own_statistics(chain, tmp_path):
 class _FakeProbe:
     """Latency ``10 ms × kept share of the prunable units``; every variant at top-1 90."""
     backend, batch_size, input_name, shape = "mxnet", 32, "data", SHAPE[1:]
-    val = type("Split", (), {"x": np.zeros((1000,) + SHAPE[1:])})()
 
     def __init__(self, graph, folder, floor=0.0):
         self.units = sum(len(g.units) for g in graph.groups)
@@ -312,12 +311,3 @@ def test_a_target_the_model_calls_unreachable_is_checked_by_measuring(chain, tmp
                       {g.id: g.name for g in graph.groups}, max_ratio=0.75,
                       latency_model=_PessimisticModel(slow.units), log=lambda *a: None)
     assert "Measured, the deepest cut runs at 0.700×" in str(e.value) and "≥ 0.70" in str(e.value)
-
-
-def test_drops_within_the_measurement_noise_count_as_none():
-    from distill.pruning.target import curves_from_rows, measurement_noise
-    noise = measurement_noise(95.0, 1000)
-    assert noise == pytest.approx(100 * np.sqrt(0.95 * 0.05 / 1000))          # 0.69 points
-    rows = [{"group": "g0", "ratio": 0.25, "drop": 0.3}, {"group": "g0", "ratio": 0.5, "drop": 2.0}]
-    assert curves_from_rows(rows, noise) == {"g0": [(0.25, 0.0), (0.5, pytest.approx(2.0 - noise))]}
-    assert curves_from_rows(rows) == {"g0": [(0.25, 0.3), (0.5, 2.0)]}

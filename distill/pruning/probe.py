@@ -29,7 +29,7 @@ from .apply import shrink, shrunk_block
 from .latency_model import LayerLatencyModel
 from .plan import choose_removed
 from .pruner import prunable_layers
-from .target import allocate, curves_from_rows, group_levels, macs_cost, measurement_noise
+from .target import allocate, curves_from_rows, group_levels, macs_cost
 
 __all__ = ["Probe", "search_target", "measure_curves", "target_ratios", "TOLERANCE"]
 _LOGGER = logging.getLogger(__name__)
@@ -260,11 +260,10 @@ def search_target(probe, symbol, graph, scores, rows, round_to, what, fraction, 
         ``predicted_ms``/``measured_ms``/``base_ms`` (latency), ``model_error`` (relative),
         ``coverage``, ``macs``, ``top1`` and ``prefix`` of the proposal.
     """
-    noise = measurement_noise(base["top1"], len(probe.val.x)) if base.get("top1") is not None else 0.0
-    curves = curves_from_rows(rows, noise)
+    curves = curves_from_rows(rows)
     levels = group_levels(graph, round_to, curves, max_ratio)
     shape = (1,) + probe.shape
-    info = {"noise_points": round(noise, 3)}
+    info = {}
     if what == "macs":
         table = layer_table(symbol, shape, probe.input_name)
         layer_macs = {r["name"]: r["macs"] for r in table}

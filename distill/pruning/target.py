@@ -12,9 +12,7 @@ the one-step deeper cut (one more multiple of ``round_to`` channels) of the grou
 predicted drop per unit of resource saved, until the target is met; then undo the cuts the
 target no longer needs (the last step may overshoot), the largest predicted gain first. The
 shallowest uniform cut that meets the target is scored by the same predictions, and taken when it
-is predicted to lose less. Each measured drop is first lowered by one standard error of the top-1
-measurement (:func:`measurement_noise`): noise-level drops summed over many groups would otherwise
-count against spreading the cuts.
+is predicted to lose less.
 
 Recipe example::
 
@@ -33,7 +31,7 @@ from ..errors import UserError
 from .apply import param_keeps
 from .plan import choose_removed, round_keep
 
-__all__ = ["allocate", "group_levels", "predicted_drop", "curves_from_rows", "measurement_noise", "macs_cost",
+__all__ = ["allocate", "group_levels", "predicted_drop", "curves_from_rows", "macs_cost",
            "uniform_allocation", "Allocation"]
 _LOGGER = logging.getLogger(__name__)
 
@@ -44,22 +42,12 @@ class Allocation(dict):
     cost = base = fraction = drop = 0.0
 
 
-def curves_from_rows(rows, noise=0.0):
-    """group id → sorted ``[(ratio, drop)]`` from sensitivity rows (``group``, ``ratio``, ``drop``).
-
-    ``noise`` (points): drops are lowered by it (not below 0). A drop within one standard error
-    of the top-1 measurement is not told apart from none, and summed over many groups such drops
-    would make spreading the cuts look costly when it is not."""
+def curves_from_rows(rows):
+    """group id → sorted ``[(ratio, drop)]`` from sensitivity rows (``group``, ``ratio``, ``drop``)."""
     out = {}
     for r in rows:
-        out.setdefault(r["group"], []).append((float(r["ratio"]), max(float(r["drop"]) - noise, 0.0)))
+        out.setdefault(r["group"], []).append((float(r["ratio"]), float(r["drop"])))
     return {g: sorted(v) for g, v in out.items()}
-
-
-def measurement_noise(top1, images):
-    """One binomial standard error of a top-1 (%) measured on ``images`` images, in points."""
-    p = min(max(float(top1) / 100.0, 0.0), 1.0)
-    return 100.0 * float(np.sqrt(p * (1 - p) / max(int(images), 1)))
 
 
 def predicted_drop(curve, ratio):
