@@ -225,13 +225,17 @@ def shrunk_block(sym, params, input_name="data"):
     return net
 
 
-def _internal_outputs(sym, params, input_name, names, x):
+def internal_outputs(sym, params, input_name, names, x, train_mode=False):
+    """The internal outputs ``names`` of ``sym`` on ``x``, as numpy arrays (``train_mode``:
+    BatchNorm on the statistics of its own input)."""
     internals = sym.get_internals()
     group = mx.sym.Group([internals[n] for n in names])
     used = set(group.list_arguments()) | set(group.list_auxiliary_states())
     net = make_block(group, {k: mx.nd.array(_np(v)) for k, v in params.items() if k in used},
                      input_name, trainable=False)
-    return [o.asnumpy() for o in net(x)]
+    with mx.autograd.train_mode() if train_mode else mx.autograd.predict_mode():
+        outs = net(mx.nd.array(x) if not isinstance(x, mx.nd.NDArray) else x)
+    return [o.asnumpy() for o in (outs if isinstance(outs, (list, tuple)) else [outs])]
 
 
 def first_divergence(graph, sym, params, small_sym, small_params, x, removed, rtol=1e-4):
@@ -265,8 +269,8 @@ def first_divergence(graph, sym, params, small_sym, small_params, x, removed, rt
     if not keys:
         return None
     names = [n for _, n, _ in keys]
-    big = _internal_outputs(sym, params, graph.input_name, names, x)
-    small = _internal_outputs(small_sym, small_params, graph.input_name, names, x)
+    big = internal_outputs(sym, params, graph.input_name, names, x)
+    small = internal_outputs(small_sym, small_params, graph.input_name, names, x)
     for (i, _, t), a, b in zip(keys, big, small):
         keep = graph.keep_mask(t.ids, removed)
         a = np.compress(keep, a, axis=1)

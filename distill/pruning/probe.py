@@ -25,11 +25,11 @@ import numpy as np
 from ..errors import UserError
 from ..graphio import make_block, pair_files
 from ..modelinfo import layer_table, measure_latency, total_macs
-from .apply import shrink, shrunk_block
+from .apply import internal_outputs, shrink, shrunk_block
 from .latency_model import LayerLatencyModel
 from .plan import choose_removed
 from .pruner import prunable_layers
-from .target import allocate, curves_from_rows, group_levels, macs_cost
+from .target import allocate, curves_from_rows, group_levels, macs_cost, unreachable_error
 
 __all__ = ["Probe", "search_target", "measure_curves", "target_ratios", "TOLERANCE"]
 _LOGGER = logging.getLogger(__name__)
@@ -94,10 +94,7 @@ class Probe:
     def export(self, removed):
         sym, params = shrink(self.graph, self.params, removed)
         if self.bn_batches and removed:
-            rng = np.random.RandomState(self.seed)
-            x = self.data.train.x[rng.choice(len(self.data.train.x),
-                                             min(len(self.data.train.x), 64 * self.bn_batches), replace=False)]
-            params = recalibrate_bn(sym, params, self.input_name, x)
+            params = recalibrate_bn(sym, params, self.input_name, self._bn_images())
         net = shrunk_block(sym, params, self.input_name)
         if self.recover_steps and removed:
             self._recover(net)
@@ -106,6 +103,15 @@ class Probe:
         net(mx.nd.array(self.data.val.x[:1]))
         net.export(prefix, epoch=0)
         return sym, net, prefix
+
+    def _bn_images(self):
+        """The ``64 × bn_batches`` training images every variant's BatchNorm is re-estimated on
+        (drawn once: the same images for every variant)."""
+        if getattr(self, "_bn_x", None) is None:
+            n = len(self.data.train.x)
+            idx = np.random.RandomState(self.seed).choice(n, min(n, 64 * self.bn_batches), replace=False)
+            self._bn_x = self.data.train.x[idx]
+        return self._bn_x
 
     def _recover(self, net, temperature=4.0, batch=32, lr=1e-3):
         """A short KD fine-tune of ``net`` toward the unpruned network's soft targets."""
@@ -187,21 +193,13 @@ def recalibrate_bn(sym, params, input_name, x):
     bns = [n for n in nodes if n["op"] == "BatchNorm"]
     if not bns:
         return dict(params)
-    internals = sym.get_internals()
     srcs = []
     for n in bns:
         src = nodes[n["inputs"][0][0]]
         srcs.append(src["name"] if src["op"] == "null" else f"{src['name']}_output")
-    group = mx.sym.Group([internals[n] for n in srcs])
-    used = set(group.list_arguments()) | set(group.list_auxiliary_states())
-    net = make_block(group, {k: v for k, v in params.items() if k in used}, input_name,
-                     trainable=False)
-    with mx.autograd.train_mode():
-        outs = net(mx.nd.array(x))
-    outs = outs if isinstance(outs, (list, tuple)) else [outs]
     out = dict(params)
-    for n, h in zip(bns, outs):
-        h = h.asnumpy().astype(np.float64)
+    for n, h in zip(bns, internal_outputs(sym, params, input_name, srcs, x, train_mode=True)):
+        h = h.astype(np.float64)
         axis = int(n.get("attrs", {}).get("axis", 1))
         axes = tuple(a for a in range(h.ndim) if a != axis % h.ndim)
         mean_name, var_name = nodes[n["inputs"][3][0]]["name"], nodes[n["inputs"][4][0]]["name"]
@@ -232,6 +230,18 @@ def measure_curves(probe, graph, scores, groups, ratios, round_to, base_top1, lo
             log(f"  {g.id:>4} {g.name[:44]:44} {r:4.2f} kept {kept:4d}/{len(g.units):<4d} "
                 f"top-1 {m['top1']:6.2f} ({0.0 - row['drop']:+.2f})  MACs {m['macs'] / 1e6:7.2f}M  {lat}")
     return rows
+
+
+def _timed_against_base(probe, base, removed):
+    """``(unpruned ms, variant ms)``: the variant without ``removed`` exported and timed in
+    alternating rounds against the unpruned network (``base["prefix"]``); its files removed."""
+    v = probe.measure(removed, keep_files=True, time=False)
+    try:
+        return probe.compare(base["prefix"], v["prefix"])
+    finally:
+        for f in pair_files(v["prefix"]):
+            if os.path.exists(f):
+                os.unlink(f)
 
 
 def search_target(probe, symbol, graph, scores, rows, round_to, what, fraction, base, names,
@@ -275,10 +285,7 @@ def search_target(probe, symbol, graph, scores, rows, round_to, what, fraction, 
                                                    batch=mx_batch, repeats=model_repeats)
         # the second calibration point: every allowed group at half its channels
         half = choose_removed(graph, scores, {g: 0.5 for g in levels}, round_to)
-        v = probe.measure(half, keep_files=True, time=False)
-        b_ms, v_ms = probe.compare(base["prefix"], v["prefix"])
-        for f in pair_files(v["prefix"]):
-            os.unlink(f)
+        b_ms, v_ms = _timed_against_base(probe, base, half)
         a, c = model.calibrate(b_ms, (half, v_ms))
         info["coverage"] = round(model.coverage(), 4)
         info["calibration"] = {"base_ms": b_ms, "half_ms": v_ms, "scale": round(a, 4),
@@ -300,20 +307,13 @@ def search_target(probe, symbol, graph, scores, rows, round_to, what, fraction, 
             # the model's floor is a prediction: time the deepest cut itself, and refit the
             # model through it when it is closer to the target than the model says
             deepest = choose_removed(graph, scores, {g: lv[-1] for g, lv in levels.items()}, round_to)
-            v = probe.measure(deepest, keep_files=True, time=False)
-            b_ms, d_ms = probe.compare(base["prefix"], v["prefix"])
-            for f in pair_files(v["prefix"]):
-                os.unlink(f)
+            b_ms, d_ms = _timed_against_base(probe, base, deepest)
             reach = d_ms / max(b_ms, 1e-9)
-            log(f"latency model: its floor is {getattr(e, 'reachable', float('nan')):.3f}×; the "
-                f"deepest cut measured {reach:.3f}× ({d_ms:.3f} vs {b_ms:.3f} ms)")
+            log(f"latency model: its floor is {e.reachable:.3f}×; the deepest cut measured "
+                f"{reach:.3f}× ({d_ms:.3f} vs {b_ms:.3f} ms)")
             if reach > fraction * (1 + TOLERANCE):
-                e.reachable = reach
-                e.args = (str(e).split(" The reachable")[0] + f" Measured, the deepest cut runs at "
-                          f"{reach:.3f}× ({probe.backend}): ask for {what} ≥ "
-                          f"{np.ceil(reach * 100) / 100:.2f}, or lower `pruning.round_to`, exclude "
-                          f"fewer layers (`pruning.exclude`), or measure deeper ratios (--ratios).",)
-                raise
+                raise unreachable_error(what, fraction, reach, e.where, f"Measured, the deepest "
+                                        f"cut runs at {reach:.3f}× ({probe.backend})") from None
             a, c = model.calibrate(b_ms, (deepest, d_ms))
             info["calibration"].update({"deepest_ms": d_ms, "scale": round(a, 4), "rest_ms": round(c, 4),
                                         "refit": "deepest"})
@@ -373,8 +373,6 @@ def search_target(probe, symbol, graph, scores, rows, round_to, what, fraction, 
         goal = nxt
     return result
 
-
-#: the allocation a run made at its start (reused by ``--resume``: timings are not repeatable)
 
 
 def target_ratios(pruner, ratios=(0.25, 0.5, 0.75, 0.875), eval_limit=1000, repeats=5, log=None):

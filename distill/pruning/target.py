@@ -32,7 +32,7 @@ from .apply import param_keeps
 from .plan import choose_removed, round_keep
 
 __all__ = ["allocate", "group_levels", "predicted_drop", "curves_from_rows", "macs_cost",
-           "uniform_allocation", "Allocation"]
+           "uniform_allocation", "unreachable_error", "Allocation"]
 _LOGGER = logging.getLogger(__name__)
 
 
@@ -110,6 +110,19 @@ def macs_cost(graph, layer_macs, weight_of, scores, round_to):
     return cost
 
 
+def unreachable_error(what, target, reach, where, how_far):
+    """The UserError of a target that cannot be met: ``where`` says where the deepest cuts leave
+    the network (kept as the error's ``where``), ``how_far`` how far that gets (``reach``, a
+    fraction, kept as ``reachable``); then what to ask for and how to get further."""
+    err = UserError(
+        f"pruning target {what} {target:g}× the unpruned model's cannot be met: {where} "
+        f"{how_far}: ask for {what} ≥ {np.ceil(reach * 100) / 100:.2f}, or lower "
+        f"`pruning.round_to`, exclude fewer layers (`pruning.exclude`), or measure deeper ratios "
+        f"(--ratios).")
+    err.reachable, err.where = reach, where
+    return err
+
+
 def allocate(levels, curves, cost, target, what="latency", names=None, excluded=()):
     """Greedy per-group ratios meeting ``cost(ratios) ≤ target × cost({})`` at the least
     predicted drop.
@@ -149,17 +162,12 @@ def allocate(levels, curves, cost, target, what="latency", names=None, excluded=
     if floor > goal * (1 + 1e-9):
         cut = ("no group can be pruned" if not levels
                else f"deepest ratio {max(deepest.values()):.3g}")
-        err = UserError(
-            f"pruning target {what} {target:g}× the unpruned model's cannot be met: with every "
-            f"prunable group ({len(levels)} of them) at its deepest cut, keeping multiples of "
-            f"round_to channels, the network is still at {floor / base:.3f}× "
-            f"({cut}"
-            f"{'; excluded layers: ' + ', '.join(excluded) if excluded else ''}). The reachable "
-            f"target is {floor / base:.3f}: ask for {what} ≥ {np.ceil(floor / base * 100) / 100:.2f}, "
-            f"or lower `pruning.round_to`, exclude fewer layers (`pruning.exclude`), or measure "
-            f"deeper ratios (--ratios).")
-        err.reachable = floor / base
-        raise err
+        raise unreachable_error(
+            what, target, floor / base,
+            f"with every prunable group ({len(levels)} of them) at its deepest cut, keeping "
+            f"multiples of round_to channels, the network is still at {floor / base:.3f}× ({cut}"
+            f"{'; excluded layers: ' + ', '.join(excluded) if excluded else ''}).",
+            f"The reachable target is {floor / base:.3f}")
     state = {g: -1 for g in levels}               # index into levels; -1: unpruned
     current = base
     ratios = {}

@@ -203,7 +203,7 @@ def mixed_sign_sums(fused):
     type: negative int8 codes become large uint8 ones (and uint8 codes > 127 negative)."""
     nodes = json.loads(fused.tojson())["nodes"]
     out = []
-    for n in nodes:
+    for i, n in enumerate(nodes):
         attrs = n.get("attrs", {})
         if n["op"] != "_sg_mkldnn_conv" or str(attrs.get("with_sum", "false")).lower() != "true":
             continue
@@ -212,7 +212,7 @@ def mixed_sign_sums(fused):
             continue
         sum_unsigned = _ends_unsigned(nodes, ins[-1][0])
         out_unsigned = str(attrs.get("with_postsum_act", "false")).lower() == "true" and \
-            _ends_unsigned(nodes, nodes.index(n))
+            _ends_unsigned(nodes, i)
         if sum_unsigned != out_unsigned:
             out += [m["name"] for m in n["subgraphs"][0]["nodes"] if m["op"] == "elemwise_add"]
     return out
