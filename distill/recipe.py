@@ -204,14 +204,17 @@ class PruningTarget:
     ``bn_batches``: each candidate's BatchNorm statistics are re-estimated on ``64 × bn_batches``
     training images before it is scored (0: off; a cut shifts the statistics of what follows it,
     and without this most of a candidate's drop is stale BatchNorm that fine-tuning fixes at
-    once). The allocation is written to the run folder (``pruning-target.json``) and reused by
-    ``--resume``.
+    once); ``candidates``: allocations built and measured (resource, KL divergence to the
+    unpruned network on training images), the best one on target taken (1: the greedy
+    allocation alone). The allocation is written to the run folder (``pruning-target.json``) and
+    reused by ``--resume``.
     """
     latency: Optional[float] = None
     macs: Optional[float] = None
     backend: str = "mxnet"
     batch: int = 32
     bn_batches: int = 8
+    candidates: int = 12
 
     def validate(self, p):
         given = [k for k in ("latency", "macs") if getattr(self, k) is not None]
@@ -222,6 +225,8 @@ class PruningTarget:
         _check(self.backend in ("mxnet", "ncnn"), f"{p}.backend", f"must be mxnet or ncnn, got {self.backend!r}")
         _check(self.batch in (1, 32), f"{p}.batch", f"must be 1 or 32, got {self.batch}")
         _check(self.bn_batches >= 0, f"{p}.bn_batches", f"must be ≥ 0 (0: off), got {self.bn_batches}")
+        _check(self.candidates >= 1, f"{p}.candidates",
+               f"must be ≥ 1 (1: the greedy allocation alone), got {self.candidates}")
 
 
 @dataclass

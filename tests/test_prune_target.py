@@ -251,18 +251,20 @@ class _FakeProbe:
     """Latency ``10 ms × kept share of the prunable units``; every variant at top-1 90."""
     backend, batch_size, input_name, shape = "mxnet", 32, "data", SHAPE[1:]
 
-    def __init__(self, graph, folder, floor=0.0):
+    def __init__(self, graph, folder, floor=0.0, kl=None):
         self.units = sum(len(g.units) for g in graph.groups)
-        self.folder, self.floor, self.n, self.ms = folder, floor, 0, {}
+        self.folder, self.floor, self.n, self.ms, self.kl = folder, floor, 0, {}, kl
+        self.measured = []
 
-    def measure(self, removed, keep_files=False, time=True):
+    def measure(self, removed, keep_files=False, time=True, fidelity=False):
+        self.measured.append(set(removed))
         self.n += 1
         prefix = os.path.join(self.folder, f"v{self.n}")
         for f in (prefix + "-symbol.json", prefix + "-0000.params"):
             open(f, "w").close()
         self.ms[prefix] = 10.0 * max(1 - len(removed) / self.units, self.floor)
         return {"top1": 90.0, "macs": 1, "latency_ms": self.ms[prefix] if time else None,
-                "prefix": prefix}
+                "prefix": prefix, "kl": self.kl(removed) if fidelity and self.kl else None}
 
     def compare(self, a, b, rounds=3):
         return self.ms[a], self.ms[b]
@@ -278,6 +280,9 @@ class _PessimisticModel:
     def calibrate(self, base_ms, variant=None):
         if variant is not None and len(variant[0]) >= 0.7 * self.units:
             self.c = -10.0          # refitted through the deepest cut: the floor goes
+        return self.a, self.c
+
+    def refit(self, points):
         return self.a, self.c
 
     def coverage(self):
@@ -311,3 +316,60 @@ def test_a_target_the_model_calls_unreachable_is_checked_by_measuring(chain, tmp
                       {g.id: g.name for g in graph.groups}, max_ratio=0.75,
                       latency_model=_PessimisticModel(slow.units), log=lambda *a: None)
     assert "Measured, the deepest cut runs at 0.700×" in str(e.value) and "≥ 0.70" in str(e.value)
+
+
+def test_candidates_meet_the_target_and_differ(chain):
+    """Every candidate allocation meets the target by the cost it was made with, no two are
+    alike, and the greedy and uniform allocations are among them."""
+    from distill.pruning.target import candidate_allocations
+    sym, graph, scores, layer_macs, weight_of = chain
+    gs = [_group(graph, c) for c in ("c0", "c1", "c2")]
+    levels = group_levels(graph, 2, gs, 0.875)
+    cost = macs_cost(graph, layer_macs, weight_of, scores, 2)
+    curves = {g: [(0.25, 0.1 * (i + 1)), (0.5, 0.5 * (i + 1)), (0.875, 3.0 * (i + 1))]
+              for i, g in enumerate(gs)}
+    cands = candidate_allocations(levels, curves, cost, 0.5, n=8, seed=0, what="macs")
+    kinds = [k for k, _ in cands]
+    assert kinds[0] == "greedy" and "uniform" in kinds and len(cands) >= 4
+    keys = [tuple(sorted(a.items())) for _, a in cands]
+    assert len(set(keys)) == len(keys)
+    base = cost({})
+    for _, a in cands:
+        assert cost(dict(a)) <= 0.5 * base * (1 + 1e-9)
+        assert a.drop == pytest.approx(sum(predicted_drop(curves[g], r) for g, r in a.items()))
+
+
+def test_the_search_takes_the_candidate_closest_to_the_unpruned_network(chain, tmp_path):
+    """The curves call c0 free, but cutting it hurts the combined network: the candidate the
+    search takes is the one that measures closest to the unpruned network (KL), not the one
+    the curves predict best; every candidate is measured and reported."""
+    from distill.pruning.probe import search_target
+    sym, graph, scores, layer_macs, weight_of = chain
+    gs = [_group(graph, c) for c in ("c0", "c1", "c2")]
+    c0_units = set(int(u) for u in next(g for g in graph.groups if g.id == gs[0]).units)
+    rows = [{"group": g, "ratio": r, "drop": (0.01 if g == gs[0] else 1.0) * r}
+            for g in gs for r in (0.25, 0.5, 0.75)]
+
+    def kl(removed):        # the truth: every c0 unit removed costs 10× any other
+        return 0.01 * (10 * len(removed & c0_units) + len(removed - c0_units))
+    probe = _FakeProbe(graph, str(tmp_path), kl=kl)
+    base = probe.measure(set(), keep_files=True)
+    names = {g.id: g.name for g in graph.groups}
+    model = _ExactModel(probe.units)
+    res = search_target(probe, sym, graph, scores, rows, 2, "latency", 0.6, base, names,
+                        max_ratio=0.75, log=lambda *a: None, candidates=8, latency_model=model)
+    greedy = search_target(probe, sym, graph, scores, rows, 2, "latency", 0.6, base, names,
+                           max_ratio=0.75, log=lambda *a: None, candidates=1, latency_model=model)
+    assert len(res["candidates"]) >= 4 and all(c["kl"] is not None for c in res["candidates"])
+    inside = [c for c in res["candidates"] if 0.54 <= c["measured"] <= 0.63]
+    assert res["kl"] == min(c["kl"] for c in inside)
+    # the greedy allocation trusts the curves and cuts c0 deepest; the measured choice cuts it less
+    assert greedy["ratios"].get(gs[0], 0) > res["ratios"].get(gs[0], 0)
+    assert res["kl"] < kl(choose_removed(graph, scores, greedy["ratios"], 2))
+    assert abs(res["measured"] / 0.6 - 1) <= 0.1 and res["model_errors"]["n"] == len(res["candidates"])
+
+
+class _ExactModel(_PessimisticModel):
+    """Predicts the fake probe's latency exactly."""
+    def predict(self, removed):
+        return 10.0 * (1 - len(removed) / self.units)

@@ -20,6 +20,7 @@ from distill.quantize.qat import build_qat_net, quant_plan, run_qat
 from distill.quantize.qat.fakequant import SCALE_SUFFIX
 from distill.recipe import recipe_from_dict
 from distill.trainer import TrainingDiverged, predict
+from helpers import AVX2_INT8, AVX512
 
 
 class _Net(nn.HybridBlock):
@@ -90,6 +91,7 @@ def test_plan_is_read_from_the_int8_graph(ctx):
     assert plan.points["data"].unsigned == (ctx.th["data"][0] >= 0)
 
 
+@pytest.mark.xfail(not AVX512, reason=AVX2_INT8, strict=False)
 def test_fake_quant_is_the_deployed_int8_graph(ctx):
     """Same thresholds: the simulated logits are MXNet's int8 logits (up to a code of rounding
     here and there), far closer to them than fp32 is; the argmax agrees on ≥ 99% of images.

@@ -23,7 +23,7 @@ from distill.quantize.scoring import Score
 from distill.quantize.policies.auto import AutoExclusion
 from distill.recipe import QuantizationConfig, load_recipe, recipe_from_dict, recipe_to_dict
 from distill.trainer import evaluate, predict
-from helpers import run_cli
+from helpers import AVX2_INT8, AVX512, run_cli
 
 MNIST = {"name": "mnist5k", "mean": [0.1307], "std": [0.3081]}
 
@@ -451,6 +451,7 @@ def _signed_shortcut_net(tmp_path):
     return prefix, x
 
 
+@pytest.mark.xfail(not AVX512, reason=AVX2_INT8, strict=False)
 def test_signed_shortcut_into_fused_relu_sum_stays_unfused(tmp_path):
     """MXNet 1.9.1's fused int8 conv + sum reads a signed int8 shortcut's codes as the uint8 its
     post-sum ReLU makes the output: a negative shortcut turns into a large positive one (a pruned

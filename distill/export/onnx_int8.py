@@ -132,6 +132,21 @@ def _qat_ranges(job, model):
     return {names[n]: tuple(v) for n, v in learned.items() if n in names}
 
 
+def host_has_vnni():
+    """Whether this x86 CPU has VNNI (AVX512-VNNI or AVX-VNNI), or is not x86: without it,
+    onnxruntime's u8 × s8 int8 kernels add pairs of products in 16 bits and saturate (its
+    quantization docs: use ``reduce_range``, 7-bit weights, on such machines)."""
+    import platform
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return True
+    return any(flag in text for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
 class _Reader:
     """onnxruntime's CalibrationDataReader over an array, in batches."""
 
@@ -202,11 +217,15 @@ class OnnxInt8Format(ExportFormat):
         # MXNet 1.9 scales a calibrated convolution's weights per output channel whatever
         # `granularity` says (it only switches FullyConnected), so ONNX is per channel too.
         per_channel = True
+        reduce_range = not host_has_vnni()
+        if reduce_range:
+            _LOGGER.info("onnx-int8: this CPU has no VNNI: weights quantized to 7 bits "
+                         "(onnxruntime's reduce_range; its u8s8 kernels saturate otherwise)")
         with contextlib.redirect_stdout(io.StringIO()):      # it prints its progress
             quantize_static(pre, dst, _Reader(calib, "data"), quant_format=QuantFormat.QDQ,
                             per_channel=per_channel, activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8, calibrate_method=method,
-                            nodes_to_exclude=exclude,
+                            nodes_to_exclude=exclude, reduce_range=reduce_range,
                             extra_options={"TensorQuantOverrides": overrides})
         # In a child process, as for fp32: a crash in an int8 kernel is a failed check.
         base = {"runtime": "onnxruntime", "model": dst, "threads": job.threads}

@@ -202,6 +202,21 @@ class LayerLatencyModel:
                     self.scale, self.offset = a, c
         return self.scale, self.offset
 
+    def refit(self, points):
+        """Least-squares ``a · Σ layers + c`` through the unpruned graph and every measured variant
+        in ``points`` (``[(removed units, fraction of the unpruned graph's time)]``, each timed in
+        alternation with it); a line that does not rise with the layers keeps the current fit.
+        Returns ``(a, c)``."""
+        if self.measured_base_ms is None or not points:
+            return self.scale, self.offset
+        xs = [self.base_layers_ms] + [self.layers_ms(r) for r, _ in points]
+        ys = [self.measured_base_ms] + [float(f) * self.measured_base_ms for _, f in points]
+        if np.ptp(xs) > 1e-9:
+            a, c = np.polyfit(xs, ys, 1)
+            if a > 0 and abs(c) < self.measured_base_ms:
+                self.scale, self.offset = float(a), float(c)
+        return self.scale, self.offset
+
     def coverage(self):
         """Σ layers alone / measured unpruned graph (1 = the layers explain all of it)."""
         return self.base_layers_ms / max(self.measured_base_ms, 1e-9)

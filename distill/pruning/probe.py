@@ -11,8 +11,10 @@ runtime, one thread, batch 1, in a child process through
 
 :func:`search_target` allocates ratios with :func:`distill.pruning.target.allocate` over the
 per-layer latency model (:class:`~distill.pruning.latency_model.LayerLatencyModel`) or exact
-MACs, measures the proposal against the unpruned network in alternating rounds, and corrects the
-goal when the measurement misses the target by more than 5%.
+MACs into several candidate allocations, builds and measures each (KL divergence to the
+unpruned network after BatchNorm re-estimation, latency against the unpruned network in
+alternating rounds), takes the best one that lands on the target, and refits the model and
+corrects the goal when none does.
 """
 import json
 import logging
@@ -29,13 +31,19 @@ from .apply import internal_outputs, shrink, shrunk_block
 from .latency_model import LayerLatencyModel
 from .plan import choose_removed
 from .pruner import prunable_layers
-from .target import allocate, curves_from_rows, group_levels, macs_cost, unreachable_error
+from .target import allocate, candidate_allocations, curves_from_rows, group_levels, macs_cost, unreachable_error
 
 __all__ = ["Probe", "search_target", "measure_curves", "target_ratios", "TOLERANCE"]
 _LOGGER = logging.getLogger(__name__)
 
 #: a measured proposal further than this (relative) from the target is re-allocated
 TOLERANCE = 0.05
+#: ... and a candidate faster than the target by more than this is not taken (it is logged)
+BELOW = 0.10
+#: allocations measured per search attempt, the best taken (:func:`search_target`)
+CANDIDATES = 12
+#: training images a candidate allocation's fidelity to the unpruned network is measured on
+FIDELITY_IMAGES = 1024
 
 
 class Probe:
@@ -110,7 +118,7 @@ class Probe:
         if getattr(self, "_bn_x", None) is None:
             n = len(self.data.train.x)
             idx = np.random.RandomState(self.seed).choice(n, min(n, 64 * self.bn_batches), replace=False)
-            self._bn_x = self.data.train.x[idx]
+            self._bn_idx, self._bn_x = idx, self.data.train.x[idx]
         return self._bn_x
 
     def _recover(self, net, temperature=4.0, batch=32, lr=1e-3):
@@ -160,12 +168,52 @@ class Probe:
                             f"(`distill export --format ncnn`) to see the failing layer.") from None
         return float(res[0]["meta"]["ms"])
 
-    def measure(self, removed, keep_files=False, time=True):
+    def _fidelity_images(self):
+        """Up to ``FIDELITY_IMAGES`` training images, none of those BatchNorm is re-estimated on
+        (drawn once)."""
+        if getattr(self, "_fid_x", None) is None:
+            x = self.data.train.x
+            rest = np.arange(len(x))
+            if self.bn_batches:
+                self._bn_images()
+                rest = np.setdiff1d(rest, self._bn_idx)
+            if len(rest) == 0:
+                rest = np.arange(len(x))
+            rng = np.random.RandomState(self.seed + 1)
+            self._fid_x = x[np.sort(rng.choice(rest, min(len(rest), FIDELITY_IMAGES), replace=False))]
+        return self._fid_x
+
+    def _logits(self, net, x):
+        return np.concatenate([net(mx.nd.array(x[i:i + self.eval_batch_size])).asnumpy()
+                               for i in range(0, len(x), self.eval_batch_size)]).astype(np.float64)
+
+    def fidelity(self, net):
+        """``(kl, agree)`` of ``net`` against the unpruned network on training images: the mean
+        KL divergence of its softmax from the unpruned network's, and the fraction of images
+        where both give the same class. A candidate is chosen by this, not by the held-out
+        top-1 that reports the result."""
+        x = self._fidelity_images()
+        if getattr(self, "_ref_logits", None) is None:
+            sym, params = shrink(self.graph, self.params, set())
+            self._ref_logits = self._logits(shrunk_block(sym, params, self.input_name), x)
+        ref, out = self._ref_logits, self._logits(net, x)
+
+        def log_softmax(z):
+            z = z - z.max(axis=1, keepdims=True)
+            return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        lp, lq = log_softmax(ref), log_softmax(out)
+        kl = float((np.exp(lp) * (lp - lq)).sum(axis=1).mean())
+        agree = float((ref.argmax(axis=1) == out.argmax(axis=1)).mean())
+        return kl, agree
+
+    def measure(self, removed, keep_files=False, time=True, fidelity=False):
         sym, net, prefix = self.export(removed)
         from ..trainer import evaluate            # lazy: the trainer imports the pruning package
         top1 = evaluate(net, self.val, self.eval_batch_size)
         out = {"top1": round(top1, 3), "macs": int(total_macs(sym, (1,) + self.shape, self.input_name)),
                "latency_ms": self.latency(prefix) if time else None}
+        if fidelity:
+            out["kl"], out["agree"] = self.fidelity(net)
         if keep_files:
             out["prefix"] = prefix
         else:
@@ -246,7 +294,7 @@ def _timed_against_base(probe, base, removed):
 
 def search_target(probe, symbol, graph, scores, rows, round_to, what, fraction, base, names,
                   excluded=(), max_ratio=0.75, model_repeats=10, corrections=2, log=print,
-                  latency_model=None, time_macs=True):
+                  latency_model=None, time_macs=True, candidates=CANDIDATES):
     """Allocate ratios for ``what`` (``latency`` or ``macs``) ``fraction`` and check them.
 
     Parameters
@@ -262,18 +310,29 @@ def search_target(probe, symbol, graph, scores, rows, round_to, what, fraction, 
         Built here when not given.
     time_macs : bool
         For a MACs target, also time the proposal against the unpruned network.
+    candidates : int
+        Allocations measured per attempt (:func:`~distill.pruning.target.candidate_allocations`):
+        each combined network is built, its BatchNorm re-estimated, timed against the unpruned
+        one, and scored by its KL divergence to the unpruned network on training images
+        (:meth:`Probe.fidelity`); the closest to the unpruned network whose measured resource is
+        within ``-BELOW``/``+TOLERANCE`` of the target is taken. 1: the greedy allocation alone.
+        When none lands, the latency model is refitted through every timed variant (least
+        squares) and the goal corrected, up to ``corrections`` times.
 
     Returns
     -------
     dict
-        ``ratios`` (group id → ratio), ``predicted`` (fraction), ``measured`` (fraction),
-        ``predicted_ms``/``measured_ms``/``base_ms`` (latency), ``model_error`` (relative),
-        ``coverage``, ``macs``, ``top1`` and ``prefix`` of the proposal.
+        ``ratios`` (group id → ratio), ``kind`` (how the allocation was made), ``predicted``
+        (fraction), ``measured`` (fraction), ``predicted_ms``/``measured_ms``/``base_ms``
+        (latency), ``model_error`` (relative), ``model_errors`` (over every candidate timed),
+        ``coverage``, ``macs``, ``top1``, ``kl``/``agree``, ``candidates`` (each measured one)
+        and ``prefix`` of the proposal.
     """
     curves = curves_from_rows(rows)
     levels = group_levels(graph, round_to, curves, max_ratio)
     shape = (1,) + probe.shape
     info = {}
+    points = []          # (removed units, measured fraction) of every timed variant: the model's refit
     if what == "macs":
         table = layer_table(symbol, shape, probe.input_name)
         layer_macs = {r["name"]: r["macs"] for r in table}
@@ -287,6 +346,7 @@ def search_target(probe, symbol, graph, scores, rows, round_to, what, fraction, 
         half = choose_removed(graph, scores, {g: 0.5 for g in levels}, round_to)
         b_ms, v_ms = _timed_against_base(probe, base, half)
         a, c = model.calibrate(b_ms, (half, v_ms))
+        points.append((half, v_ms / max(b_ms, 1e-9)))
         info["coverage"] = round(model.coverage(), 4)
         info["calibration"] = {"base_ms": b_ms, "half_ms": v_ms, "scale": round(a, 4),
                                "rest_ms": round(c, 4)}
@@ -315,13 +375,15 @@ def search_target(probe, symbol, graph, scores, rows, round_to, what, fraction, 
                 raise unreachable_error(what, fraction, reach, e.where, f"Measured, the deepest "
                                         f"cut runs at {reach:.3f}× ({probe.backend})") from None
             a, c = model.calibrate(b_ms, (deepest, d_ms))
+            points.append((deepest, reach))
             info["calibration"].update({"deepest_ms": d_ms, "scale": round(a, 4), "rest_ms": round(c, 4),
                                         "refit": "deepest"})
             log(f"latency model: refitted to the unpruned graph and the deepest cut: "
                 f"{a:.3f} × Σ layers + {c:.3f} ms")
+    lo, hi = fraction * (1 - BELOW), fraction * (1 + TOLERANCE)
     for attempt in range(corrections + 1):
         try:
-            alloc = allocate(levels, curves, cost, goal, what, names, excluded)
+            cands = _candidates(levels, curves, cost, goal, what, names, excluded, candidates, attempt)
         except UserError as e:
             if result is None:
                 raise
@@ -330,48 +392,97 @@ def search_target(probe, symbol, graph, scores, rows, round_to, what, fraction, 
             if reach is None or reach >= result["predicted"] - 1e-6:
                 break
             goal = reach
-            alloc = allocate(levels, curves, cost, goal, what, names, excluded)
-        removed = choose_removed(graph, scores, dict(alloc), round_to) if alloc else set()
-        m = probe.measure(removed, keep_files=True, time=what != "macs")
-        if what == "macs":
-            measured = m["macs"] / max(base["macs"], 1)
-            b_ms, p_ms = probe.compare(base["prefix"], m["prefix"]) if time_macs else (None, None)
-            pred_ms = None
-        else:
-            b_ms, p_ms = probe.compare(base["prefix"], m["prefix"])
-            b_ms = min(b_ms, base["latency_ms"])
-            measured = p_ms / max(b_ms, 1e-9)
-            pred_ms = alloc.cost * b_ms / max(alloc.base, 1e-9)
-        new = {"ratios": dict(alloc), "predicted": round(alloc.fraction, 4),
-               "measured": round(measured, 4), "goal": round(goal, 4), "top1": m["top1"],
-               "macs": m["macs"], "base_ms": b_ms, "measured_ms": p_ms,
-               "predicted_ms": None if pred_ms is None else round(pred_ms, 4),
-               "predicted_drop": round(alloc.drop, 3), "attempts": attempt + 1,
-               "prefix": m["prefix"], **info}
-        if pred_ms is not None:
-            new["model_error"] = round((pred_ms - p_ms) / max(p_ms, 1e-9), 4)
-        log(f"  allocation {attempt + 1}: {len(alloc)} groups pruned, predicted {alloc.fraction:.3f}× "
-            f"{what}, measured {measured:.3f}×"
-            + (f" ({p_ms:.3f} vs {b_ms:.3f} ms" if p_ms is not None else "")
-            + (f", model error {new['model_error']:+.1%}" if pred_ms is not None else "")
-            + (")" if p_ms is not None else "") + f", top-1 {m['top1']:.2f}% before fine-tuning")
-        # keep the measurement closest to the target
-        if result is None or abs(measured - fraction) < abs(result["measured"] - fraction):
-            old, result = result, new
-        else:
-            old = new
-        if old is not None and old.get("prefix") and old["prefix"] != result["prefix"]:
-            for f in pair_files(old["prefix"]):
-                if os.path.exists(f):
-                    os.unlink(f)
-        if abs(measured / fraction - 1) <= TOLERANCE:
+            cands = _candidates(levels, curves, cost, goal, what, names, excluded, candidates, attempt)
+        tried = []
+        for i, (kind, alloc) in enumerate(cands):
+            removed = choose_removed(graph, scores, dict(alloc), round_to) if alloc else set()
+            m = probe.measure(removed, keep_files=True, time=False, fidelity=len(cands) > 1)
+            b_ms = p_ms = pred_ms = None
+            if what == "macs":
+                measured = m["macs"] / max(base["macs"], 1)
+            else:
+                b_ms, p_ms = probe.compare(base["prefix"], m["prefix"])
+                b_ms = min(b_ms, base["latency_ms"])
+                measured = p_ms / max(b_ms, 1e-9)
+                pred_ms = alloc.cost * b_ms / max(alloc.base, 1e-9)
+                points.append((removed, measured))
+            row = {"kind": kind, "ratios": dict(alloc), "predicted": round(alloc.fraction, 4),
+                   "measured": round(measured, 4), "goal": round(goal, 4), "top1": m["top1"],
+                   "macs": m["macs"], "base_ms": b_ms, "measured_ms": p_ms,
+                   "predicted_ms": None if pred_ms is None else round(pred_ms, 4),
+                   "predicted_drop": round(alloc.drop, 3), "kl": m.get("kl"), "agree": m.get("agree"),
+                   "attempts": attempt + 1, "prefix": m["prefix"]}
+            if pred_ms is not None:
+                row["model_error"] = round((pred_ms - p_ms) / max(p_ms, 1e-9), 4)
+            tried.append(row)
+            log(f"  allocation {attempt + 1}, candidate {i + 1}/{len(cands)} ({kind}): {len(alloc)} groups "
+                f"pruned, predicted {alloc.fraction:.3f}× {what}, measured {measured:.3f}×"
+                + (f" ({p_ms:.3f} vs {b_ms:.3f} ms, model error {row['model_error']:+.1%})"
+                   if p_ms is not None else "")
+                + (f", KL {row['kl']:.4f} to the unpruned network" if row["kl"] is not None else "")
+                + (f" (same class on {row['agree']:.1%})" if row["agree"] is not None else "")
+                + f", top-1 {m['top1']:.2f}% before fine-tuning")
+        inside = [r for r in tried if r["measured"] <= hi + 1e-9 and (what == "macs" or r["measured"] >= lo)]
+        pick = min(inside, key=_fidelity_key) if inside else None
+        closest = min(tried, key=lambda r: abs(r["measured"] - fraction))
+        new = pick or closest
+        if result is None or pick is not None or \
+                abs(new["measured"] - fraction) < abs(result["measured"] - fraction):
+            if result is not None:
+                _drop_files(result)
+            result = dict(new, **info, candidates=[{k: v for k, v in r.items() if k != "prefix"} for r in tried])
+        for r in tried:
+            if r["prefix"] != result["prefix"]:
+                _drop_files(r)
+        errs = [abs(r["model_error"]) for r in tried if "model_error" in r]
+        if errs:
+            result["model_errors"] = {"n": len(errs), "mean_abs": round(float(np.mean(errs)), 4),
+                                      "max_abs": round(float(np.max(errs)), 4)}
+        if pick is not None:
+            faster = [r for r in tried if r["measured"] < lo and _fidelity_key(r) < _fidelity_key(pick)]
+            if len(tried) > 1:
+                log(f"  chosen: candidate {tried.index(pick) + 1} ({pick['kind']}), the closest to the "
+                    f"unpruned network of the {len(inside)} within {-BELOW:+.0%}/{TOLERANCE:+.0%} of the target")
+            for r in faster:
+                log(f"  note: candidate {tried.index(r) + 1} ({r['kind']}) runs at {r['measured']:.3f}×, "
+                    f"beyond the target, and scores better: ask for {what} {r['measured']:.2f} to get it")
             break
-        # the model was off by measured / predicted: aim the prediction where that lands on target
-        nxt = fraction * alloc.fraction / max(measured, 1e-9)
+        if what == "macs":
+            break
+        # none landed: refit the model through every timed candidate and aim the prediction
+        # where the closest one's measurement says the target lies
+        a, c = model.refit(points)
+        info["calibration"].update({"scale": round(a, 4), "rest_ms": round(c, 4), "refit_points": len(points)})
+        pf = cost(dict(closest["ratios"])) / max(cost({}), 1e-12)
+        nxt = fraction * pf / max(closest["measured"], 1e-9)
+        log(f"latency model: no candidate within {-BELOW:+.0%}/{TOLERANCE:+.0%} of the target; refitted "
+            f"through {len(points)} timed variants ({a:.3f} × Σ layers + {c:.3f} ms), aiming at {nxt:.3f}×")
         if not 0 < nxt < 1 or abs(nxt / goal - 1) < 1e-3:
             break
         goal = nxt
+    if what == "macs" and time_macs and result.get("prefix"):
+        result["base_ms"], result["measured_ms"] = probe.compare(base["prefix"], result["prefix"])
     return result
+
+
+def _fidelity_key(row):
+    """Candidates rank by their KL divergence to the unpruned network (the predicted drop when
+    not measured), then by the predicted drop."""
+    return (row["kl"] if row.get("kl") is not None else row["predicted_drop"], row["predicted_drop"])
+
+
+def _drop_files(row):
+    for f in pair_files(row["prefix"]):
+        if os.path.exists(f):
+            os.unlink(f)
+
+
+def _candidates(levels, curves, cost, goal, what, names, excluded, n, seed):
+    """The allocations a search attempt measures: one (the greedy search with its uniform floor)
+    or ``n`` (:func:`~distill.pruning.target.candidate_allocations`)."""
+    if n <= 1:
+        return [("greedy", allocate(levels, curves, cost, goal, what, names, excluded))]
+    return candidate_allocations(levels, curves, cost, goal, n, seed, what, names, excluded)
 
 
 
@@ -395,7 +506,8 @@ def target_ratios(pruner, ratios=(0.25, 0.5, 0.75, 0.875), eval_limit=1000, repe
     log = log or pruner.log
     cfg, t = pruner.cfg, pruner.cfg.target
     what, fraction = ("latency", t.latency) if t.latency is not None else ("macs", t.macs)
-    key = {"target": {what: fraction, "backend": t.backend, "batch": t.batch, "bn_batches": t.bn_batches},
+    key = {"target": {what: fraction, "backend": t.backend, "batch": t.batch, "bn_batches": t.bn_batches,
+                      "candidates": t.candidates},
            "round_to": cfg.round_to, "exclude": list(cfg.exclude),
            "groups": [g.id for g in pruner.graph.groups]}
     path = pruner.folder.target_path
@@ -434,7 +546,8 @@ def target_ratios(pruner, ratios=(0.25, 0.5, 0.75, 0.875), eval_limit=1000, repe
                               log=_LOGGER.info, time=False)
         res = search_target(probe, pruner.symbol, graph, scores, rows, cfg.round_to, what, fraction,
                             base, names, excluded=pruner.excluded, max_ratio=max(ratios),
-                            model_repeats=repeats, log=log, time_macs=False)
+                            model_repeats=repeats, log=log, time_macs=False,
+                            candidates=t.candidates)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     res.pop("prefix", None)

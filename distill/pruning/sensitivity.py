@@ -54,7 +54,7 @@ from .gradients import accumulate_grads
 from .graph import analyze
 from .plan import choose_removed, unit_scores
 from .pruner import prunable_layers, resolve_patterns
-from .probe import Probe, measure_curves, search_target
+from .probe import CANDIDATES, Probe, measure_curves, search_target
 
 __all__ = ["add_arguments", "main", "run_sensitivity", "propose", "allowed_groups"]
 _LOGGER = logging.getLogger(__name__)
@@ -88,6 +88,9 @@ def add_arguments(p):
     t.add_argument("--bn-batches", type=int, default=8, metavar="N",
                    help="re-estimate each variant's BatchNorm statistics on 64×N training images "
                         "before measuring it (default 8; 0: keep the unpruned network's)")
+    t.add_argument("--candidates", type=int, default=CANDIDATES, metavar="N",
+                   help=f"allocations built and measured (latency, KL divergence to the unpruned "
+                        f"network), the best on target taken (default {CANDIDATES}; 1: greedy only)")
 
 
 def main(args):
@@ -107,6 +110,8 @@ def main(args):
             target = (key, v)
     if args.recover_steps < 0:
         raise UserError(f"--recover-steps must be ≥ 0, got {args.recover_steps}")
+    if args.candidates < 1:
+        raise UserError(f"--candidates must be ≥ 1 (1: the greedy allocation alone), got {args.candidates}")
     if args.bn_batches < 0:
         raise UserError(f"--bn-batches must be ≥ 0 (0: off), got {args.bn_batches}")
     recipe = load_recipe(args.recipe, args.overrides)
@@ -114,7 +119,8 @@ def main(args):
     if target is not None:
         run_sensitivity(recipe, ratios=args.ratios, batch_size=1 if args.backend == "ncnn" else batch,
                         repeats=args.repeats, out=args.out, target=target, backend=args.backend,
-                        recover_steps=args.recover_steps, bn_batches=args.bn_batches)
+                        recover_steps=args.recover_steps, bn_batches=args.bn_batches,
+                        candidates=args.candidates)
     else:
         run_sensitivity(recipe, ratios=args.ratios, budget=args.budget, batch_size=args.batch_size,
                         repeats=args.repeats, out=args.out, recover_steps=args.recover_steps,
@@ -191,7 +197,8 @@ def propose(rows, budget, base_latency, resolution=0.01, min_saving=0.0):
 
 
 def run_sensitivity(recipe, ratios=(0.25, 0.5, 0.75), budget=1.0, batch_size=32, repeats=10,
-                    out=None, log=print, target=None, backend="mxnet", recover_steps=0, bn_batches=8):
+                    out=None, log=print, target=None, backend="mxnet", recover_steps=0, bn_batches=8,
+                    candidates=CANDIDATES):
     """Measure the per-group sensitivity table and the proposal (see the module docstring).
 
     Parameters
@@ -206,6 +213,9 @@ def run_sensitivity(recipe, ratios=(0.25, 0.5, 0.75), budget=1.0, batch_size=32,
     bn_batches : int
         Each variant's BatchNorm statistics re-estimated on ``64 × bn_batches`` training
         images before it is measured (0: off).
+    candidates : int
+        With a target: allocations built and measured, the best one that lands on the target
+        taken (:func:`~distill.pruning.probe.search_target`; 1: the greedy allocation alone).
 
     Returns
     -------
@@ -241,7 +251,7 @@ def run_sensitivity(recipe, ratios=(0.25, 0.5, 0.75), budget=1.0, batch_size=32,
             f"{base['latency_ms']:.3f} ms at batch {batch_size} ({backend})")
         if target is not None:
             return _run_target(recipe, probe, sym, graph, scores, base, ratios, target, names,
-                               desc, out, log)
+                               desc, out, log, candidates)
         rows = measure_curves(probe, graph, scores, graph.groups, ratios, cfg.round_to,
                               base["top1"], log)
         for row in rows:
@@ -307,7 +317,8 @@ def _write(out, report, rows, base, names, section, header):
     _plot(os.path.join(out, "sensitivity.png"), rows, base, names)
 
 
-def _run_target(recipe, probe, sym, graph, scores, base, ratios, target, names, desc, out, log):
+def _run_target(recipe, probe, sym, graph, scores, base, ratios, target, names, desc, out, log,
+                candidates=CANDIDATES):
     """The ``--target-*`` half of :func:`run_sensitivity` (inside its scratch folder)."""
     cfg = recipe.pruning
     what, fraction = target
@@ -321,7 +332,7 @@ def _run_target(recipe, probe, sym, graph, scores, base, ratios, target, names, 
                           time=False)
     res = search_target(probe, sym, graph, scores, rows, cfg.round_to, what, fraction, base, names,
                         excluded=excluded, max_ratio=max(ratios), model_repeats=probe.repeats,
-                        log=log)
+                        log=log, candidates=candidates)
     res.pop("prefix", None)
     base.pop("prefix", None)
     for row in rows:
@@ -334,7 +345,7 @@ def _run_target(recipe, probe, sym, graph, scores, base, ratios, target, names, 
     report = {"network": desc, "criterion": cfg.criterion, "round_to": cfg.round_to,
               "batch_size": probe.batch_size, "backend": probe.backend,
               "target": {what: fraction}, "recover_steps": probe.recover_steps,
-              "bn_batches": probe.bn_batches, "base": base,
+              "bn_batches": probe.bn_batches, "candidates": candidates, "base": base,
               "rows": rows, "proposal": proposal, "recipe_section": {"pruning": section},
               "groups": graph.summary()["groups"], "intact": graph.intact}
     err = proposal.get("model_error")

@@ -32,7 +32,7 @@ from .apply import param_keeps
 from .plan import choose_removed, round_keep
 
 __all__ = ["allocate", "group_levels", "predicted_drop", "curves_from_rows", "macs_cost",
-           "uniform_allocation", "unreachable_error", "Allocation"]
+           "uniform_allocation", "unreachable_error", "candidate_allocations", "Allocation"]
 _LOGGER = logging.getLogger(__name__)
 
 
@@ -123,7 +123,8 @@ def unreachable_error(what, target, reach, where, how_far):
     return err
 
 
-def allocate(levels, curves, cost, target, what="latency", names=None, excluded=()):
+def allocate(levels, curves, cost, target, what="latency", names=None, excluded=(), start=None,
+             uniform_floor=True, keep_start=False):
     """Greedy per-group ratios meeting ``cost(ratios) ≤ target × cost({})`` at the least
     predicted drop.
 
@@ -144,6 +145,11 @@ def allocate(levels, curves, cost, target, what="latency", names=None, excluded=
         group id → layer name, for messages.
     excluded : iterable of str
         Excluded layers, for the unreachable message.
+    start : dict, optional
+        group id → ratio (one of its levels) the search starts from instead of the unpruned
+        network (its cuts can still be given back, unless ``keep_start``).
+    uniform_floor : bool
+        Return the shallowest uniform cut instead when it is predicted to lose less.
 
     Returns
     -------
@@ -169,8 +175,12 @@ def allocate(levels, curves, cost, target, what="latency", names=None, excluded=
             f"{'; excluded layers: ' + ', '.join(excluded) if excluded else ''}).",
             f"The reachable target is {floor / base:.3f}")
     state = {g: -1 for g in levels}               # index into levels; -1: unpruned
-    current = base
     ratios = {}
+    for g, r in (start or {}).items():
+        if g in levels and r in levels[g]:
+            state[g], ratios[g] = levels[g].index(r), r
+    least = dict(state) if keep_start else {g: -1 for g in levels}
+    current = float(cost(ratios)) if ratios else base
     while current > goal * (1 + 1e-9):
         best = None
         for g, lv in levels.items():
@@ -199,7 +209,7 @@ def allocate(levels, curves, cost, target, what="latency", names=None, excluded=
     while True:
         best = None
         for g, k in state.items():
-            if k < 0:
+            if k <= least[g]:
                 continue
             trial = dict(ratios)
             if k == 0:
@@ -219,7 +229,7 @@ def allocate(levels, curves, cost, target, what="latency", names=None, excluded=
         _, g, ratios, current = best
         state[g] -= 1
     out = _allocation(ratios, base, current, curves)
-    uni = uniform_allocation(levels, curves, cost, target, base)
+    uni = uniform_allocation(levels, curves, cost, target, base) if uniform_floor else None
     if uni is not None and uni.drop < out.drop - 1e-9:
         _LOGGER.info("allocation: uniform %.3g (predicted drop %.2f) beats the greedy allocation "
                      "(%.2f): taken", uni.ratio, uni.drop, out.drop)
@@ -246,10 +256,86 @@ def uniform_allocation(levels, curves, cost, target, base=None):
     base = float(cost({})) if base is None else base
     goal = target * base
     for r in sorted({x for lv in levels.values() for x in lv}):
-        ratios = {g: min(lv, key=lambda x: (abs(x - r), x)) for g, lv in levels.items()}
+        ratios = _uniform(levels, r)
         c = float(cost(ratios))
         if c <= goal * (1 + 1e-9):
             out = _allocation(ratios, base, c, curves)
             out.ratio = r
             return out
     return None
+
+
+def _uniform(levels, r):
+    return {g: min(lv, key=lambda x: (abs(x - r), x)) for g, lv in levels.items()}
+
+
+def candidate_allocations(levels, curves, cost, target, n=12, seed=0, what="latency", names=None,
+                          excluded=(), spread=0.5):
+    """Up to ``n`` different allocations that each meet ``target`` by ``cost``, for a choice
+    among them by a measurement of each combined network: the predicted drop is a sum of groups
+    pruned *alone*, which misjudges how cuts add up, so the search proposes and the network
+    decides (EagleEye, Li et al. 2020, picks among sampled allocations the same way).
+
+    In order: ``greedy`` (:func:`allocate` on the curves); ``uniform`` (the shallowest uniform
+    cut that meets the target); ``uniform+greedy`` (each shallower uniform cut, finished by the
+    greedy search); then, in turn, ``perturbed`` (the greedy search on curves whose drops are
+    scaled per group by a random factor ``exp(N(0, spread))``) and ``random`` (a random partial
+    cut the greedy search finishes and does not undo), seeded by ``seed``, until there are ``n``.
+
+    Returns
+    -------
+    list of (str, Allocation)
+        ``(kind, allocation)``, no two alike; every ``drop`` is predicted from the true curves.
+
+    Raises
+    ------
+    UserError
+        The target cannot be met (:func:`allocate`'s message).
+    """
+    out, seen = [], set()
+
+    def add(kind, alloc):
+        key = None if alloc is None else tuple(sorted(alloc.items()))
+        if key is not None and key not in seen and len(out) < max(n, 1):
+            seen.add(key)
+            alloc.drop = sum(predicted_drop(curves.get(g, []), r) for g, r in alloc.items())
+            out.append((kind, alloc))
+
+    add("greedy", allocate(levels, curves, cost, target, what, names, excluded, uniform_floor=False))
+    base = float(cost({}))
+    uni = uniform_allocation(levels, curves, cost, target, base)
+    if uni is not None:
+        add("uniform", uni)
+    common = sorted({x for lv in levels.values() for x in lv})
+    below = [r for r in common if uni is None or r < uni.ratio]
+    for r in reversed(below):        # deepest first: the closest to uniform
+        add("uniform+greedy", allocate(levels, curves, cost, target, what, names, excluded,
+                                       start=_uniform(levels, r), uniform_floor=False))
+        if len(out) >= min(n, 5):
+            break
+    rng = np.random.RandomState(seed)
+    goal = target * base
+    groups = sorted(levels)
+    for i in range(4 * n):
+        if len(out) >= n:
+            break
+        if i % 2 == 0:
+            noisy = {g: [(r, d * float(np.exp(rng.normal(0.0, spread)))) for r, d in c]
+                     for g, c in curves.items()}
+            add("perturbed", allocate(levels, noisy, cost, target, what, names, excluded,
+                                      uniform_floor=False))
+            continue
+        # a random partial cut (each group at a random level up to twice a random common
+        # depth), thinned until it no longer meets the target alone, then finished greedily
+        depth = rng.uniform(0.0, uni.ratio if uni is not None else max(common))
+        start = {}
+        for g in groups:
+            lv = [x for x in levels[g] if x <= 2 * depth]
+            k = rng.randint(0, len(lv) + 1)
+            if k:
+                start[g] = lv[k - 1]
+        while start and float(cost(start)) <= goal * (1 + 1e-9):
+            start.pop(groups[rng.randint(len(groups))], None)
+        add("random", allocate(levels, curves, cost, target, what, names, excluded, start=start,
+                               uniform_floor=False, keep_start=True))
+    return out
