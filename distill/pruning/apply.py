@@ -26,10 +26,10 @@ _LOGGER = logging.getLogger(__name__)
 
 def param_keeps(graph, removed):
     """``{param: [(axis, keep 1-D bool array), ...]}`` for the units in ``removed``."""
-    removed = set(int(u) for u in removed)
+    rem = np.unique(np.fromiter((int(u) for u in removed), dtype=np.int64))
     out = {}
     for s in graph.slices:
-        keep = ~np.isin(s.classes, list(removed)) if removed else np.ones(len(s.classes), bool)
+        keep = ~np.isin(s.classes, rem, assume_unique=False) if len(rem) else np.ones(len(s.classes), bool)
         out.setdefault(s.param, []).append((s.axis, keep))
     return out
 

@@ -142,6 +142,7 @@ class LayerLatencyModel:
         self.specs = layer_specs(symbol, input_shape, input_name)
         self.timer = timer or self._profile
         self.times = {}                   # (layer, cin, cout) -> best ms so far
+        self._sums = {}                   # frozenset(removed) -> Σ layers
         self.scale, self.offset = 1.0, 0.0
         self.base_layers_ms = self.measured_base_ms = None
         self.timings = 0
@@ -180,8 +181,13 @@ class LayerLatencyModel:
         return min(self.times[key], self.times[full])
 
     def layers_ms(self, removed=()):
-        """Sum of the layers' own times."""
-        return sum(self.layer_ms(l, ci, co) for l, (ci, co) in self.widths(removed).items())
+        """Sum of the layers' own times, remembered per set of removed units (a full width's
+        best time can still fall a little as later widths alternate with it: a sum keeps the
+        times it was made with)."""
+        key = frozenset(removed)
+        if key not in self._sums:
+            self._sums[key] = sum(self.layer_ms(l, ci, co) for l, (ci, co) in self.widths(key).items())
+        return self._sums[key]
 
     def calibrate(self, measured_ms, variant=None):
         """Fit ``a · Σ layers + c`` to the measured unpruned whole graph (and ``variant``:

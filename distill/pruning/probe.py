@@ -355,9 +355,14 @@ def search_target(probe, symbol, graph, scores, rows, round_to, what, fraction, 
             f"{probe.backend} graph; fitted to it and to every group at half width ({v_ms:.3f} ms): "
             f"{a:.3f} × Σ layers + {c:.3f} ms")
 
+        removed_of = {}         # the search asks for the same allocations many times
+
         def cost(ratios):
-            removed = choose_removed(graph, scores, ratios, round_to) if ratios else set()
-            return model.predict(removed)
+            key = tuple(sorted(ratios.items()))
+            if key not in removed_of:
+                removed_of[key] = frozenset(choose_removed(graph, scores, ratios, round_to)
+                                            if ratios else ())
+            return model.predict(removed_of[key])
     goal = fraction
     result = None
     if what != "macs":

@@ -97,7 +97,12 @@ def group_levels(graph, round_to, allowed, max_ratio):
 
 def macs_cost(graph, layer_macs, weight_of, scores, round_to):
     """``cost(ratios) -> MACs`` of the network once ``ratios`` (group id → ratio) are cut out."""
+    seen = {}               # the search asks for the same allocations many times
+
     def cost(ratios):
+        key = tuple(sorted(ratios.items()))
+        if key in seen:
+            return seen[key]
         removed = choose_removed(graph, scores, ratios, round_to) if ratios else set()
         keeps = param_keeps(graph, removed)
         total = 0.0
@@ -106,6 +111,7 @@ def macs_cost(graph, layer_macs, weight_of, scores, round_to):
             for _axis, keep in keeps.get(weight_of.get(layer, ""), []):
                 frac *= keep.mean()
             total += macs * frac
+        seen[key] = total
         return total
     return cost
 
