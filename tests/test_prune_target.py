@@ -373,3 +373,31 @@ class _ExactModel(_PessimisticModel):
     """Predicts the fake probe's latency exactly."""
     def predict(self, removed):
         return 10.0 * (1 - len(removed) / self.units)
+
+
+@pytest.mark.parametrize("which", ["chain", "mobileface", "resnext", "shufflenet"])
+def test_removal_cache_is_choose_removed(chain, which):
+    """The search's per-group removal cache gives exactly choose_removed's units, on graphs
+    whose groups share no tensor and on one where they do (ShuffleNet's tied units)."""
+    import graphs
+    from distill.pruning.plan import removal_cache
+    if which == "chain":
+        graph, scores = chain[1], chain[2]
+    else:
+        if which == "shufflenet":
+            from gluoncv.model_zoo import get_model
+            net = get_model("shufflenet_v1", classes=4)
+            net.initialize()
+            net.hybridize()
+            net(mx.nd.zeros((1, 3, 32, 32)))
+            sym, shape = net(mx.sym.var("data")), (1, 3, 32, 32)
+        else:
+            spec = getattr(graphs, which)()
+            sym, shape = spec.symbol, (1,) + tuple(spec.input_shape)
+        graph = analyze(sym, shape)
+        scores = {int(u): float((u * 7919) % 101) for g in graph.groups for u in g.unit_ids}
+    rng = np.random.RandomState(0)
+    removed = removal_cache(graph, scores, 2)
+    for _ in range(20):
+        ratios = {g.id: float(rng.choice([0.0, 0.25, 0.5, 0.75])) for g in graph.groups}
+        assert removed(ratios) == frozenset(choose_removed(graph, scores, ratios, 2))

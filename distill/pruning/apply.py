@@ -26,10 +26,16 @@ _LOGGER = logging.getLogger(__name__)
 
 def param_keeps(graph, removed):
     """``{param: [(axis, keep 1-D bool array), ...]}`` for the units in ``removed``."""
-    rem = np.unique(np.fromiter((int(u) for u in removed), dtype=np.int64))
+    rem = np.fromiter((int(u) for u in removed), dtype=np.int64)
+    top = getattr(graph, "_top_class", None)
+    if top is None:         # unit ids are union-find roots, ≥ 0: a mask indexed by them
+        top = graph._top_class = max((int(s.classes.max()) for s in graph.slices if len(s.classes)),
+                                     default=-1)
+    gone = np.zeros(max(top, int(rem.max()) if len(rem) else -1) + 1, dtype=bool)
+    gone[rem] = True
     out = {}
     for s in graph.slices:
-        keep = ~np.isin(s.classes, rem, assume_unique=False) if len(rem) else np.ones(len(s.classes), bool)
+        keep = ~gone[s.classes]
         out.setdefault(s.param, []).append((s.axis, keep))
     return out
 

@@ -291,6 +291,31 @@ def element_masks(scores, ratios, frac, scope="layer"):
     return masks
 
 
+def removal_cache(graph, scores, round_to=8):
+    """``removed(ratios) -> frozenset``: :func:`choose_removed` (layer scope) for searches that
+    ask for many allocations. When no tensor holds units of two groups, each group's choice
+    depends on its own ratio alone, so the union of per-group choices (each made once) is
+    exactly :func:`choose_removed`'s answer; otherwise every allocation is chosen in full."""
+    group_of = {int(u): g.id for g in graph.groups for u in g.unit_ids.tolist()}
+    disjoint = all(len({group_of.get(int(u)) for u in units}) <= 1
+                   for units in graph.tensor_units.values())
+    per_group, whole = {}, {}
+
+    def removed(ratios):
+        key = tuple(sorted((g, r) for g, r in ratios.items() if r > 0))
+        if not disjoint:
+            if key not in whole:
+                whole[key] = frozenset(choose_removed(graph, scores, dict(key), round_to))
+            return whole[key]
+        out = set()
+        for g, r in key:
+            if (g, r) not in per_group:
+                per_group[g, r] = frozenset(choose_removed(graph, scores, {g: r}, round_to))
+            out |= per_group[g, r]
+        return frozenset(out)
+    return removed
+
+
 def choose_removed(graph, scores, ratios, round_to=8, scope="layer", already=()):
     """The units to remove: per group ``ratios[gid]`` of its units, lowest scores first.
 

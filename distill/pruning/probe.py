@@ -29,7 +29,7 @@ from ..graphio import make_block, pair_files
 from ..modelinfo import layer_table, measure_latency, total_macs
 from .apply import internal_outputs, shrink, shrunk_block
 from .latency_model import LayerLatencyModel
-from .plan import choose_removed
+from .plan import choose_removed, removal_cache
 from .pruner import prunable_layers
 from .target import allocate, candidate_allocations, curves_from_rows, group_levels, macs_cost, unreachable_error
 
@@ -355,14 +355,10 @@ def search_target(probe, symbol, graph, scores, rows, round_to, what, fraction, 
             f"{probe.backend} graph; fitted to it and to every group at half width ({v_ms:.3f} ms): "
             f"{a:.3f} × Σ layers + {c:.3f} ms")
 
-        removed_of = {}         # the search asks for the same allocations many times
+        removed_of = removal_cache(graph, scores, round_to)     # asked for many times
 
         def cost(ratios):
-            key = tuple(sorted(ratios.items()))
-            if key not in removed_of:
-                removed_of[key] = frozenset(choose_removed(graph, scores, ratios, round_to)
-                                            if ratios else ())
-            return model.predict(removed_of[key])
+            return model.predict(removed_of(ratios))
     goal = fraction
     result = None
     if what != "macs":

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..errors import UserError
 from .apply import param_keeps
-from .plan import choose_removed, round_keep
+from .plan import choose_removed, removal_cache, round_keep
 
 __all__ = ["allocate", "group_levels", "predicted_drop", "curves_from_rows", "macs_cost",
            "uniform_allocation", "unreachable_error", "candidate_allocations", "Allocation"]
@@ -98,13 +98,13 @@ def group_levels(graph, round_to, allowed, max_ratio):
 def macs_cost(graph, layer_macs, weight_of, scores, round_to):
     """``cost(ratios) -> MACs`` of the network once ``ratios`` (group id → ratio) are cut out."""
     seen = {}               # the search asks for the same allocations many times
+    removed_of = removal_cache(graph, scores, round_to)
 
     def cost(ratios):
         key = tuple(sorted(ratios.items()))
         if key in seen:
             return seen[key]
-        removed = choose_removed(graph, scores, ratios, round_to) if ratios else set()
-        keeps = param_keeps(graph, removed)
+        keeps = param_keeps(graph, removed_of(ratios))
         total = 0.0
         for layer, macs in layer_macs.items():
             frac = 1.0
