@@ -129,6 +129,10 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=10, help="latency: best of this many repeats")
     p.add_argument("--ncnn", action="store_true",
                    help="also the comparison with latency in ncnn's runtime (1 thread, batch 1)")
+    p.add_argument("--ncnn-only", action="store_true", help="the ncnn comparison alone")
+    p.add_argument("--ncnn-goal", type=float, default=GOAL,
+                   help="the ncnn comparison's latency target (default 0.4; measured on a 2-core "
+                        "AVX2 host, neither network reaches it in ncnn at one thread: 0.481×, 0.453×)")
     p.add_argument("--ncnn-net", nargs="*", default=None, choices=sorted(NETS),
                    help="the networks of the ncnn comparison (default mobilenetv2: the ResNet-20 "
                         "cannot reach 0.4× in ncnn with its classifier's group kept whole)")
@@ -139,14 +143,15 @@ def main(argv=None):
     os.makedirs(OUT, exist_ok=True)
     ensure_nets()
     res = {}
-    cases = [(net, "mxnet") for net in args.only or sorted(NETS)]
+    cases = [] if args.ncnn_only else [(net, "mxnet") for net in args.only or sorted(NETS)]
     if args.ncnn:
         cases += [(net, "ncnn") for net in (args.ncnn_net if args.ncnn_net else ["mobilenetv2"])]
     for net, backend in cases:
         prefix = NETS[net]
+        goal = args.ncnn_goal if backend == "ncnn" else GOAL
         name = net if backend == "mxnet" else f"{net}-ncnn"
         where = "mxnet b32" if backend == "mxnet" else "ncnn, 1 thread, b1"
-        spec = f"{{latency: {GOAL}, backend: {backend}, batch: {32 if backend == 'mxnet' else 1}}}"
+        spec = f"{{latency: {goal}, backend: {backend}, batch: {32 if backend == 'mxnet' else 1}}}"
         r = res[name] = {"target": [], "uniform": [], "backend": backend}
         first = None
         try:
@@ -157,7 +162,7 @@ def main(argv=None):
                 first = first or os.path.join(out, TARGET_FILE)
         except Exception as e:          # an unreachable target: the other cases still run
             print(f"{name}: the target run failed: {type(e).__name__}: {e}", flush=True)
-            target(f"{name}: proposal's measured latency vs {GOAL}× ({where})", "within 10%", "failed", False)
+            target(f"{name}: proposal's measured latency vs {goal}× ({where})", "within 10%", "failed", False)
             continue
         with open(first) as f:
             alloc = json.load(f)["result"]
@@ -172,7 +177,7 @@ def main(argv=None):
         t1 = float(np.mean([x["top1"] for x in r["target"]]))
         u1 = float(np.mean([x["top1"] for x in r["uniform"]]))
         errs = alloc.get("model_errors", {})
-        print(f"\n== {name}: target latency {GOAL}× ({where}), {len(args.seeds)} seeds")
+        print(f"\n== {name}: target latency {goal}× ({where}), {len(args.seeds)} seeds")
         print(f"   allocation ({alloc.get('kind', 'greedy')}, {len(alloc.get('candidates', []))} "
               f"candidates measured): {alloc['ratios']}")
         print(f"   predicted {alloc['predicted']:.3f}×, measured {alloc['measured']:.3f}× "
@@ -189,15 +194,15 @@ def main(argv=None):
               f"uniform {[x['top1'] for x in r['uniform']]} mean {u1:.2f}; teacher "
               f"{r['target'][0]['teacher_top1']:.2f}")
         m = alloc["measured"]
-        target(f"{name}: proposal's measured latency vs {GOAL}× ({where})", "within 10%",
-               f"{m:.3f}×", abs(m / GOAL - 1) <= 0.10)
+        target(f"{name}: proposal's measured latency vs {goal}× ({where})", "within 10%",
+               f"{m:.3f}×", abs(m / goal - 1) <= 0.10)
         err = alloc.get("model_error")
         target(f"{name}: per-layer latency model vs measured graph (proposal)", "within 15%",
                f"{err:+.1%}" if err is not None else "n/a", err is not None and abs(err) <= 0.15)
         target(f"{name}: top-1 target vs uniform at the same measured latency "
                f"(uniform {best['ratio']}: {best['fraction']:.3f}×), mean of {len(args.seeds)} seeds",
                "≥ uniform", f"{t1:.2f} vs {u1:.2f}", t1 >= u1)
-    path = os.path.join(OUT, f"results-{'-'.join(args.only or sorted(NETS))}.json")
+    path = os.path.join(OUT, f"results-{'-'.join(name for name in res)}.json")
     with open(path, "w") as f:
         json.dump(res, f, indent=1, default=str)
     print(f"\nresults: {path}")
