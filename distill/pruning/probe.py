@@ -461,6 +461,12 @@ def search_target(probe, symbol, graph, scores, rows, round_to, what, fraction, 
         if not 0 < nxt < 1 or abs(nxt / goal - 1) < 1e-3:
             break
         goal = nxt
+    if what != "macs" and not lo <= result["measured"] <= hi + 1e-9:
+        result["missed"] = True
+        log(f"WARNING: pruning target {what} {fraction:g}× not met: the closest allocation measured "
+            f"{result['measured']:.3f}× ({probe.backend}; predicted {result['predicted']:.3f}×, the "
+            f"latency model is off by {result.get('model_error', float('nan')):+.0%} there). It is "
+            f"used as it is; ask for a target nearer the measured one, or use --backend mxnet.")
     if what == "macs" and time_macs and result.get("prefix"):
         result["base_ms"], result["measured_ms"] = probe.compare(base["prefix"], result["prefix"])
     return result
