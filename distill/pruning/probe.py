@@ -183,28 +183,19 @@ class Probe:
             self._fid_x = x[np.sort(rng.choice(rest, min(len(rest), FIDELITY_IMAGES), replace=False))]
         return self._fid_x
 
-    def _logits(self, net, x):
-        return np.concatenate([net(mx.nd.array(x[i:i + self.eval_batch_size])).asnumpy()
-                               for i in range(0, len(x), self.eval_batch_size)]).astype(np.float64)
-
     def fidelity(self, net):
         """``(kl, agree)`` of ``net`` against the unpruned network on training images: the mean
         KL divergence of its softmax from the unpruned network's, and the fraction of images
-        where both give the same class. A candidate is chosen by this, not by the held-out
-        top-1 that reports the result."""
+        where both give the same class (:func:`distill.quantize.scoring.output_shift`). A
+        candidate is chosen by this, not by the held-out top-1 that reports the result."""
+        from ..quantize.scoring import output_shift     # lazy: both import the trainer
+        from ..trainer import predict
         x = self._fidelity_images()
         if getattr(self, "_ref_logits", None) is None:
             sym, params = shrink(self.graph, self.params, set())
-            self._ref_logits = self._logits(shrunk_block(sym, params, self.input_name), x)
-        ref, out = self._ref_logits, self._logits(net, x)
-
-        def log_softmax(z):
-            z = z - z.max(axis=1, keepdims=True)
-            return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-        lp, lq = log_softmax(ref), log_softmax(out)
-        kl = float((np.exp(lp) * (lp - lq)).sum(axis=1).mean())
-        agree = float((ref.argmax(axis=1) == out.argmax(axis=1)).mean())
-        return kl, agree
+            self._ref_logits = predict(shrunk_block(sym, params, self.input_name), x, self.eval_batch_size)
+        kl, changed = output_shift(self._ref_logits, predict(net, x, self.eval_batch_size))
+        return kl, 1.0 - changed / 100.0
 
     def measure(self, removed, keep_files=False, time=True, fidelity=False):
         sym, net, prefix = self.export(removed)
@@ -287,9 +278,7 @@ def _timed_against_base(probe, base, removed):
     try:
         return probe.compare(base["prefix"], v["prefix"])
     finally:
-        for f in pair_files(v["prefix"]):
-            if os.path.exists(f):
-                os.unlink(f)
+        _drop_files(v)
 
 
 def search_target(probe, symbol, graph, scores, rows, round_to, what, fraction, base, names,

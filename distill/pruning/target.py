@@ -250,8 +250,13 @@ def _order(kv):
 def _allocation(ratios, base, cost, curves):
     out = Allocation(sorted(ratios.items(), key=_order))
     out.base, out.cost, out.fraction = base, cost, cost / max(base, 1e-12)
-    out.drop = sum(predicted_drop(curves.get(g, []), r) for g, r in ratios.items())
+    out.drop = _total_drop(ratios, curves)
     return out
+
+
+def _total_drop(ratios, curves):
+    """Predicted Σ drop of an allocation (group id → ratio), points."""
+    return sum(predicted_drop(curves.get(g, []), r) for g, r in ratios.items())
 
 
 def uniform_allocation(levels, curves, cost, target, base=None):
@@ -304,7 +309,7 @@ def candidate_allocations(levels, curves, cost, target, n=12, seed=0, what="late
         key = None if alloc is None else tuple(sorted(alloc.items()))
         if key is not None and key not in seen and len(out) < max(n, 1):
             seen.add(key)
-            alloc.drop = sum(predicted_drop(curves.get(g, []), r) for g, r in alloc.items())
+            alloc.drop = _total_drop(alloc, curves)
             out.append((kind, alloc))
 
     add("greedy", allocate(levels, curves, cost, target, what, names, excluded, uniform_floor=False))
