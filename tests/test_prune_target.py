@@ -401,3 +401,49 @@ def test_removal_cache_is_choose_removed(chain, which):
     for _ in range(20):
         ratios = {g.id: float(rng.choice([0.0, 0.25, 0.5, 0.75])) for g in graph.groups}
         assert removed(ratios) == frozenset(choose_removed(graph, scores, ratios, 2))
+
+
+@pytest.mark.parametrize("which", ["chain", "mobileface", "resnext", "convfc", "innorm"])
+def test_ncnn_one_layer_nets_compute_the_kept_widths(chain, tmp_path, which):
+    """--backend ncnn's latency model times each layer alone in ncnn's runtime: every one-layer
+    net (conv, depthwise with PReLU, 32-group conv, FC on a 4-D map) loads in ncnn and puts out
+    what MXNet's one-layer graph of the same widths does, pruned and unpruned; one child
+    process times them all."""
+    import graphs
+    from distill.pruning.latency_model import NcnnLayerTimer
+    if which == "chain":
+        sym, shape = chain[0], SHAPE
+    else:
+        spec = getattr(graphs, which)()
+        sym, shape = spec.symbol, (1,) + tuple(spec.input_shape)
+    graph = analyze(sym, shape)
+    scores = {int(u): float((u * 7919) % 101) for g in graph.groups for u in g.unit_ids}
+    model = LayerLatencyModel(graph, sym, shape, batch=1, timer=NcnnLayerTimer(str(tmp_path), repeats=1),
+                              rounds=1)
+    half = choose_removed(graph, scores, {g.id: 0.5 for g in graph.groups}, 2)
+    items = [(model.specs[l], ci, co) for r in (set(), half) for l, (ci, co) in model.widths(r).items()]
+    ms = model.timer.many(items, rounds=1)
+    assert model.timer.calls == 1 and len(ms) == len(items)
+    assert all(np.isfinite(t) and t >= 0 for t in ms)
+    for (spec, ci, co), got in zip(items, model.timer.shapes):
+        s, shapes = _one_layer(spec, ci, co, batch=1)
+        want = tuple(s.infer_shape(**shapes)[1][0])[1:]
+        assert int(np.prod(got)) == int(np.prod(want)) and got[0] == want[0], (spec["weight"], ci, co, got, want)
+    # prefetch: every width of every level in one call; predictions then time nothing more
+    levels = group_levels(graph, 2, [g.id for g in graph.groups], max_ratio=0.75)
+    n = model.prefetch(choose_removed(graph, scores, {g: r}, 2) for g, lv in levels.items() for r in lv)
+    assert n > len(model.specs) and model.timer.calls == 2
+    model.calibrate(1.0)
+    for r in (0.25, 0.5, 0.75):
+        model.predict(choose_removed(graph, scores, {g: r for g in levels}, 2))
+    assert model.timer.calls == 2
+
+
+def test_ncnn_timer_failure_is_a_user_error(chain, tmp_path, monkeypatch):
+    """A one-layer net ncnn cannot load fails in the child process and comes back as a clear
+    error naming the backend, not as a dead search."""
+    import distill.pruning.latency_model as lm
+    monkeypatch.setattr(lm, "ncnn_layer_param", lambda spec, cin, cout: ("7767517\n1 1\nNoSuchLayer x 0 1 out\n", (4, 8, 8)))
+    spec = layer_specs(chain[0], SHAPE)["c1"]
+    with pytest.raises(UserError, match="--backend ncnn.*ncnn's runtime failed timing 1 one-layer nets"):
+        lm.NcnnLayerTimer(str(tmp_path), repeats=1).many([(spec, 16, 8)])

@@ -17,6 +17,9 @@ Tasks (each on one net or session, loaded once per task); ncnn (the default, ``p
     {"task": "calibrate", "names": [...], "x": "key", "mode": "naive"|"entropy"|"kl"}
     {"task": "predict", "x": "key"}                          # logits of the output blob
     {"task": "latency", "x": "key", "repeats": 20}           # batch-1 ms, best of repeats
+    {"task": "layers", "nets": [{"param": TEXT, "shape": [C, H, W]}, ...],
+     "rounds": 2, "repeats": 10}                             # ms and output shape of each
+                                                             # net, its weights empty
 
 onnxruntime (``"runtime": "onnxruntime"``, ``model``: the ``.onnx`` path)::
 
@@ -157,10 +160,63 @@ def _run_ort_task(t, x):
     raise ValueError(f"unknown onnxruntime task {t['task']!r}")
 
 
+def _time_nets(t):
+    """Best ms of each net in ``t["nets"]`` (param text, weights empty, a random input of its
+    shape), timed round-robin for ``rounds`` rounds: a busy moment slows every net alike. The
+    output is taken as the layer leaves it (``type=1``: no unpacking, which a layer inside a
+    network does not pay either)."""
+    import time
+
+    import ncnn
+    rng = np.random.RandomState(0)
+    loaded = []
+    for n in t["nets"]:
+        net = ncnn.Net()
+        net.opt.use_vulkan_compute = False
+        net.opt.num_threads = int(t.get("threads", 1))
+        net.opt.use_fp16_storage = net.opt.use_fp16_packed = net.opt.use_fp16_arithmetic = False
+        if net.load_param_mem(n["param"]) != 0 or net.load_model(ncnn.DataReaderFromEmpty()) != 0:
+            raise RuntimeError(f"ncnn could not load the one-layer net: {n['param']!r}")
+        x = rng.uniform(-1, 1, size=n["shape"]).astype(np.float32)
+        mat = ncnn.Mat(x).clone()           # a Mat ncnn owns (see runtimes.ncnn_extract)
+        loaded.append((net, mat, x))
+    shapes = []
+    for net, mat, _ in loaded:              # what each net computes, unpacked (the caller checks it)
+        ex = net.create_extractor()
+        ex.input("data", mat)
+        ret, y = ex.extract("out")
+        if ret != 0:
+            raise RuntimeError(f"ncnn extract failed with code {ret}")
+        shapes.append(list(np.array(y).shape))
+
+    def run(net, mat):
+        ex = net.create_extractor()
+        ex.input("data", mat)
+        ret, _ = ex.extract("out", 1)
+        if ret != 0:
+            raise RuntimeError(f"ncnn extract failed with code {ret}")
+
+    # graphio.best_of_ms's loop, here so that the child does not import MXNet for it
+    best, inner = [float("inf")] * len(loaded), 5
+    for _ in range(max(1, int(t.get("rounds", 2)))):
+        for i, (net, mat, _) in enumerate(loaded):
+            for _ in range(2):
+                run(net, mat)
+            for _ in range(max(1, int(t.get("repeats", 10)))):
+                t0 = time.perf_counter()
+                for _ in range(inner):
+                    run(net, mat)
+                best[i] = min(best[i], (time.perf_counter() - t0) / inner * 1e3)
+    return [round(b, 5) for b in best], shapes
+
+
 def _run_task(t, arrays):
     x = arrays[t["x"]] if t.get("x") else None
     if t.get("runtime") == "onnxruntime":
         return _run_ort_task(t, x)
+    if t["task"] == "layers":
+        ms, shapes = _time_nets(t)
+        return {}, {"ms": ms, "shapes": shapes}
     net = _net(t)
     if t["task"] == "blobs":
         vals = [_extract(net, img, t["names"]) for img in x]

@@ -27,7 +27,7 @@ import numpy as np
 from ..quantize.layer_speed import _profile
 from .apply import param_keeps
 
-__all__ = ["LayerLatencyModel", "layer_specs"]
+__all__ = ["LayerLatencyModel", "NcnnLayerTimer", "layer_specs", "ncnn_layer_param"]
 _LOGGER = logging.getLogger(__name__)
 
 _FUSED_ACTS = ("Activation", "relu", "clip", "LeakyReLU")
@@ -102,6 +102,125 @@ def _one_layer(spec, cin, cout, batch):
     return y.get_backend_symbol("MKLDNN_QUANTIZE"), {"data": shape}
 
 
+def _ints(attrs, key, default, n=2):
+    """An MXNet tuple attribute (``"(3, 3)"``) as ``n`` ints."""
+    v = attrs.get(key)
+    if v in (None, "", "()", "None"):
+        return (default,) * n
+    vals = [int(x) for x in str(v).strip("()[] ").replace(",", " ").split()]
+    return tuple(vals * n)[:n] if len(vals) == 1 else tuple(vals)
+
+
+def _ncnn_act(act):
+    """``(fused params, extra layer)`` of an activation after a conv/dense layer, as ncnn's
+    converter leaves it: ReLU, leaky ReLU, clip (ReLU6) and sigmoid fused into the layer
+    (``9=activation_type``, ``10=activation_params``), PReLU as a layer of its own; other
+    activations are not modelled (their cost stays in the fitted constant)."""
+    if act is None:
+        return "", None
+    op, a = act
+    kind = a.get("act_type", "relu" if op in ("relu", "Activation") else "leaky")
+    if op == "relu" or (op == "Activation" and kind == "relu"):
+        return " 9=1", None
+    if op == "Activation" and kind == "sigmoid":
+        return " 9=4", None
+    if op == "clip":
+        return f" 9=3 -23310=2,{float(a.get('a_min', 0)):e},{float(a.get('a_max', 6)):e}", None
+    if op == "LeakyReLU" and kind == "leaky":
+        return f" 9=2 -23310=1,{float(a.get('slope', 0.25)):e}", None
+    if op == "LeakyReLU" and kind == "prelu":
+        return "", "PReLU"
+    return "", None
+
+
+def ncnn_layer_param(spec, cin, cout):
+    """``(param text, input shape)`` of ``spec``'s layer alone in ncnn at widths ``cin`` →
+    ``cout``: an ``Input`` and the layer as ncnn's converter writes it (BatchNorm folded into
+    the bias, the activation fused where ncnn fuses it). The weights are loaded empty
+    (``ncnn.DataReaderFromEmpty``): only the time is wanted.
+
+    The input shape is ncnn's ``(C, H, W)`` (``(N,)`` for a dense layer on a vector)."""
+    attrs = spec["attrs"]
+    in_shape = tuple(spec["in_shape"][1:])
+    fused, extra = _ncnn_act(spec["act"])
+    if spec["op"] == "Convolution":
+        groups = int(attrs.get("num_group", 1))
+        if groups > 1 and groups == spec["in"] and groups == spec["out"]:   # depthwise
+            groups = cin = cout
+        kh, kw = _ints(attrs, "kernel", 1)
+        sh, sw = _ints(attrs, "stride", 1)
+        dh, dw = _ints(attrs, "dilate", 1)
+        ph, pw = _ints(attrs, "pad", 0)
+        shape = (cin,) + in_shape[1:]
+        kind = "Convolution" if groups == 1 else "ConvolutionDepthWise"
+        layer = (f"{kind} layer 1 1 data out 0={cout} 1={kw} 11={kh} 2={dw} 12={dh} 3={sw} 13={sh} "
+                 f"4={pw} 14={ph} 5=1 6={cout * (cin // groups) * kh * kw}"
+                 + (f" 7={groups}" if groups > 1 else "") + fused)
+    else:
+        rest = int(np.prod(in_shape)) // max(spec["in"], 1)
+        shape = (cin,) + in_shape[1:] if len(in_shape) > 1 else (cin * rest,)
+        layer = f"InnerProduct layer 1 1 data out 0={cout} 1=1 2={cout * cin * rest}" + fused
+    dims = " ".join(f"{k}={v}" for k, v in zip((0, 1, 2), reversed(shape)))
+    lines = [f"Input input 0 1 data {dims}", layer]
+    if extra == "PReLU":
+        lines[-1] = lines[-1].replace(" data out ", " data pre ")
+        lines.append(f"PReLU prelu 1 1 pre out 0={cout}")
+    return "7767517\n{} {}\n{}\n".format(len(lines), len(lines) + (extra is not None), "\n".join(lines)), shape
+
+
+def ncnn_empty_param(shape):
+    """``(param text, shape)`` of a net that does nothing on an input of ``shape``: its time is
+    the per-call cost every one-layer timing carries."""
+    dims = " ".join(f"{k}={v}" for k, v in zip((0, 1, 2), reversed(shape)))
+    return f"7767517\n2 2\nInput input 0 1 data {dims}\nNoop noop 1 1 data out\n", tuple(shape)
+
+
+class NcnnLayerTimer:
+    """Each layer alone in ncnn's runtime (one thread), as :class:`LayerLatencyModel`'s timer.
+
+    All the widths asked for at once (:meth:`many`) are timed in one child process
+    (:func:`distill.export.ncnn_worker.run_tasks`: a crash in ncnn cannot kill this process), in
+    alternating rounds, best of ``repeats`` each; the time of an empty net on the same input
+    (the call itself: extractor, input, output) is taken off every layer's.
+
+    Parameters
+    ----------
+    work_dir : str
+        Where the exchange files go.
+    repeats : int
+    threads : int
+    """
+
+    def __init__(self, work_dir, repeats=10, threads=1):
+        self.work_dir, self.repeats, self.threads = work_dir, repeats, threads
+        self.calls = 0
+        self.shapes = []            # output shapes of the last call's nets (ncnn's, unpacked)
+
+    def __call__(self, spec, cin, cout, batch=1):
+        return self.many([(spec, cin, cout)])[0]
+
+    def many(self, items, rounds=2):
+        """ms of each ``(spec, cin, cout)`` in ``items``, less the empty net's on its input."""
+        from ..errors import UserError
+        from ..export.ncnn_worker import NcnnWorkerError, run_tasks    # lazy: the child's route
+        nets = [ncnn_layer_param(spec, cin, cout) for spec, cin, cout in items]
+        shapes = sorted({s for _, s in nets})
+        empties = [ncnn_empty_param(s) for s in shapes]
+        task = {"task": "layers", "nets": [{"param": p, "shape": list(s)} for p, s in nets + empties],
+                "rounds": int(rounds), "repeats": int(self.repeats), "threads": int(self.threads)}
+        try:
+            res = run_tasks([task], {}, self.work_dir)
+        except NcnnWorkerError as e:
+            raise UserError(f"--backend ncnn: ncnn's runtime failed timing {len(items)} one-layer nets "
+                            f"(each layer alone, for the latency model): {e}. Use --backend mxnet, or export the "
+                            f"model (`distill export --format ncnn`) to see the failing layer.") from None
+        self.calls += 1
+        ms = res[0]["meta"]["ms"]
+        self.shapes = [tuple(s) for s in res[0]["meta"]["shapes"][:len(nets)]]
+        empty = dict(zip(shapes, ms[len(nets):]))
+        return [max(t - empty[s], 0.0) for t, (_, s) in zip(ms[:len(nets)], nets)]
+
+
 def _random_params(sym, shapes):
     args, _, auxs = sym.infer_shape(**shapes)
     rng = np.random.RandomState(0)
@@ -173,12 +292,45 @@ class LayerLatencyModel:
         full = (layer, spec["in"], spec["out"])
         key = (layer, cin, cout)
         if key not in self.times:
-            for _ in range(self.rounds):
-                for k in ((full, key) if key != full else (full,)):
-                    t = float(self.timer(spec, k[1], k[2], self.batch))
-                    self.times[k] = min(self.times.get(k, float("inf")), t)
-                    self.timings += 1
+            self._time([key])
         return min(self.times[key], self.times[full])
+
+    def _time(self, keys):
+        """Time the ``(layer, cin, cout)`` in ``keys`` and their layers' full widths, in
+        alternating rounds (all at once when the timer has ``many``)."""
+        todo = []
+        for layer, cin, cout in keys:
+            spec = self.specs[layer]
+            for k in ((layer, spec["in"], spec["out"]), (layer, cin, cout)):
+                if k not in todo:
+                    todo.append(k)
+        if hasattr(self.timer, "many"):
+            ms = self.timer.many([(self.specs[k[0]], k[1], k[2]) for k in todo], rounds=self.rounds)
+            for k, t in zip(todo, ms):
+                self.times[k] = min(self.times.get(k, float("inf")), float(t))
+            self.timings += len(todo) * self.rounds
+            return
+        for _ in range(self.rounds):
+            for k in todo:
+                t = float(self.timer(self.specs[k[0]], k[1], k[2], self.batch))
+                self.times[k] = min(self.times.get(k, float("inf")), t)
+                self.timings += 1
+
+    def prefetch(self, removals):
+        """Time, at once, every width a layer can take when the groups are cut as in any of
+        ``removals`` (sets of removed units; each group alone at each of its levels, say), in
+        every combination of its input and output widths: one run of a timer with ``many``
+        (ncnn's child process) instead of one per width. Returns the number of widths timed."""
+        cins, couts = {}, {}
+        for removed in list(removals) + [set()]:
+            for layer, (ci, co) in self.widths(removed).items():
+                cins.setdefault(layer, set()).add(ci)
+                couts.setdefault(layer, set()).add(co)
+        keys = [(l, ci, co) for l in self.specs for ci in sorted(cins[l]) for co in sorted(couts[l])
+                if (l, ci, co) not in self.times]
+        if keys:
+            self._time(keys)
+        return len(keys)
 
     def layers_ms(self, removed=()):
         """Sum of the layers' own times, remembered per set of removed units (a full width's
@@ -186,7 +338,11 @@ class LayerLatencyModel:
         times it was made with)."""
         key = frozenset(removed)
         if key not in self._sums:
-            self._sums[key] = sum(self.layer_ms(l, ci, co) for l, (ci, co) in self.widths(key).items())
+            widths = self.widths(key)
+            new = [(l, ci, co) for l, (ci, co) in widths.items() if (l, ci, co) not in self.times]
+            if new:                 # all at once: one child process for ncnn's timer
+                self._time(new)
+            self._sums[key] = sum(self.layer_ms(l, ci, co) for l, (ci, co) in widths.items())
         return self._sums[key]
 
     def calibrate(self, measured_ms, variant=None):

@@ -28,7 +28,7 @@ from ..errors import UserError
 from ..graphio import make_block, pair_files
 from ..modelinfo import layer_table, measure_latency, total_macs
 from .apply import internal_outputs, shrink, shrunk_block
-from .latency_model import LayerLatencyModel
+from .latency_model import LayerLatencyModel, NcnnLayerTimer
 from .plan import choose_removed, removal_cache
 from .pruner import prunable_layers
 from .target import allocate, candidate_allocations, curves_from_rows, group_levels, macs_cost, unreachable_error
@@ -329,8 +329,15 @@ def search_target(probe, symbol, graph, scores, rows, round_to, what, fraction, 
         cost = macs_cost(graph, layer_macs, weight_of, scores, round_to)
     else:
         mx_batch = 1 if probe.backend == "ncnn" else probe.batch_size
+        # each layer timed alone where the network will run: oneDNN-fused MXNet, or ncnn's
+        # runtime (one thread), where fixed per-layer costs weigh far more than in MXNet
+        timer = NcnnLayerTimer(probe.tmp, repeats=model_repeats) if probe.backend == "ncnn" else None
         model = latency_model or LayerLatencyModel(graph, symbol, shape, probe.input_name,
-                                                   batch=mx_batch, repeats=model_repeats)
+                                                   batch=mx_batch, repeats=model_repeats, timer=timer)
+        if latency_model is None and timer is not None:
+            n = model.prefetch(choose_removed(graph, scores, {g: r}, round_to)
+                               for g, lv in levels.items() for r in lv)
+            log(f"latency model: {n} layer widths timed alone in ncnn's runtime (one thread)")
         # the second calibration point: every allowed group at half its channels
         half = choose_removed(graph, scores, {g: 0.5 for g in levels}, round_to)
         b_ms, v_ms = _timed_against_base(probe, base, half)
@@ -339,7 +346,8 @@ def search_target(probe, symbol, graph, scores, rows, round_to, what, fraction, 
         info["coverage"] = round(model.coverage(), 4)
         info["calibration"] = {"base_ms": b_ms, "half_ms": v_ms, "scale": round(a, 4),
                                "rest_ms": round(c, 4)}
-        log(f"latency model: Σ of {len(model.specs)} layers timed alone (MXNet, batch {mx_batch}) = "
+        where = "ncnn, one thread" if isinstance(model.timer, NcnnLayerTimer) else "MXNet"
+        log(f"latency model: Σ of {len(model.specs)} layers timed alone ({where}, batch {mx_batch}) = "
             f"{model.base_layers_ms:.3f} ms, {model.coverage():.0%} of the measured {b_ms:.3f} ms "
             f"{probe.backend} graph; fitted to it and to every group at half width ({v_ms:.3f} ms): "
             f"{a:.3f} × Σ layers + {c:.3f} ms")
