@@ -4,16 +4,16 @@ A *pair* is ``PREFIX-symbol.json`` + ``PREFIX-%04d.params``, written by Gluon's 
 (plain names) or by the Module API (``arg:``/``aux:`` names). Every command reads and writes
 graphs through this module: load a pair (training heads stripped to logits), check its params
 against the graph, build a SymbolBlock, save a pair atomically, count parameters, and time a
-callable (:func:`best_of_ms`, the one timing loop every timing site uses).
+callable (:func:`best_of_ms`, the one timing loop every timing site uses; it lives in
+:mod:`distill.timing`, which needs no MXNet, and is re-exported here).
 
-Ground floor: imports nothing of the project but :mod:`distill.errors` and
-:mod:`distill.graphnorm` (the normalisation every loaded pair gets).
+Ground floor: imports nothing of the project but :mod:`distill.errors`, :mod:`distill.timing`
+and :mod:`distill.graphnorm` (the normalisation every loaded pair gets).
 """
 import json
 import logging
 import os
 import tempfile
-import time
 import warnings
 
 import mxnet as mx
@@ -22,6 +22,7 @@ from mxnet import gluon
 
 from .errors import UserError, closest
 from .graphnorm import infer_shape_quiet, input_channels, normalise, pinned_size
+from .timing import best_of_ms  # noqa: F401  (re-exported: timing sites import it from here)
 
 __all__ = ["SYMBOL_SUFFIX", "symbol_file", "params_file", "pair_files", "pair_exists",
            "HEAD_OPS", "AUX_SUFFIXES", "mxnet_reason", "strip_training_head", "load_pair",
@@ -345,26 +346,3 @@ def file_size(*paths):
 def pair_size(prefix, epoch=0):
     """Bytes on disk of the pair at ``prefix``."""
     return file_size(*pair_files(prefix, epoch))
-
-
-def best_of_ms(fn, repeats=20, warmup=5, inner=10, sync=None):
-    """Best-of-``repeats`` time of one call of ``fn`` in milliseconds.
-
-    ``warmup`` untimed calls first; each repeat times ``inner`` calls (so that a 0.1 ms model is
-    not timed at clock resolution) and divides. ``sync(result)`` runs on the last result of each
-    repeat before the clock stops (``lambda y: y.wait_to_read()`` for MXNet's async engine).
-    """
-    y = None
-    for _ in range(warmup):
-        y = fn()
-        if sync is not None:
-            sync(y)
-    best = float("inf")
-    for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            y = fn()
-        if sync is not None:
-            sync(y)
-        best = min(best, (time.perf_counter() - t0) / inner)
-    return round(best * 1e3, 4)

@@ -447,3 +447,45 @@ def test_ncnn_timer_failure_is_a_user_error(chain, tmp_path, monkeypatch):
     spec = layer_specs(chain[0], SHAPE)["c1"]
     with pytest.raises(UserError, match="--backend ncnn.*ncnn's runtime failed timing 1 one-layer nets"):
         lm.NcnnLayerTimer(str(tmp_path), repeats=1).many([(spec, 16, 8)])
+
+
+def test_ncnn_target_search_end_to_end(tmp_path):
+    """``--backend ncnn`` from the curves to a measured proposal on a real Probe: the variants
+    exported to ncnn and timed in its runtime, the latency model's layers timed in ncnn (not
+    MXNet), every candidate reported with its model error (figures are printed, not asserted:
+    wall-clock times)."""
+    from distill.pruning.probe import Probe, search_target
+    shape = (1, 3, 16, 16)
+    x = mx.sym.var("data")
+    for i in range(3):
+        x = mx.sym.Convolution(x, num_filter=32, kernel=(3, 3), pad=(1, 1), name=f"c{i}")
+        x = mx.sym.Activation(mx.sym.BatchNorm(x, fix_gamma=False, name=f"bn{i}"), act_type="relu")
+    x = mx.sym.Pooling(x, global_pool=True, kernel=(1, 1), pool_type="avg")
+    sym = mx.sym.FullyConnected(mx.sym.Flatten(x), num_hidden=4, name="fc")
+    rs = np.random.RandomState(0)
+    args, _, auxs = sym.infer_shape(data=shape)
+    params = {n: mx.nd.array(rs.uniform(0.5, 1.5, s) if n.endswith(("gamma", "var")) else rs.normal(0, 0.3, s))
+              for n, s in zip(sym.list_arguments() + sym.list_auxiliary_states(), list(args) + list(auxs))
+              if n != "data"}
+    graph = analyze(sym, shape)
+    scores = {int(u): float(u) for g in graph.groups for u in g.unit_ids}
+    data = _Data()
+    data.num_classes, data.mean, data.std, data.class_names = 4, [0.5], [0.25], None    # the ONNX file's metadata
+    data.train.x = rs.normal(size=(32,) + shape[1:]).astype("float32")
+    data.val.x = rs.normal(size=(32,) + shape[1:]).astype("float32")
+    gs = [_group(graph, c) for c in ("c0", "c1", "c2")]
+    rows = [{"group": g, "ratio": r, "drop": r * (i + 1)} for i, g in enumerate(gs) for r in (0.25, 0.5, 0.75)]
+    probe = Probe(graph, params, "data", data, 1, 3, 32, str(tmp_path), backend="ncnn", symbol=sym)
+    base = probe.measure(set(), keep_files=True)
+    logs = []
+    res = search_target(probe, sym, graph, scores, rows, 8, "latency", 0.6, base,
+                        {g.id: g.name for g in graph.groups}, max_ratio=0.75, model_repeats=3,
+                        log=logs.append, candidates=2)
+    print("\n".join(logs))
+    assert any("layer widths timed alone in ncnn's runtime" in l for l in logs)
+    assert any("timed alone (ncnn, one thread, batch 1)" in l for l in logs)
+    assert res["candidates"] and res["model_errors"]["n"] >= len(res["candidates"])
+    for c in res["candidates"]:
+        assert c["measured_ms"] > 0 and c["base_ms"] > 0 and "model_error" in c
+        assert c["measured"] == pytest.approx(c["measured_ms"] / c["base_ms"], rel=1e-3)
+    assert os.path.isfile(res["prefix"] + ".ncnn.param")

@@ -165,9 +165,8 @@ def _time_nets(t):
     shape), timed round-robin for ``rounds`` rounds: a busy moment slows every net alike. The
     output is taken as the layer leaves it (``type=1``: no unpacking, which a layer inside a
     network does not pay either)."""
-    import time
-
     import ncnn
+    from ..timing import best_of_ms
     rng = np.random.RandomState(0)
     loaded = []
     for n in t["nets"]:
@@ -196,18 +195,12 @@ def _time_nets(t):
         if ret != 0:
             raise RuntimeError(f"ncnn extract failed with code {ret}")
 
-    # graphio.best_of_ms's loop, here so that the child does not import MXNet for it
-    best, inner = [float("inf")] * len(loaded), 5
+    best = [float("inf")] * len(loaded)
     for _ in range(max(1, int(t.get("rounds", 2)))):
         for i, (net, mat, _) in enumerate(loaded):
-            for _ in range(2):
-                run(net, mat)
-            for _ in range(max(1, int(t.get("repeats", 10)))):
-                t0 = time.perf_counter()
-                for _ in range(inner):
-                    run(net, mat)
-                best[i] = min(best[i], (time.perf_counter() - t0) / inner * 1e3)
-    return [round(b, 5) for b in best], shapes
+            best[i] = min(best[i], best_of_ms(lambda: run(net, mat), int(t.get("repeats", 10)),
+                                              warmup=2, inner=5))
+    return best, shapes
 
 
 def _run_task(t, arrays):

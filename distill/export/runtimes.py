@@ -12,6 +12,8 @@ import re
 
 import numpy as np
 
+from ..timing import best_of_ms
+
 
 __all__ = ["package_versions", "default_threads", "output_lines", "best_of_ms", "ort_session", "ort_predict", "ort_latency",
            "ncnn_net", "ncnn_extract"]
@@ -30,10 +32,6 @@ def package_versions(*names):
     return out
 
 
-def best_of_ms(fn, repeats=20, **kw):
-    """:func:`distill.graphio.best_of_ms` (imported on use: it brings MXNet along)."""
-    from ..graphio import best_of_ms as timed
-    return timed(fn, repeats, **kw)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -346,7 +346,7 @@ def search_target(probe, symbol, graph, scores, rows, round_to, what, fraction, 
         info["coverage"] = round(model.coverage(), 4)
         info["calibration"] = {"base_ms": b_ms, "half_ms": v_ms, "scale": round(a, 4),
                                "rest_ms": round(c, 4)}
-        where = "ncnn, one thread" if isinstance(model.timer, NcnnLayerTimer) else "MXNet"
+        where = "ncnn, one thread" if isinstance(getattr(model, "timer", None), NcnnLayerTimer) else "MXNet"
         log(f"latency model: Σ of {len(model.specs)} layers timed alone ({where}, batch {mx_batch}) = "
             f"{model.base_layers_ms:.3f} ms, {model.coverage():.0%} of the measured {b_ms:.3f} ms "
             f"{probe.backend} graph; fitted to it and to every group at half width ({v_ms:.3f} ms): "
