@@ -4,7 +4,9 @@ Measuring every candidate allocation as a whole graph is too slow (and, on a bus
 noisy) for a search over per-group ratios. Instead, each weight layer (conv + BatchNorm +
 activation, oneDNN-fused as deployed) is rebuilt as a one-layer graph at the input and output
 widths a plan leaves it, and timed alone with the per-layer timer of ``distill quantize``
-(:func:`distill.quantize.layer_speed._profile`: MXNet's profiler, best of ``repeats``). A
+(:func:`distill.quantize.layer_speed._profile`: MXNet's profiler, best of ``repeats``), or, for
+a network deployed with ncnn, as a one-layer ncnn net in ncnn's runtime (:class:`NcnnLayerTimer`:
+ncnn's fixed per-layer costs, large on small inputs, are not MXNet's). A
 network's predicted time is affine in the sum over its layers, ``a · Σ + c``, fitted to two
 measured whole graphs (the unpruned network and one variant, timed in alternation):
 ``c`` is the rest that does not shrink with the layers (the engine's per-op overhead, pooling;
