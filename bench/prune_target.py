@@ -18,7 +18,7 @@ timed in ncnn too; both sides trained) on the MobileNetV2-0.5 (``--ncnn-net``: t
 cannot reach 0.4× there, its classifier's whole input group kept). Missing networks are trained first (the teacher from its recipe, the student
 as ``recipes/compare_mnist.yaml``'s ``mobilenetv2_0.5 + KD`` seed 0).
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/prune_target.py [--epochs 4] [--only resnet20] [--ncnn]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/prune_target.py [--epochs 4] [--only resnet20] [--no-ncnn] [--ncnn-only]
 """
 import argparse
 import json
@@ -129,10 +129,12 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=10, help="latency: best of this many repeats")
     p.add_argument("--goal", type=float, default=GOAL,
                    help="the MXNet comparisons' latency target (default 0.4; on a 2-core AVX-512 "
-                        "host the ResNet-20 cannot reach it: oneDNN pads channels to 16 there, "
+                        "host the ResNet-20 cannot reach it: oneDNN blocks channels by 16 there, "
                         "and its deepest cut measures 0.45-0.50×)")
-    p.add_argument("--ncnn", action="store_true",
-                   help="also the comparison with latency in ncnn's runtime (1 thread, batch 1)")
+    p.add_argument("--ncnn", action="store_true", default=True,
+                   help="also the comparison with latency in ncnn's runtime (1 thread, batch 1; "
+                        "the default, so that `make bench` runs it)")
+    p.add_argument("--no-ncnn", dest="ncnn", action="store_false", help="the MXNet comparisons only")
     p.add_argument("--ncnn-only", action="store_true", help="the ncnn comparison alone")
     p.add_argument("--ncnn-goal", type=float, default=GOAL,
                    help="the ncnn comparison's latency target (default 0.4: MobileNetV2-0.5 reaches "
