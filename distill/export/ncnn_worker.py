@@ -167,37 +167,29 @@ def _time_nets(t):
     network does not pay either)."""
     import ncnn
     from ..timing import best_of_ms
+    from .runtimes import ncnn_cpu_net
     rng = np.random.RandomState(0)
     loaded = []
     for n in t["nets"]:
-        net = ncnn.Net()
-        net.opt.use_vulkan_compute = False
-        net.opt.num_threads = int(t.get("threads", 1))
-        net.opt.use_fp16_storage = net.opt.use_fp16_packed = net.opt.use_fp16_arithmetic = False
+        net = ncnn_cpu_net(threads=int(t.get("threads", 1)))
         if net.load_param_mem(n["param"]) != 0 or net.load_model(ncnn.DataReaderFromEmpty()) != 0:
             raise RuntimeError(f"ncnn could not load the one-layer net: {n['param']!r}")
         x = rng.uniform(-1, 1, size=n["shape"]).astype(np.float32)
-        mat = ncnn.Mat(x).clone()           # a Mat ncnn owns (see runtimes.ncnn_extract)
-        loaded.append((net, mat, x))
-    shapes = []
-    for net, mat, _ in loaded:              # what each net computes, unpacked (the caller checks it)
+        loaded.append((net, ncnn.Mat(x).clone()))       # a Mat ncnn owns (see runtimes.ncnn_extract)
+
+    def run(net, mat, kind=1):
         ex = net.create_extractor()
         ex.input("data", mat)
-        ret, y = ex.extract("out")
+        ret, y = ex.extract("out", kind)
         if ret != 0:
             raise RuntimeError(f"ncnn extract failed with code {ret}")
-        shapes.append(list(np.array(y).shape))
+        return y
 
-    def run(net, mat):
-        ex = net.create_extractor()
-        ex.input("data", mat)
-        ret, _ = ex.extract("out", 1)
-        if ret != 0:
-            raise RuntimeError(f"ncnn extract failed with code {ret}")
-
+    # what each net computes, unpacked (the caller checks it)
+    shapes = [list(np.array(run(net, mat, 0)).shape) for net, mat in loaded]
     best = [float("inf")] * len(loaded)
     for _ in range(max(1, int(t.get("rounds", 2)))):
-        for i, (net, mat, _) in enumerate(loaded):
+        for i, (net, mat) in enumerate(loaded):
             best[i] = min(best[i], best_of_ms(lambda: run(net, mat), int(t.get("repeats", 10)),
                                               warmup=2, inner=5))
     return best, shapes

@@ -16,7 +16,7 @@ from ..timing import best_of_ms
 
 
 __all__ = ["package_versions", "default_threads", "output_lines", "best_of_ms", "ort_session", "ort_predict", "ort_latency",
-           "ncnn_net", "ncnn_extract"]
+           "ncnn_cpu_net", "ncnn_net", "ncnn_extract"]
 _LOGGER = logging.getLogger(__name__)
 
 
@@ -30,8 +30,6 @@ def package_versions(*names):
         except PackageNotFoundError:
             out[pkg] = None
     return out
-
-
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -81,14 +79,8 @@ def ort_latency(sess, x1, repeats):
 
 # -- ncnn ----------------------------------------------------------------------------------------
 
-def ncnn_net(param, bin_, fp16=False, threads=1, int8=False):
-    """Load an ncnn model on the CPU.
-
-    With ``fp16=False`` every fp16 path is off (storage, packing, arithmetic), so ncnn computes
-    in fp32 and can be compared with MXNet logit by logit; ncnn's defaults use fp16 where the
-    CPU allows (measured: max abs logit difference 1.8e-5 in fp32 vs 0.11 with fp16).
-    ``int8``: ``opt.use_int8_inference`` (an int8 model loaded without it computes NaN).
-    """
+def ncnn_cpu_net(fp16=False, threads=1, int8=False):
+    """An empty ``ncnn.Net`` with the CPU options of :func:`ncnn_net`, before anything is loaded."""
     import ncnn
     net = ncnn.Net()
     net.opt.use_vulkan_compute = False
@@ -98,6 +90,18 @@ def ncnn_net(param, bin_, fp16=False, threads=1, int8=False):
         net.opt.use_fp16_packed = False
         net.opt.use_fp16_arithmetic = False
     net.opt.use_int8_inference = bool(int8)
+    return net
+
+
+def ncnn_net(param, bin_, fp16=False, threads=1, int8=False):
+    """Load an ncnn model on the CPU.
+
+    With ``fp16=False`` every fp16 path is off (storage, packing, arithmetic), so ncnn computes
+    in fp32 and can be compared with MXNet logit by logit; ncnn's defaults use fp16 where the
+    CPU allows (measured: max abs logit difference 1.8e-5 in fp32 vs 0.11 with fp16).
+    ``int8``: ``opt.use_int8_inference`` (an int8 model loaded without it computes NaN).
+    """
+    net = ncnn_cpu_net(fp16, threads, int8)
     for path, ret in ((param, net.load_param(param)), (bin_, net.load_model(bin_))):
         if ret != 0:
             raise RuntimeError(f"ncnn could not load {path} (code {ret})")

@@ -135,6 +135,12 @@ def _ncnn_act(act):
     return "", None
 
 
+def _ncnn_input(shape):
+    """The ``Input`` line of a one-layer net whose input is ncnn's ``(C, H, W)`` ``shape``
+    (``0=w 1=h 2=c``)."""
+    return "Input input 0 1 data " + " ".join(f"{k}={v}" for k, v in zip((0, 1, 2), reversed(shape)))
+
+
 def ncnn_layer_param(spec, cin, cout):
     """``(param text, input shape)`` of ``spec``'s layer alone in ncnn at widths ``cin`` →
     ``cout``: an ``Input`` and the layer as ncnn's converter writes it (BatchNorm folded into
@@ -162,8 +168,7 @@ def ncnn_layer_param(spec, cin, cout):
         rest = int(np.prod(in_shape)) // max(spec["in"], 1)
         shape = (cin,) + in_shape[1:] if len(in_shape) > 1 else (cin * rest,)
         layer = f"InnerProduct layer 1 1 data out 0={cout} 1=1 2={cout * cin * rest}" + fused
-    dims = " ".join(f"{k}={v}" for k, v in zip((0, 1, 2), reversed(shape)))
-    lines = [f"Input input 0 1 data {dims}", layer]
+    lines = [_ncnn_input(shape), layer]
     if extra == "PReLU":
         lines[-1] = lines[-1].replace(" data out ", " data pre ")
         lines.append(f"PReLU prelu 1 1 pre out 0={cout}")
@@ -173,8 +178,7 @@ def ncnn_layer_param(spec, cin, cout):
 def ncnn_empty_param(shape):
     """``(param text, shape)`` of a net that does nothing on an input of ``shape``: its time is
     the per-call cost every one-layer timing carries."""
-    dims = " ".join(f"{k}={v}" for k, v in zip((0, 1, 2), reversed(shape)))
-    return f"7767517\n2 2\nInput input 0 1 data {dims}\nNoop noop 1 1 data out\n", tuple(shape)
+    return f"7767517\n2 2\n{_ncnn_input(shape)}\nNoop noop 1 1 data out\n", tuple(shape)
 
 
 class NcnnLayerTimer:

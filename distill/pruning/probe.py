@@ -331,13 +331,15 @@ def search_target(probe, symbol, graph, scores, rows, round_to, what, fraction, 
         mx_batch = 1 if probe.backend == "ncnn" else probe.batch_size
         # each layer timed alone where the network will run: oneDNN-fused MXNet, or ncnn's
         # runtime (one thread), where fixed per-layer costs weigh far more than in MXNet
-        timer = NcnnLayerTimer(probe.tmp, repeats=model_repeats) if probe.backend == "ncnn" else None
-        model = latency_model or LayerLatencyModel(graph, symbol, shape, probe.input_name,
-                                                   batch=mx_batch, repeats=model_repeats, timer=timer)
-        if latency_model is None and timer is not None:
-            n = model.prefetch(choose_removed(graph, scores, {g: r}, round_to)
-                               for g, lv in levels.items() for r in lv)
-            log(f"latency model: {n} layer widths timed alone in ncnn's runtime (one thread)")
+        model = latency_model
+        if model is None:
+            timer = NcnnLayerTimer(probe.tmp, repeats=model_repeats) if probe.backend == "ncnn" else None
+            model = LayerLatencyModel(graph, symbol, shape, probe.input_name, batch=mx_batch,
+                                      repeats=model_repeats, timer=timer)
+            if timer is not None:
+                n = model.prefetch(choose_removed(graph, scores, {g: r}, round_to)
+                                   for g, lv in levels.items() for r in lv)
+                log(f"latency model: {n} layer widths timed alone in ncnn's runtime (one thread)")
         # the second calibration point: every allowed group at half its channels
         half = choose_removed(graph, scores, {g: 0.5 for g in levels}, round_to)
         b_ms, v_ms = _timed_against_base(probe, base, half)
@@ -379,6 +381,9 @@ def search_target(probe, symbol, graph, scores, rows, round_to, what, fraction, 
             log(f"latency model: refitted to the unpruned graph and the deepest cut: "
                 f"{a:.3f} × Σ layers + {c:.3f} ms")
     lo, hi = fraction * (1 - BELOW), fraction * (1 + TOLERANCE)
+
+    def in_band(r):         # a MACs target has no lower bound: fewer MACs are never slower
+        return r["measured"] <= hi + 1e-9 and (what == "macs" or r["measured"] >= lo)
     everything, refined = [], False          # every candidate measured; one refinement at most
     seen_nets = set()
     for attempt in range(corrections + 1):
@@ -427,12 +432,11 @@ def search_target(probe, symbol, graph, scores, rows, round_to, what, fraction, 
                 + f", top-1 {m['top1']:.2f}% before fine-tuning")
         if not tried:                               # nothing new to measure
             break
-        inside = [r for r in tried if r["measured"] <= hi + 1e-9 and (what == "macs" or r["measured"] >= lo)]
+        inside = [r for r in tried if in_band(r)]
         pick = min(inside, key=_fidelity_key) if inside else None
         closest = min(tried, key=lambda r: abs(r["measured"] - fraction))
         everything += tried
-        landed = result is not None and result["measured"] <= hi + 1e-9 and \
-            (what == "macs" or result["measured"] >= lo)
+        landed = result is not None and in_band(result)
         if pick is not None:
             take = not landed or _fidelity_key(pick) < _fidelity_key(result)
         else:
@@ -451,16 +455,13 @@ def search_target(probe, symbol, graph, scores, rows, round_to, what, fraction, 
             result["model_errors"] = {"n": len(errs), "mean_abs": round(float(np.mean(errs)), 4),
                                       "max_abs": round(float(np.max(errs)), 4)}
         if pick is not None:
-            best = result
-            faster = [r for r in tried if r["measured"] < lo and _fidelity_key(r) < _fidelity_key(best)]
-            slower = [r for r in tried if r["measured"] > hi + 1e-9 and _fidelity_key(r) < _fidelity_key(best)]
+            faster = [r for r in tried if r["measured"] < lo and _fidelity_key(r) < _fidelity_key(result)]
+            slower = [r for r in tried if r["measured"] > hi + 1e-9 and _fidelity_key(r) < _fidelity_key(result)]
             if len(everything) > 1:
-                where = (f"candidate {tried.index(pick) + 1} ({pick['kind']})" if best is not None and
-                         best["prefix"] == pick["prefix"] else f"the {best['kind']} candidate of allocation "
-                         f"{best['attempts']}")
+                where = (f"candidate {tried.index(pick) + 1} ({pick['kind']})" if result["prefix"] == pick["prefix"]
+                         else f"the {result['kind']} candidate of allocation {result['attempts']}")
                 log(f"  chosen: {where}, the closest to the unpruned network of the "
-                    f"{sum(1 for r in everything if r['measured'] <= hi + 1e-9 and (what == 'macs' or r['measured'] >= lo))}"
-                    f" within {-BELOW:+.0%}/{TOLERANCE:+.0%} of the target")
+                    f"{sum(1 for r in everything if in_band(r))} within {-BELOW:+.0%}/{TOLERANCE:+.0%} of the target")
             for r in faster:
                 log(f"  note: candidate {tried.index(r) + 1} ({r['kind']}) runs at {r['measured']:.3f}×, "
                     f"beyond the target, and scores better: ask for {what} {r['measured']:.2f} to get it")
@@ -490,7 +491,7 @@ def search_target(probe, symbol, graph, scores, rows, round_to, what, fraction, 
         if not 0 < nxt < 1 or abs(nxt / goal - 1) < 1e-3:
             break
         goal = nxt
-    if what != "macs" and not lo <= result["measured"] <= hi + 1e-9:
+    if what != "macs" and not in_band(result):
         result["missed"] = True
         log(f"WARNING: pruning target {what} {fraction:g}× not met: the closest allocation measured "
             f"{result['measured']:.3f}× ({probe.backend}; predicted {result['predicted']:.3f}×, the "
