@@ -341,6 +341,36 @@ def test_layer_latency_times_every_weight_layer_in_fp32_and_int8(tiny_model):
             assert t["speedup"] == pytest.approx(t["fp32_ms"] / t["int8_ms"], rel=0.01)
 
 
+def test_layer_latency_writes_nothing_outside_the_temp_folder(tiny_model, tmp_path, monkeypatch):
+    """MXNet's profiler replaces the file it is pointed at: pointed at os.devnull, as root, it
+    turned /dev/null into a regular file. Every file it is given must lie in a folder of ours
+    under the system temp folder, and that folder is gone afterwards; /dev/null stays a device."""
+    import stat
+    import tempfile
+    from distill.quantize import layer_speed
+    model, x = tiny_model
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)          # re-read TMPDIR
+    given = []
+    real = mx.profiler.set_config
+
+    def guarded(**kw):
+        path = os.path.realpath(kw.get("filename", "profile.json"))
+        given.append(path)
+        # refuse before MXNet touches it: a regression must fail here, not damage the machine
+        assert path.startswith(str(tmp_path) + os.sep), path
+        return real(**kw)
+    monkeypatch.setattr(mx.profiler, "set_config", guarded)
+    cwd_before = sorted(os.listdir(os.getcwd()))
+    rows = layer_speed.layer_latency(model, calibrate(model, x, "naive"), batch_sizes=(2,),
+                                     repeats=2, warmup=1)
+    assert rows and all(r["b2"]["fp32_ms"] > 0 for r in rows)
+    assert given                                             # the profiler did run
+    assert os.listdir(str(tmp_path)) == []                   # its folders removed afterwards
+    assert sorted(os.listdir(os.getcwd())) == cwd_before
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
+
+
 def _section(b32):
     """A minimal int8 section whose per-layer times are ``b32``: layer → (fp32 ms, int8 ms)."""
     from distill.quantize.layer_speed import slower_layers

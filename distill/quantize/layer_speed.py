@@ -21,6 +21,7 @@ the per-node fp32 times match the same nodes profiled inside the whole fused gra
 import json
 import logging
 import os
+import tempfile
 import warnings
 from contextlib import contextmanager
 from types import SimpleNamespace
@@ -109,15 +110,21 @@ def _profile(symbol, params, shapes, repeats, warmup):
     feed = {k: mx.nd.array(rng.uniform(size=s).astype("float32")) for k, s in shapes.items()}
     for _ in range(warmup):
         ex.forward(is_train=False, **feed)[0].wait_to_read()
-    mx.profiler.set_config(profile_all=True, aggregate_stats=True, filename=os.devnull)
-    mx.profiler.dumps(reset=True)
-    mx.profiler.set_state("run")
-    try:
-        for _ in range(repeats):
-            ex.forward(is_train=False, **feed)[0].wait_to_read()
-    finally:
-        mx.profiler.set_state("stop")
-    stats = json.loads(mx.profiler.dumps(reset=True, format="json"))
+    # MXNet's profiler writes its trace by *replacing* the file it is given (as root, pointing it
+    # at os.devnull turned /dev/null into a regular file): it gets a file of its own in a
+    # temporary folder, removed afterwards. A dump at process exit into the removed folder fails
+    # quietly (checked), so nothing is written outside the system temp folder.
+    with tempfile.TemporaryDirectory(prefix="distill-profile-") as tmp:
+        mx.profiler.set_config(profile_all=True, aggregate_stats=True,
+                               filename=os.path.join(tmp, "profile.json"))
+        mx.profiler.dumps(reset=True)
+        mx.profiler.set_state("run")
+        try:
+            for _ in range(repeats):
+                ex.forward(is_train=False, **feed)[0].wait_to_read()
+        finally:
+            mx.profiler.set_state("stop")
+        stats = json.loads(mx.profiler.dumps(reset=True, format="json"))
     ops = stats.get("Time", {}).get("operator", {})
     return {k: float(v["Min"]) for k, v in ops.items() if k not in _BOOKKEEPING}
 
