@@ -24,8 +24,11 @@ demo: $(STAMP)
 # two test processes, one OpenMP thread each for in-process work: most tests are short MXNet
 # runs whose single-threaded parts (graph set-up, subprocess start-up) dominate, so two processes
 # finish sooner than one with two threads (training subprocesses keep two threads: see run_cli)
+# then the int8 / QAT / teacher-cache tests (marker `isa`) again with oneDNN capped at AVX2, so an
+# AVX-512 host checks the AVX2 kernels too (tests/test_isa.py checks the cap takes effect)
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2
+	DNNL_MAX_CPU_ISA=AVX2 OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 -m isa
 
 clean:
 	rm -rf $(VENV) runs

@@ -8,25 +8,6 @@ import yaml
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _cpu_flags():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-#: oneDNN's int8 kernels differ by CPU: on an AVX2-only host (no AVX-512) MXNet 1.9.1's int8
-#: graph of a residual net with a signed shortcut is ~18% (of the logits' scale) off fp32, where
-#: AVX-512 hosts are within 5%; the tests that pin those figures are expected to fail there
-AVX512 = "avx512f" in _cpu_flags()
-AVX2_INT8 = ("MXNet 1.9.1's oneDNN int8 on a host without AVX-512: a signed residual shortcut "
-             "comes out ~18% off fp32 (a second defect, not worked around yet)")
-
-
 def tiny_teacher(tmp, name="tiny_teacher", epochs=2, **data):
     """Write a teacher recipe (synthetic data, cifar_resnet20_v1) into ``tmp``; return its path."""
     d = {"name": "synthetic", "num_samples": 640, "num_classes": 4, "image_size": 16, **data}

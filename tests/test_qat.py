@@ -2,6 +2,7 @@
 tensors quantized, same uint8/int8 choice, same outputs), the steps learn, a killed run resumes
 to the uninterrupted result, NaN stops it, and the CLI flags reach the recipe."""
 import argparse
+import json
 import os
 from types import SimpleNamespace
 
@@ -20,7 +21,6 @@ from distill.quantize.qat import build_qat_net, quant_plan, run_qat
 from distill.quantize.qat.fakequant import SCALE_SUFFIX
 from distill.recipe import recipe_from_dict
 from distill.trainer import TrainingDiverged, predict
-from helpers import AVX2_INT8, AVX512
 
 
 class _Net(nn.HybridBlock):
@@ -78,11 +78,13 @@ def ctx(tmp_path_factory):
     return SimpleNamespace(tmp=tmp, recipe=recipe, data=data, model=model, th=thresholds, teacher=tprefix)
 
 
+@pytest.mark.isa
 def test_plan_is_read_from_the_int8_graph(ctx):
     plan = quant_plan(ctx.model, ctx.th, [])
     g = quantize(ctx.model, ctx.th, [])
     assert {p.fused for p in plan.points.values()} == set(g.calib_layers)
-    assert len(plan.weights) == len(ctx.model.layers)           # every weight layer int8
+    # every weight layer int8, but those this CPU keeps fp32 (FC without VNNI: graph.py)
+    assert set(plan.weights) == set(ctx.model.layer_names) - set(ctx.model.host_fp32)
     relu6 = [p for p in plan.points.values() if "clip" in p.node]
     assert relu6 and all(p.unsigned and p.cap == 6.0 for p in relu6)
     assert not plan.points["_net0_batchnorm0_fwd"].unsigned      # conv + BN, no act: int8
@@ -91,7 +93,28 @@ def test_plan_is_read_from_the_int8_graph(ctx):
     assert plan.points["data"].unsigned == (ctx.th["data"][0] >= 0)
 
 
-@pytest.mark.xfail(not AVX512, reason=AVX2_INT8, strict=False)
+@pytest.mark.isa
+@pytest.mark.parametrize("saturates", [True, False])
+def test_both_branches_of_the_dense_saturation_probe(ctx, monkeypatch, saturates):
+    """The probe's answer decides whether FullyConnected layers are int8: forced either way (as
+    on a CPU with or without VNNI), the real int8 graph and the fake-quantized plan agree on it,
+    and the int8 report lists what the CPU forced into fp32."""
+    from distill.quantize import graph as qgraph
+    monkeypatch.setattr(qgraph, "dense_int8_saturates", lambda: saturates)
+    model = FloatModel.from_prefix(os.path.join(str(ctx.tmp), "model"), (1, 8, 8))
+    fc = [l.name for l in model.layers if l.op == "FullyConnected"]
+    assert fc and model.host_fp32 == (fc if saturates else [])
+    g = quantize(model, ctx.th, [])
+    quantized = {n["name"] for n in json.loads(g.symbol.tojson())["nodes"]
+                 if str(n.get("attrs", {}).get("quantized", "")).lower() == "true"}
+    fc_int8 = any("fully_connected" in n for n in quantized)
+    assert fc_int8 is (not saturates)
+    plan = quant_plan(model, ctx.th, [])
+    assert (fc[0] in plan.weights) is (not saturates)
+    assert g.excluded == []                        # the user's exclusions are not rewritten
+
+
+@pytest.mark.isa
 def test_fake_quant_is_the_deployed_int8_graph(ctx):
     """Same thresholds: the simulated logits are MXNet's int8 logits (up to a code of rounding
     here and there), far closer to them than fp32 is; the argmax agrees on ≥ 99% of images.
@@ -111,6 +134,7 @@ def test_fake_quant_is_the_deployed_int8_graph(ctx):
     assert (sim.argmax(1) == real.argmax(1)).mean() >= 0.99
 
 
+@pytest.mark.isa
 def test_every_step_gets_a_gradient(ctx):
     plan = quant_plan(ctx.model, ctx.th, [])
     net = build_qat_net(ctx.model, plan)

@@ -14,7 +14,7 @@ import pytest
 
 from distill.graphio import load_symbol_block
 from tbread import read_scalars
-from helpers import AVX512, ROOT, run_cli, tiny_student, tiny_teacher
+from helpers import ROOT, run_cli, tiny_student, tiny_teacher
 
 
 @pytest.fixture(scope="module")
@@ -142,11 +142,18 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
 
 
 def test_teacher_cache_modes_agree_and_augment_runs_live(tmp_path):
+    """Live, memory and disk teacher outputs train the same student. oneDNN's fp32 kernels round
+    an image's logits differently with the batch around it (≈1e-6 of their scale on an AVX2
+    host: the cache runs the teacher over chunks of the train set, a live run over each random
+    batch), and SGD at lr 0.1 turns that into ~1-3% of the first epoch's loss. So the modes are
+    compared at lr 1e-8 (> 0 is required; the student stays put to rounding): every epoch's loss
+    is then its KD loss against the teacher's outputs for the very batches, which a misaligned
+    cache would change by far more than rounding."""
     t = tiny_teacher(tmp_path, epochs=1)
     runs = {}
     for mode in ("off", "memory", "disk"):
         s = tiny_student(tmp_path, t, name=f"cache_{mode}", epochs=2,
-                         trainer={"teacher_cache": mode}, output={"latency": False})
+                         trainer={"teacher_cache": mode, "lr": 1e-8}, output={"latency": False})
         res = run_cli(s)
         assert res.returncode == 0, res.stderr[-2000:]
         runs[mode] = (_history(os.path.join(tmp_path, "runs", f"cache_{mode}")), res.stdout)
@@ -154,6 +161,8 @@ def test_teacher_cache_modes_agree_and_augment_runs_live(tmp_path):
     assert "cached once (disk" in runs["disk"][1]
     for a, b in zip(runs["memory"][0], runs["disk"][0]):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6) and b["val_top1"] == a["val_top1"]
+    for a, b in zip(runs["off"][0], runs["memory"][0]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["val_top1"] == a["val_top1"]
     s = tiny_student(tmp_path, t, name="aug", epochs=1, data={"augment": ["crop"]},
                      output={"latency": False})
     res = run_cli(s)
@@ -162,14 +171,34 @@ def test_teacher_cache_modes_agree_and_augment_runs_live(tmp_path):
                      trainer={"teacher_cache": "memory"})
     res = run_cli(s)
     assert res.returncode == 2 and "augment" in res.stderr
-    if not AVX512:
-        # seen on an AVX2-only host: the live run's first-epoch loss 3% off the cached runs'
-        # (0.4926 vs 0.4783; memory and disk identical); the cause is not found yet
-        off, cached = runs["off"][0][0]["loss"], runs["memory"][0][0]["loss"]
-        if off != pytest.approx(cached, rel=1e-5):
-            pytest.xfail(f"host without AVX-512: live teacher {off:.5f} vs cached {cached:.5f}")
-    for a, b in zip(runs["off"][0], runs["memory"][0]):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["val_top1"] == a["val_top1"]
+
+
+@pytest.mark.isa
+def test_cached_teacher_outputs_are_the_live_ones_up_to_rounding():
+    """For the same images, the cache (chunks of the train set) and the live teacher (random
+    batches) give the same logits to float rounding relative to their scale, in both cache modes."""
+    from gluoncv.model_zoo import get_model
+    from distill.teacher import Teacher
+    from distill.teacher_cache import TeacherOutputs
+    mx.random.seed(0)
+    net = get_model("cifar_resnet20_v1", classes=4)
+    net.initialize(mx.init.Xavier())
+    net.hybridize()
+    x = np.random.RandomState(0).rand(200, 1, 16, 16).astype("float32")
+    sym = net(mx.sym.var("data"))
+    net(mx.nd.array(x[:2]))
+    params = {p.name: p.data() for p in net.collect_params().values()}
+    teacher = Teacher(sym, params, "test")
+    live = TeacherOutputs(teacher, x, mode="off", progress=False)
+    cached = TeacherOutputs(teacher, x, mode="memory", batch_size=64, progress=False)
+    rng = np.random.RandomState(1)
+    order = rng.permutation(len(x))
+    for i in range(0, len(x), 32):
+        idx = order[i:i + 32]
+        a = live(idx, mx.nd.array(x[idx]))[0].asnumpy()
+        b = cached(idx, None)[0].asnumpy()
+        scale = np.abs(a).max()
+        assert np.abs(a - b).max() <= 1e-5 * scale, (i, np.abs(a - b).max(), scale)
 
 
 def test_augment_batch_is_seeded_and_shape_preserving():

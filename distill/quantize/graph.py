@@ -11,6 +11,7 @@ Layer names are the original graph's (``mobilenetv20_features_conv0_fwd``), as u
 in ``distill inspect`` and write them in patterns; MXNet's quantization pass accepts them for
 the fused nodes that contain them.
 """
+import functools
 import json
 import logging
 import warnings
@@ -25,7 +26,8 @@ from ..graphio import check_params, load_pair, make_block
 from ..graphnorm import normalise
 from ..modelinfo import layer_table
 
-__all__ = ["Layer", "FloatModel", "QuantizedGraph", "quantize", "inference_block", "WEIGHT_OPS"]
+__all__ = ["Layer", "FloatModel", "QuantizedGraph", "quantize", "inference_block", "WEIGHT_OPS",
+           "dense_int8_saturates"]
 _LOGGER = logging.getLogger(__name__)
 
 WEIGHT_OPS = ("Convolution", "FullyConnected")
@@ -124,6 +126,16 @@ class FloatModel:
         if not self.layers:
             raise UserError(f"{source}: the graph has no Convolution or FullyConnected layer: "
                             f"there is nothing for int8 to speed up.")
+        # weight layers this CPU cannot run in int8 without overflow: always fp32 (see
+        # dense_int8_saturates); listed in the int8 report as `host_fp32`
+        self.host_fp32 = [l.name for l in self.layers if l.op == "FullyConnected"] \
+            if dense_int8_saturates() else []
+        if self.host_fp32:
+            _LOGGER.info("%s: int8: %d FullyConnected layer(s) kept fp32 (%s): this CPU's oneDNN "
+                         "int8 inner product adds pairs of u8×s8 products in 16 bits and "
+                         "saturates (no VNNI, or DNNL_MAX_CPU_ISA below it); measured here by a "
+                         "probe.", source, len(self.host_fp32), ", ".join(self.host_fp32[:4]) +
+                         (" ..." if len(self.host_fp32) > 4 else ""))
         self.op_names = [n["name"] for n in json.loads(symbol.tojson())["nodes"] if n["op"] != "null"]
         self.fused_op_names = [n["name"] for n in json.loads(self.fused.tojson())["nodes"]
                                if n["op"] != "null"]
@@ -229,6 +241,42 @@ def keep_adds_unfused(symbol, names):
     return mx.sym.load_json(json.dumps(graph))
 
 
+_PROBE_K = 64
+
+
+@functools.lru_cache(maxsize=None)
+def dense_int8_saturates():
+    """Whether MXNet's oneDNN int8 FullyConnected saturates on this CPU (measured once).
+
+    Without VNNI (AVX2 hosts, or an AVX-512 host under ``DNNL_MAX_CPU_ISA=AVX2``) oneDNN's
+    ``gemm_s8u8s32`` inner product sums pairs of u8 × s8 products in 16 bits
+    (``vpmaddubsw``): 255 × 127 × 2 = 64,770 overflows 32,767. oneDNN's int8 *convolutions*
+    halve their weights there (the ``sa0.5`` of ``DNNL_VERBOSE``) and stay exact; the inner
+    product does not, and a classifier on full-range input came out 18% (of the logits' scale)
+    off fp32. Rather than read CPU flags (the ISA oneDNN uses can be capped by an environment
+    variable), this runs the deployed kernel on input that would saturate: a 64-wide FC whose
+    codes are all 255 (input) and 127 (weights) must give 64; saturated it gives about 32.
+    """
+    data = mx.sym.var("data")
+    fc = mx.sym.FullyConnected(data, num_hidden=1, no_bias=True, name="probe_fc")
+    arg = {"probe_fc_weight": mx.nd.ones((1, _PROBE_K))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qsym, qarg, _, col = mxq.quantize_graph(
+            sym=fc.get_backend_symbol("MKLDNN_QUANTIZE"), arg_params=arg, aux_params={},
+            ctx=mx.cpu(), excluded_sym_names=[], excluded_op_names=[], calib_mode="naive",
+            quantized_dtype="auto", quantize_mode="full", quantize_granularity="channel-wise",
+            logger=None)
+        col.min_max_dict = {n: (0.0, 1.0) if n == "data" else (-2.0 * _PROBE_K, 2.0 * _PROBE_K)
+                            for n in col.include_layer}
+        qsym, qarg, _ = mxq.calib_graph(qsym=qsym, arg_params=arg, aux_params={}, collector=col,
+                                        calib_mode="naive", quantized_dtype="auto", logger=None)
+        qsym = qsym.get_backend_symbol("MKLDNN_QUANTIZE")
+        ex = qsym.bind(mx.cpu(), {"data": mx.nd.ones((1, _PROBE_K)), **qarg}, grad_req="null")
+        got = float(ex.forward(is_train=False)[0].asnumpy().ravel()[0])
+    return bool(abs(got - _PROBE_K) > 0.05 * _PROBE_K)
+
+
 # op types always left fp32: MXNet 1.9.1's quantized elemwise_mul takes int8 inputs only and
 # fails at run time on the uint8 it gets after a ReLU-like op (MobileNetV3's hard-swish,
 # "currently, quantized elemwise mul only support int8 inputs")
@@ -257,7 +305,7 @@ def quantize(model, thresholds, excluded=(), granularity="channel-wise", exclude
     QuantizedGraph
     """
     excluded = list(excluded)
-    names = sorted(set(excluded) | set(exclude_ops))
+    names = sorted(set(excluded) | set(exclude_ops) | set(getattr(model, "host_fp32", ())))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # calib_mode='naive' only makes MXNet return the list of outputs needing thresholds

@@ -180,7 +180,9 @@ def _time_layer(model, graph, node_index, params, internals, thresholds, granula
     """``{"b1": {...}, "b32": {...}}`` for the fused node ``node_index`` timed alone."""
     sym, data_inputs = _one_node_graph(graph, node_index, params)
     arg_params, aux_params = _split_params(sym, params)
-    one = _OneNode(fused=sym, arg_params=arg_params, aux_params=aux_params)
+    # a layer this CPU keeps fp32 (FloatModel.host_fp32) is timed as deployed: fp32 both times
+    one = _OneNode(fused=sym, arg_params=arg_params, aux_params=aux_params,
+                   host_fp32=list(getattr(model, "host_fp32", ())))
     # Inputs the table lacks (a split's second output, say) only decide int8 vs uint8
     # input: the kernel's speed does not depend on the range.
     table = dict(thresholds)
