@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The main job: ``python train.py RECIPE.yaml [--set KEY=VALUE ...] [--resume]``."""
+"""The main job: ``python train.py RECIPE.yaml [--set KEY=VALUE ...] [--resume [--trust-checkpoint]]``."""
 import sys
 
 from distill.cli import train_main

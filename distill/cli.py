@@ -1,7 +1,8 @@
 """The ``distill`` command line. Thin: parse arguments, call library functions.
 
-``distill train RECIPE.yaml [--set KEY=VALUE ...] [--resume]`` runs a recipe (``train.py`` is the
-same command); ``distill list`` shows the registered students, datasets and loss terms.
+``distill train RECIPE.yaml [--set KEY=VALUE ...] [--resume [--trust-checkpoint]]`` runs a recipe
+(``train.py`` is the same command); ``distill list`` shows the registered students, datasets and
+loss terms.
 A user mistake prints one paragraph (no traceback; ``--debug`` shows it) and exits with 2.
 """
 import argparse
@@ -26,6 +27,9 @@ def _add_train_args(p):
                    help="override a recipe key, e.g. --set trainer.epochs=3 (repeatable)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the last complete epoch in the run folder")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="with --resume: also load a checkpoint in the old pickle format (unpickling "
+                        "runs any code the file holds: only for run folders you wrote yourself)")
     _common(p)
 
 
@@ -33,7 +37,7 @@ def _cmd_train(args):
     from .recipe import load_recipe
     from .run import run_training
     recipe = load_recipe(args.recipe, args.overrides)
-    run_training(recipe, resume=args.resume)
+    run_training(recipe, resume=args.resume, trust_checkpoint=args.trust_checkpoint)
     return 0
 
 

@@ -4,8 +4,9 @@ The run folder (``output.dir`` or ``runs/<name>``) is the interface every other 
 its layout belongs to :mod:`distill.runfolder`.
 
 A ``teacher.recipe`` is resolved here (:func:`resolve_teacher`): trained into its own run folder
-on first use, reused while that recipe is unchanged, and handed to :mod:`distill.teacher` as a
-checkpoint prefix.
+on first use, reused while that recipe and the tool that trained it are unchanged
+(:func:`distill.runfolder.reuse_check`), and handed to :mod:`distill.teacher` as a checkpoint
+prefix.
 """
 import datetime
 import logging
@@ -20,6 +21,7 @@ from tensorboardX import SummaryWriter
 
 from students import build_student
 
+from .checkpoint import is_legacy_checkpoint, latest_checkpoint
 from .data import load_data
 from .distributed import create_kvstore, dump_state
 from .errors import UserError
@@ -32,7 +34,7 @@ from .quantize.pipeline import quantize_target
 from .recipe import load_recipe, recipe_from_dict, recipe_hash, recipe_to_dict
 from .recorders import default_recorders
 from .report import summary_table
-from .runfolder import RunFolder
+from .runfolder import PROVENANCE_KEY, RunFolder, reuse_check, tool_provenance
 from .stages import Stage, export_stage, pipeline_table
 from .taps import tapped_block
 from .teacher import load_teacher, resolve_path
@@ -91,8 +93,9 @@ def recipe_dir_of(recipe):
 def teacher_recipe_prefix(path, recipe_dir="."):
     """``(prefix, source)`` of the teacher trained by the recipe at ``path``.
 
-    Trained into that recipe's run folder on first use, reused from there while the recipe is
-    unchanged (its hash is in the folder's ``metrics.json``).
+    Trained into that recipe's run folder on first use, reused from there while the recipe and
+    the tool are unchanged (:func:`~distill.runfolder.reuse_check`: recipe hash, version and
+    commit in the folder's ``metrics.json``); else trained again, with one line saying why.
     """
     rpath = resolve_path(path, recipe_dir)
     if not os.path.isfile(rpath):
@@ -100,20 +103,21 @@ def teacher_recipe_prefix(path, recipe_dir="."):
                         f"current folder).")
     trecipe = load_recipe(rpath)
     folder = RunFolder(trecipe.run_dir)
-    h = recipe_hash(trecipe)
-    cached = False
-    if folder.has_model():
-        m = folder.read_metrics()
-        cached = m.get("recipe_hash") == h and m.get("complete")
-    if cached:
-        _LOGGER.info("teacher: reusing the trained teacher in %s (recipe unchanged)", trecipe.run_dir)
+    kvstore = trecipe.trainer.kvstore
+    if kvstore.startswith("dist"):
+        # rank 0 trains it alone while the other workers wait: a second KVStore would hang. Set
+        # before hashing: the run records the hash of the recipe it trained (kvstore local)
+        trecipe.trainer.kvstore = "local"
+    ok, why = reuse_check(folder.path, recipe_hash(trecipe), recipe_to_dict(trecipe))
+    if ok:
+        _LOGGER.info("teacher: reusing the trained teacher in %s (recipe and tool unchanged)",
+                     trecipe.run_dir)
     else:
-        _LOGGER.info("teacher: training it from %s into %s (cached there for later runs)", rpath, trecipe.run_dir)
-        if trecipe.trainer.kvstore.startswith("dist"):
-            # rank 0 trains it alone while the other workers wait: a second KVStore would hang
+        _LOGGER.info("teacher: %s: training it from %s into %s (cached there for later runs)",
+                     why, rpath, trecipe.run_dir)
+        if kvstore.startswith("dist"):
             _LOGGER.warning("teacher: %s sets `trainer.kvstore: %s`; the teacher is trained by one "
-                            "process (kvstore local), then shared", rpath, trecipe.trainer.kvstore)
-            trecipe.trainer.kvstore = "local"
+                            "process (kvstore local), then shared", rpath, kvstore)
         run_training(trecipe, resume="auto", role="teacher")
     return folder.model_prefix, f"recipe {path} ({trecipe.run_dir})"
 
@@ -146,7 +150,7 @@ def _model_summary(prefix, net_params, input_shape, latency_cfg):
     return out
 
 
-def run_training(recipe, resume=False, role="student"):
+def run_training(recipe, resume=False, role="student", trust_checkpoint=False):
     """Run ``recipe`` end to end and return its metrics dict (also written to ``metrics.json``).
 
     Parameters
@@ -154,9 +158,13 @@ def run_training(recipe, resume=False, role="student"):
     recipe : Recipe
     resume : bool or "auto"
         Continue from the newest checkpoint in the run folder, if any; ``"auto"`` resumes only
-        when the folder was started with the same recipe (else starts fresh).
+        an interrupted run started with the same recipe (else starts fresh: a complete run is
+        trained again, as a caller that found it stale wants).
     role : str
         ``"teacher"`` when this run trains a teacher for another recipe (only changes messages).
+    trust_checkpoint : bool
+        ``--trust-checkpoint``: ``resume`` may load a checkpoint of the old pickle format
+        (unpickling runs any code the file holds). ``"auto"`` never does: it starts fresh.
 
     With ``trainer.kvstore: dist_sync`` / ``dist_async`` this process is one worker of a
     ``distill launch`` job: it trains on its shard of the data, and only rank 0 writes the run
@@ -170,11 +178,18 @@ def run_training(recipe, resume=False, role="student"):
     root = cluster.is_root
     rdict = recipe_to_dict(recipe)
     h = recipe_hash(recipe)
+    tool = tool_provenance()    # now: the code this process imported is what trains
     if resume == "auto":        # a teacher trained for another recipe: resume only the same recipe
         try:
             _check_same_recipe(folder, rdict)
-            resume = True
+            # ... interrupted: a complete run is trained again only when it may not be reused
+            # (its last checkpoint would hand back the stale weights)
+            resume = not folder.is_complete()
         except UserError:
+            resume = False
+        if resume and is_legacy_checkpoint(latest_checkpoint(folder.checkpoints_dir, clean=False)):
+            _LOGGER.warning("%s: its checkpoints are in the old pickle format, which is never "
+                            "loaded unasked: training it from the start", run_dir)
             resume = False
     if root:                    # the other ranks only read the run folder (their checkpoint)
         _check_writable(run_dir)
@@ -235,6 +250,7 @@ def run_training(recipe, resume=False, role="student"):
         recorders = default_recorders(writer, folder.checkpoints_dir, rdict, log, root=root)
         result = fit(student, train_net, teacher_outputs, data, terms, recipe.trainer,
                      checkpoints=folder.checkpoints_dir, resume=resume, log=log,
+                     trust_checkpoint=trust_checkpoint,
                      modifiers=modifiers + recorders, augment=recipe.data.augment, cluster=cluster)
     finally:
         if writer is not None:
@@ -279,6 +295,7 @@ def run_training(recipe, resume=False, role="student"):
     metrics["teacher_cache_s"] = round(teacher_cache_s, 2)
     metrics["time_s"] = round(time.time() - t_start, 2)
     metrics["versions"] = versions()
+    metrics[PROVENANCE_KEY] = tool   # with recipe_hash: what runfolder.reuse_check compares
     metrics["complete"] = True
     folder.write_metrics(metrics)
     log(summary_table(metrics))

@@ -21,22 +21,30 @@ test)::
     .teacher/              the teacher's inference pair (model-symbol.json + model-0000.params)
     .cache/                the teacher's cached outputs
 
-Ground floor: imports only :mod:`distill.errors`, :mod:`distill.checkpoint` (atomic writes) and
-:mod:`distill.graphio` (pair file names).
+A finished run is reused (benches, slow tests, ``distill compare``, ``teacher.recipe``) only
+when :func:`reuse_check` says so: complete, the same recipe hash, and written by the same tool
+(the :func:`tool_provenance` recorded in ``metrics.json`` under :data:`PROVENANCE_KEY`).
+
+Ground floor: imports only :mod:`distill.errors`, :mod:`distill.checkpoint` (atomic writes),
+:mod:`distill.graphio` (pair file names) and the package's ``__version__``.
 """
+import functools
+import hashlib
 import json
 import logging
 import os
 import shutil
+import subprocess
 
 import yaml
 
+from . import __version__
 from .checkpoint import atomic_write_bytes
 from .errors import UserError
 from .graphio import pair_exists, pair_files
 
 __all__ = ["RunFolder", "LAYOUT", "RECIPE_FILE", "METRICS_FILE", "MODEL", "INT8_SUFFIX",
-           "int8_prefix"]
+           "PROVENANCE_KEY", "int8_prefix", "tool_provenance", "reuse_check"]
 _LOGGER = logging.getLogger(__name__)
 
 RECIPE_FILE = "recipe.yaml"
@@ -46,6 +54,8 @@ PLAN_FILE = "pruning-plan.json"
 TARGET_FILE = "pruning-target.json"
 MODEL = "model"
 INT8_SUFFIX = "-int8"
+#: the section of ``metrics.json`` saying which tool wrote the run (:func:`tool_provenance`)
+PROVENANCE_KEY = "provenance"
 
 # (name, what) in the order the README lists them; folders end with "/".
 LAYOUT = (
@@ -174,6 +184,11 @@ class RunFolder:
     def has_recipe(self):
         return os.path.isfile(self.recipe_path)
 
+    def is_complete(self):
+        """The run finished: its student is written and ``metrics.json`` is marked complete
+        (whatever recipe or tool wrote it: :func:`reuse_check` says whether it may be reused)."""
+        return self.has_model() and bool(self.read_metrics().get("complete"))
+
     def read_recipe_dict(self):
         """The resolved recipe as written (a dict); :class:`UserError` when absent."""
         if not self.has_recipe():
@@ -229,3 +244,181 @@ def merge_json(path, **sections):
     data.update(sections)
     write_json(path, data)
     return data
+
+
+# -- provenance and reuse -------------------------------------------------------------------------
+#: the tool's source, relative to its checkout: uncommitted changes here make a run's code differ
+#: from its commit (tests, benches, docs and recipes do not: the recipe hash covers the recipe)
+SOURCE_PATHS = ("distill", "students", "train.py")
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _git(root, *args):
+    """``git -C root ARGS``'s stdout (bytes), ``None`` on any failure (no git, not a checkout).
+    ``GIT_OPTIONAL_LOCKS=0``: only looks, never refreshes the index of a checkout others use."""
+    try:
+        res = subprocess.run(("git", "-C", root) + args, capture_output=True, timeout=30,
+                             stdin=subprocess.DEVNULL, env=dict(os.environ, GIT_OPTIONAL_LOCKS="0"))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return res.stdout if res.returncode == 0 else None
+
+
+def source_state(package_dir=_PACKAGE_DIR, paths=SOURCE_PATHS):
+    """``(commit, dirty, source_diff)`` of the git checkout the package at ``package_dir`` lives in.
+
+    ``dirty``: the tool's source (``paths``, relative to the checkout) differs from ``commit``
+    (edits or untracked files); ``source_diff``: a short hash of those differences (``None`` when
+    clean). All three are ``None`` outside a git checkout (an installed package, no ``git``).
+    """
+    root = os.path.dirname(package_dir)
+    init = os.path.join(os.path.basename(package_dir), "__init__.py")
+    # tracked there, not merely inside some checkout (a virtualenv's site-packages in a repo)
+    if _git(root, "ls-files", "--error-unmatch", "--", init) is None:
+        return None, None, None
+    head = _git(root, "rev-parse", "--verify", "HEAD")
+    if head is None:
+        return None, None, None
+    paths = [p for p in paths if os.path.exists(os.path.join(root, p))]
+    diff = _git(root, "diff", "HEAD", "--binary", "--no-ext-diff", "--no-textconv", "--", *paths)
+    others = _git(root, "ls-files", "-z", "--others", "--exclude-standard", "--", *paths)
+    if diff is None or others is None:
+        return head.decode().strip(), None, None
+    if not diff and not others:
+        return head.decode().strip(), False, None
+    h = hashlib.sha256(diff)
+    for rel in sorted(filter(None, others.decode(errors="surrogateescape").split("\0"))):
+        h.update(b"\0" + rel.encode(errors="surrogateescape") + b"\0")
+        try:
+            with open(os.path.join(root, rel), "rb") as f:
+                h.update(f.read())
+        except OSError:
+            pass
+    return head.decode().strip(), True, h.hexdigest()[:12]
+
+
+@functools.lru_cache(maxsize=1)
+def _tool_provenance():
+    commit, dirty, source_diff = source_state()
+    return (("version", __version__), ("commit", commit), ("dirty", dirty),
+            ("source_diff", source_diff))
+
+
+def tool_provenance():
+    """What this process's tool is, as recorded in a finished run's ``metrics.json``.
+
+    Computed once per process (four ``git`` calls, milliseconds; never fails: without git or
+    outside a checkout, the version alone).
+
+    Returns
+    -------
+    dict
+        ``version`` (``distill.__version__``), ``commit`` (``git rev-parse HEAD`` of the
+        checkout the package lives in, or ``None``), ``dirty`` (uncommitted changes to the
+        tool's source, :data:`SOURCE_PATHS`) and ``source_diff`` (a hash of those changes).
+    """
+    return dict(_tool_provenance())
+
+
+def _short(commit):
+    return commit[:12] if commit else "none (not a git checkout)"
+
+
+def describe_provenance(p):
+    """``distill 0.1.0, commit 0123456789ab`` (+ ``with uncommitted changes …``)."""
+    text = f"distill {p.get('version')}, commit {_short(p.get('commit'))}"
+    return text + (f" with uncommitted changes (source diff {p.get('source_diff')})"
+                   if p.get("dirty") else "")
+
+
+def provenance_change(old, now):
+    """How the tool that wrote a run (``old``) differs from ``now``: a clause, ``None`` when the
+    same. A commit with uncommitted changes to the tool's source matches only the very same
+    changes (same ``source_diff``): within one development session an unchanged tree reuses its
+    runs, an edit to the source does not."""
+    if old.get("version") != now.get("version"):
+        return f"distill {old.get('version')} (now {now.get('version')})"
+    if old.get("commit") != now.get("commit"):
+        return f"commit {_short(old.get('commit'))} (now {_short(now.get('commit'))})"
+    if bool(old.get("dirty")) != bool(now.get("dirty")) or old.get("source_diff") != now.get("source_diff"):
+        c = _short(now.get("commit"))
+        if not old.get("dirty"):
+            return f"commit {c} without uncommitted changes (now with changes to the tool's source)"
+        if not now.get("dirty"):
+            return f"commit {c} with uncommitted changes to the tool's source (now without)"
+        return (f"commit {c} with other uncommitted changes to the tool's source (source diff "
+                f"{old.get('source_diff')}, now {now.get('source_diff')})")
+    return None
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _recipe_changes(folder, recipe_dict, limit=4):
+    """``trainer.epochs 1 → 2, …``: the keys of ``recipe_dict`` that differ from the folder's
+    recipe (``output`` left out: where a run goes is not what it trains)."""
+    try:
+        old = folder.read_recipe_dict() if folder.has_recipe() else None
+    except (UserError, yaml.YAMLError):
+        old = None
+    if not isinstance(old, dict):
+        return ""
+    a, b = _flat({k: v for k, v in old.items() if k != "output"}), \
+        _flat({k: v for k, v in recipe_dict.items() if k != "output"})
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+    def val(d, k):
+        return json.dumps(d[k]) if k in d else "unset"
+    items = [f"{k} {val(a, k)} → {val(b, k)}" for k in keys[:limit]]
+    more = f", and {len(keys) - limit} more" if len(keys) > limit else ""
+    return f": {', '.join(items)}{more}" if items else ""
+
+
+def reuse_check(run_dir, recipe_hash, recipe_dict=None):
+    """May the run in ``run_dir`` stand for a run of the recipe hashing to ``recipe_hash``?
+
+    The one rule every reuse follows (``distill compare``, ``teacher.recipe``, benches, slow
+    tests): the folder holds a complete run (student written, ``metrics.json`` marked complete)
+    of the same recipe hash, written by the same tool (:func:`provenance_change` of the
+    recorded :data:`PROVENANCE_KEY` and :func:`tool_provenance` is ``None``). A run written
+    before provenance was recorded is not reused.
+
+    Parameters
+    ----------
+    run_dir : str
+    recipe_hash : str
+        :func:`distill.recipe.recipe_hash` of the recipe the caller would run.
+    recipe_dict : dict, optional
+        That recipe as plain data (:func:`distill.recipe.recipe_to_dict`): a refusal then names
+        the keys that changed.
+
+    Returns
+    -------
+    ok : bool
+    reason : str
+        One clause starting with the folder: why it is reused, or what changed.
+    """
+    folder = RunFolder(run_dir)
+    path = folder.path
+    if not folder.is_complete():
+        return False, f"{path} holds no complete run"
+    m = folder.read_metrics()
+    if m.get("recipe_hash") != recipe_hash:
+        changes = _recipe_changes(folder, recipe_dict) if recipe_dict is not None else ""
+        return False, (f"{path} was trained from another recipe (hash {m.get('recipe_hash')}, "
+                       f"now {recipe_hash}){changes}")
+    old, now = m.get(PROVENANCE_KEY), tool_provenance()
+    if not isinstance(old, dict):
+        return False, (f"{path} records no provenance (written before runs recorded the tool's "
+                       f"version and commit; now {describe_provenance(now)})")
+    change = provenance_change(old, now)
+    if change:
+        return False, f"{path} was written by {change}"
+    return True, f"{path} is complete, same recipe, same tool ({describe_provenance(now)})"

@@ -6,7 +6,8 @@ Sources (``teacher:`` section, exactly one):
   ``PREFIX-0000.params`` with ``arg:``/``aux:`` names) or a Gluon ``export()`` pair.
   Training-only heads (``SoftmaxOutput`` and other loss layers) are stripped to logits.
 * ``recipe: OTHER.yaml``: trained from another recipe into that recipe's run folder, and reused
-  from there while the recipe is unchanged. The run (:func:`distill.run.resolve_teacher_recipe`)
+  from there while the recipe and the tool (version, commit) are unchanged
+  (:func:`distill.runfolder.reuse_check`). The run (:func:`distill.run.teacher_recipe_prefix`)
   does that and hands this module the trained pair's prefix: the teacher does not train.
 * ``model: NAME`` + ``params: FILE``: a registered model with a ``save_parameters`` file.
 
@@ -88,7 +89,7 @@ def load_teacher(cfg, data, recipe_dir=".", taps=(), trained=None):
         Internal layers the loss terms read (``teacher_layer``).
     trained : (str, str), optional
         ``(prefix, source)`` of the pair trained from ``teacher.recipe``
-        (:func:`distill.run.resolve_teacher_recipe`); required when ``cfg.recipe`` is set.
+        (:func:`distill.run.teacher_recipe_prefix`); required when ``cfg.recipe`` is set.
     """
     input_shape = (1, data.channels) + tuple(data.image_size)
     if cfg.input_shape and tuple(cfg.input_shape) != input_shape[1:]:

@@ -136,7 +136,7 @@ def augment_batch(x, ops, rng):
 
 
 def fit(student, train_net, teacher_outputs, data, terms, cfg, checkpoints=None, resume=False,
-        log=print, modifiers=(), augment=(), cluster=None):
+        log=print, modifiers=(), augment=(), cluster=None, trust_checkpoint=False):
     """Train ``student`` on ``data`` with the weighted loss ``terms``.
 
     Parameters
@@ -165,6 +165,9 @@ def fit(student, train_net, teacher_outputs, data, terms, cfg, checkpoints=None,
         ``data.train`` is then this worker's shard; gradients are averaged over workers
         (``trainer.batch_size`` is per worker), BatchNorm running statistics are averaged at
         every epoch end, pruning masks are rank 0's, and only rank 0 evaluates.
+    trust_checkpoint : bool
+        With ``resume``: also load a checkpoint of the old pickle format (``--trust-checkpoint``;
+        unpickling runs any code the file holds, see :mod:`distill.checkpoint`).
 
     Returns
     -------
@@ -184,7 +187,7 @@ def fit(student, train_net, teacher_outputs, data, terms, cfg, checkpoints=None,
     path = latest_checkpoint(checkpoints, clean=cluster.is_root) if resume and checkpoints else None
     init_kv = (lambda: cluster.init_trainer(trainer)) if cluster.distributed else None
     if path:
-        payload = load_checkpoint(path, owner, trainer, before_states=init_kv)
+        payload = load_checkpoint(path, owner, trainer, before_states=init_kv, trust=trust_checkpoint)
         for m in modifiers:
             m.load_state_dict(payload.get("modifiers", {}).get(m.name, {}))
         start, history = payload["epoch"] + 1, payload["history"]

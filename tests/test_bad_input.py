@@ -1,5 +1,6 @@
 """Every bad input gets one clear paragraph from the real CLI: exit code 2, the file/key/layer
 at fault named, what would be valid, and no Python traceback."""
+import dataclasses
 import os
 
 import mxnet as mx
@@ -149,6 +150,47 @@ def test_image_folder_corrupt_file_skipped_and_counted(tmp_path):
                                      "student": {"model": "cifar_resnet20_v1"}, **FAST}))
     assert res.returncode == 0, res.stderr[-2000:]
     assert "skipped 2" in (res.stdout + res.stderr).lower() or "2 unreadable" in (res.stdout + res.stderr)
+
+
+def test_fewer_images_than_classes_fails_at_load(tmp_path):
+    # 96 images of 100 classes: one image per class at most, so val gets none. Before: an epoch
+    # trained, then MXNet's "Cannot find attribute forward_mem_plan" traceback (an empty batch)
+    r = _recipe(tmp_path, {"data": {"name": "synthetic", "num_samples": 96, "num_classes": 100,
+                                    "image_size": 8},
+                           "student": {"model": "cifar_resnet20_v1"}, **FAST}, "degenerate")
+    res = run_cli(r)
+    _fails(res, "val split has no images", "96 train / 0 val images, 100 classes",
+           "`data.num_samples` (now 96)", "200")
+    assert "epoch 1/" not in res.stdout and "forward_mem_plan" not in res.stderr
+
+
+def test_load_data_refuses_empty_splits(monkeypatch):
+    from distill import data as D
+    from distill.data import SourceData, load_data
+    from distill.errors import UserError
+    from distill.recipe import DataConfig
+    with pytest.raises(UserError, match=r"val split has no images \(8 train / 0 val images, 10 "
+                                        r"classes\).*`data\.val_split` \(0\.2\).*largest class here has 1"):
+        load_data(DataConfig(name="synthetic", num_samples=8, num_classes=10))
+    # one image per split is not degenerate: a train split smaller than a batch is one batch
+    b = load_data(DataConfig(name="synthetic", num_samples=20, num_classes=2, limit=1))
+    assert (len(b.train), len(b.val)) == (1, 4)
+    # a loader that leaves train empty (every image in its val set)
+    x = np.zeros((4, 1, 8, 8), np.float32)
+    y = np.array([0, 1, 0, 1], np.int32)
+    empty = SourceData(x_train=x[:0], y_train=y[:0], x_val=x, y_val=y, class_names=["a", "b"],
+                       source="test")
+    monkeypatch.setattr(D.DATASETS, "get", lambda name, where=None: lambda cfg, seed: empty)
+    with pytest.raises(UserError, match=r"train split has no images \(0 train / 4 val images, 2 "
+                                        r"classes\).*`data\.val_split`"):
+        load_data(DataConfig(name="synthetic"))
+    # ... or, reading only its part (as `recordio` does), one worker's part of train
+    def part_loader(cfg, seed, part_index=0, num_parts=1):
+        return dataclasses.replace(empty, sharded=True)
+    part_loader.reads_parts = True
+    monkeypatch.setattr(D.DATASETS, "get", lambda name, where=None: part_loader)
+    with pytest.raises(UserError, match=r"0 train, worker 2 of 2 / 4 val.*fewer workers"):
+        load_data(DataConfig(name="synthetic"), part_index=1, num_parts=2)
 
 
 def test_recordio_without_idx(tmp_path):

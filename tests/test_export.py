@@ -168,6 +168,31 @@ def test_onnx_int8_is_checked_in_onnxruntime(mnist_export):
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
 
 
+@pytest.mark.parametrize("bits", ["7", "8"])
+def test_onnx_int8_weight_bits_forced_either_way(mnist_export, tmp_path, bits):
+    """The host-chosen 7-bit (no VNNI) or 8-bit onnx-int8 weights, forced each way with
+    --onnx-weight-bits (as when exporting for another CPU): the card says which and why, and the
+    weight codes in the file use that range. The default follows this CPU."""
+    import onnx
+    from onnx import numpy_helper
+    from distill.export.onnx_int8 import host_has_vnni
+    default = mnist_export["card"]["exports"]["onnx-int8"]["quantization"]
+    assert default["weight_bits"] == (8 if host_has_vnni() else 7)
+    out = str(tmp_path / "out")
+    res = run_cli("distill", "export", mnist_export["run"], "--format", "onnx-int8", "--out", out,
+                  "--onnx-weight-bits", bits, "--calib-size", "128", "--no-latency")
+    assert os.path.exists(os.path.join(out, "model_card.json")), res.stdout[-2000:] + res.stderr[-2000:]
+    card = json.load(open(os.path.join(out, "model_card.json")))
+    q = card["exports"]["onnx-int8"]["quantization"]
+    assert q["weight_bits"] == int(bits) and q["weight_bits_why"] == f"--onnx-weight-bits {bits}"
+    model = onnx.load(os.path.join(out, "model.int8.onnx"))
+    codes = [numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    top = max(int(np.abs(c.astype(np.int32)).max()) for c in codes if c.size > 1)
+    assert (top <= 64) if bits == "7" else (top >= 100), top
+    if bits == "7" or host_has_vnni():       # 8-bit weights saturate without VNNI: may fail its check
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+
+
 def test_latency_side_by_side_and_report(mnist_export):
     card, stdout = mnist_export["card"], mnist_export["stdout"]
     assert card["reference"]["latency_ms"]["b1"] > 0
@@ -438,15 +463,11 @@ def test_ncnn_int8_written_by_the_tool_runs_in_ncnn(which, request):
     with open(os.path.join(out, "model.table")) as f:
         assert sum("_param_0" in line for line in f) == n8
 
-# -- the real quickstart student (minutes: trains it when runs/quickstart is missing) --------------
+# -- the real quickstart student (minutes: trains it when runs/quickstart is missing or stale) -----
 
 @pytest.mark.slow
 def test_quickstart_student_exports_everywhere(tmp_path):
-    run_dir = os.path.join(ROOT, "runs", "quickstart")
-    metrics = os.path.join(run_dir, "metrics.json")
-    if not (os.path.isfile(metrics) and json.load(open(metrics)).get("complete")):
-        res = run_cli(os.path.join(ROOT, "recipes", "quickstart.yaml"), timeout=3600)
-        assert res.returncode == 0, res.stderr[-3000:]
+    run_dir = _trained("quickstart")
     res = run_cli("distill", "export", run_dir, "--out", str(tmp_path), timeout=1800)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     card = json.load(open(tmp_path / "model_card.json"))
@@ -459,9 +480,15 @@ def test_quickstart_student_exports_everywhere(tmp_path):
 
 
 def _trained(name):
+    """``runs/NAME``, trained from ``recipes/NAME.yaml`` unless it holds a run of that recipe
+    by this tool (``runfolder.reuse_check``: same recipe hash, version and commit)."""
+    from distill.recipe import load_recipe, recipe_to_dict
+    from distill.runfolder import reuse_check
     run_dir = os.path.join(ROOT, "runs", name)
-    metrics = os.path.join(run_dir, "metrics.json")
-    if not (os.path.isfile(metrics) and json.load(open(metrics)).get("complete")):
+    recipe = load_recipe(os.path.join(ROOT, "recipes", name + ".yaml"))
+    ok, why = reuse_check(run_dir, recipe_hash(recipe), recipe_to_dict(recipe))
+    if not ok:
+        print(f"{why}: training it")
         res = run_cli(os.path.join(ROOT, "recipes", name + ".yaml"), timeout=3600)
         assert res.returncode == 0, res.stderr[-3000:]
     return run_dir

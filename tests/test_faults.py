@@ -4,12 +4,12 @@ folder that cannot be written is reported before training starts. (SIGKILL + --r
 test_train.py.) Each case runs the real CLI in a subprocess; the fault is injected by a small
 wrapper that patches one function before calling the same entry point as train.py."""
 import os
-import pickle
 import subprocess
 import sys
 
 import pytest
 
+from distill.checkpoint import read_checkpoint
 from helpers import ROOT, run_cli, tiny_student, tiny_teacher
 
 
@@ -51,8 +51,7 @@ C.os.fsync = _dying_fsync
     names = sorted(os.listdir(ckpts))
     assert [n for n in names if n.endswith(".ckpt")] == ["epoch-0000.ckpt"]
     assert [n for n in names if n.startswith(".tmp-")]     # the torn write is only a temp file
-    with open(os.path.join(ckpts, "epoch-0000.ckpt"), "rb") as f:
-        payload = pickle.load(f)                   # intact and complete
+    payload = read_checkpoint(os.path.join(ckpts, "epoch-0000.ckpt"))   # intact and complete
     assert payload["epoch"] == 0 and payload["params"]
     res = run_cli(s, "--resume")
     assert res.returncode == 0, res.stderr[-2000:]
@@ -76,8 +75,7 @@ T.lr_at = lambda cfg, e: 1e30 if e >= 1 else _lr(cfg, e)
     assert "epoch 2, step" in out and "loss term" in out and ("kd" in out or "ce" in out)
     ckpts = os.path.join(tmp, "runs", "nan", "checkpoints")
     assert sorted(n for n in os.listdir(ckpts) if n.endswith(".ckpt")) == ["epoch-0000.ckpt"]
-    with open(os.path.join(ckpts, "epoch-0000.ckpt"), "rb") as f:
-        payload = pickle.load(f)
+    payload = read_checkpoint(os.path.join(ckpts, "epoch-0000.ckpt"))
     import numpy as np
     assert all(np.isfinite(v).all() for v in payload["params"].values())
 

@@ -185,6 +185,40 @@ def test_latency_timing_survives_and_names_a_remaining_crash(pairs, tmp_path):
 
 
 
+@pytest.mark.parametrize("crashes", [True, False])
+def test_latency_timing_both_branches_of_the_onednn_crash(pairs, tmp_path, monkeypatch, crashes):
+    """Whether oneDNN crashes on an FC over a 4-D map depends on the CPU's code path; both
+    outcomes are forced here: the crash becomes a UserError naming the layer and the fix, no
+    crash times the graph."""
+    from distill import modelinfo
+    data = mx.sym.var("data")
+    x = _conv_bn(data, "c", 8, stride=2, act=None)
+    x = _conv_bn(x, "gdc", 8, kernel=4, pad=0, groups=8, act=None)
+    sym = mx.sym.FullyConnected(x, num_hidden=1, flatten=False, name="per_pixel")
+    bad = str(tmp_path / "bad")
+    save_pair(bad, sym, _params(sym, (1, 3, 8, 8)))
+    real = modelinfo.best_of_ms
+
+    def timed(fn, *a, **k):
+        if crashes:
+            raise mx.base.MXNetError("Check failed: ... We can't generate TBlob for MKLDNN data. "
+                                     "Please use Reorder2Default() to generate a new NDArray first")
+        return real(fn, *a, **k)
+    monkeypatch.setattr(modelinfo, "best_of_ms", timed)
+    if crashes:
+        with pytest.raises(UserError) as e:
+            modelinfo.measure_latency(bad, (3, 8, 8), batch_sizes=(1,), repeats=1, warmup=1)
+        assert re.search(r"TBlob for MKLDNN.*FullyConnected layer\(s\) per_pixel on a 4-D", str(e.value))
+        assert "Reshape" in str(e.value)
+    else:
+        try:
+            ms = modelinfo.measure_latency(bad, (3, 8, 8), batch_sizes=(1,), repeats=1, warmup=1)
+        except UserError as e:    # this CPU's real oneDNN path crashes: the same message
+            assert "per_pixel" in str(e)
+        else:
+            assert ms["b1"] > 0
+
+
 def test_global_pool_kernel_fitted_and_quantized(pairs, caplog):
     from distill.quantize.calibrators import calibrate
     from distill.quantize.graph import FloatModel, inference_block, quantize

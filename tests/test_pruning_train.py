@@ -13,6 +13,7 @@ import pytest
 import yaml
 from mxnet import autograd, gluon
 
+from distill.checkpoint import read_checkpoint
 from distill.errors import UserError
 from distill.graphio import load_symbol_block
 from distill.pruning import CRITERIA, SCHEDULES
@@ -241,8 +242,7 @@ def teacher(tmp_path_factory):
 
 
 def _ckpt(run, epoch):
-    with open(os.path.join(run, "checkpoints", f"epoch-{epoch:04d}.ckpt"), "rb") as f:
-        return pickle.load(f)
+    return read_checkpoint(os.path.join(run, "checkpoints", f"epoch-{epoch:04d}.ckpt"))
 
 
 def test_channel_pruned_student_is_rebuilt_smaller_and_resumes(teacher):

@@ -1,11 +1,14 @@
 """Run a comparison recipe: every variant × seed trained (or reused), quantized, exported.
 
-Each run goes to ``<out>/<variant>-s<seed>``. A run is reused when its folder is complete
-(``metrics.json`` marked complete) for the same recipe (same :func:`~distill.recipe.recipe_hash`),
-so an interrupted comparison picks up where it stopped (a run interrupted mid-training resumes
-from its last checkpoint). A variant whose run recipe is exactly one trained elsewhere (the
-teacher, trained once into ``runs/teacher_mnist`` for every KD variant) has that run copied in
-instead of trained twice. Teachers named by ``teacher.recipe`` are trained first.
+Each run goes to ``<out>/<variant>-s<seed>``. A run is reused when
+:func:`~distill.runfolder.reuse_check` allows it: its folder is complete (``metrics.json`` marked
+complete) for the same recipe (same :func:`~distill.recipe.recipe_hash`) and was written by the
+same tool (version and commit), so an interrupted comparison picks up where it stopped (a run
+interrupted mid-training resumes from its last checkpoint); a complete run that may not be
+reused is trained again, with one line saying what changed. A variant whose run recipe is
+exactly one trained elsewhere (the teacher, trained once into ``runs/teacher_mnist`` for every
+KD variant) has that run copied in instead of trained twice. Teachers named by
+``teacher.recipe`` are trained first.
 
 One progress bar runs over the runs; each run's own bars (epochs, teacher outputs) show inside.
 """
@@ -18,16 +21,11 @@ import sys
 from ..export.formats import FORMATS
 from ..recipe import recipe_hash, recipe_to_dict
 from ..run import recipe_dir_of, run_training, teacher_recipe_prefix
-from ..runfolder import RunFolder
+from ..runfolder import RunFolder, reuse_check
 from .collect import has_int8, read_run
 
 __all__ = ["run_comparison", "reusable_run", "exported"]
 _LOGGER = logging.getLogger(__name__)
-
-
-def _complete(folder, h):
-    m = folder.read_metrics() if folder.exists() else {}
-    return folder.has_model() and bool(m.get("complete")) and m.get("recipe_hash") == h
 
 
 def _copy_run(src, dst, rdict):
@@ -43,21 +41,29 @@ def _copy_run(src, dst, rdict):
 
 
 def reusable_run(recipe, own_dir=None, log=print):
-    """The folder of a complete run of ``recipe``: its ``output.dir``, else (copied there)
+    """The folder of a complete run of ``recipe`` that may be reused
+    (:func:`~distill.runfolder.reuse_check`): its ``output.dir``, else (copied there)
     ``own_dir``, the folder the variant's recipe names itself (where a teacher recipe's run is
-    cached); ``None`` when it must be trained."""
-    h = recipe_hash(recipe)
+    cached); ``None`` when it must be trained. A complete run refused is named, with what
+    changed, in one line."""
+    h, rdict = recipe_hash(recipe), recipe_to_dict(recipe)
     target = RunFolder(recipe.run_dir)
-    if _complete(target, h):
-        log(f"compare: reusing {target.path} (complete, same recipe)")
+    ok, why = reuse_check(target.path, h, rdict)
+    if ok:
+        log(f"compare: reusing {target.path} (complete, same recipe, same tool)")
         return target.path
-    if own_dir is None:
-        return None
-    default = RunFolder(own_dir)
-    if os.path.abspath(default.path) != os.path.abspath(target.path) and _complete(default, h):
-        log(f"compare: {default.path} is a complete run of the same recipe: copied to {target.path}")
-        _copy_run(default, target, recipe_to_dict(recipe))
-        return target.path
+    refused = [why] if target.is_complete() else []
+    default = RunFolder(own_dir) if own_dir is not None else None
+    if default is not None and os.path.abspath(default.path) != os.path.abspath(target.path):
+        ok, own_why = reuse_check(default.path, h, rdict)
+        if ok:
+            log(f"compare: {default.path} is a complete run of the same recipe by the same tool: "
+                f"copied to {target.path}")
+            _copy_run(default, target, rdict)
+            return target.path
+        refused += [own_why] if default.is_complete() else []
+    if refused:
+        log(f"compare: {'; '.join(refused)}: training it again")
     return None
 
 

@@ -9,6 +9,13 @@ returns pixels in [0, 1]; the steps below are shared, in this order:
 3. ``(x - mean) / std`` per channel (``data.mean``/``data.std``; one value is broadcast);
 4. ``data.labels: false`` drops the train labels (label-free distillation).
 
+A split left without images (train, or val: a class gives val an image only when it has two or
+more) is refused here, with the counts and the key to change, before anything trains: an empty
+batch would otherwise reach a hybridized graph and die in MXNet (``Cannot find attribute
+forward_mem_plan``). One image is enough for either split: the trainer trains a train split
+smaller than ``trainer.batch_size`` as one smaller batch, and drops a last partial batch only
+when there is a full one.
+
 In a ``dist_*`` run (``distill launch``) worker ``part_index`` of ``num_parts`` keeps its shard of
 the train split after step 2 (:func:`distill.distributed.shard_indices`: every ``num_parts``-th
 image, the same count on every worker; ``data.limit`` stays the total over all workers). A
@@ -60,6 +67,38 @@ def _normalize(x, mean, std):
     return np.ascontiguousarray((x - m) / s, dtype=np.float32)
 
 
+def _check_split_sizes(cfg, n_train, n_val, src, limit, part_index, num_parts):
+    """Refuse a train or val split with no images (this worker's train shard in a ``dist_*`` run);
+    the message gives the counts and what to change."""
+    if n_train and n_val:
+        return
+    k = len(src.class_names)
+    shard = f", worker {part_index + 1} of {num_parts}" if num_parts > 1 else ""
+    counts = f"{n_train} train{shard} / {n_val} val images, {k} classes"
+    if not n_val:
+        ys = [np.asarray(y) for y in (src.y_train, src.y_val) if y is not None and len(y)]
+        biggest = int(np.bincount(np.concatenate(ys)).max()) if ys else 0
+        fix = {"synthetic": f"raise `data.num_samples` (now {cfg.num_samples}) to at least "
+                            f"2 × `data.num_classes` = {2 * k}, or lower `data.num_classes`",
+               "image_folder": "add images (at least 2 per class), or give a separate val folder "
+                               "(`data.val`)",
+               "recordio": "add records (at least 2 per class), or give a separate val file "
+                           "(`data.val`)"}.get(cfg.name, "add images (at least 2 per class)")
+        raise UserError(
+            f"data {cfg.name}: the val split has no images ({counts}), so nothing could be "
+            f"evaluated. `data.val_split` ({cfg.val_split}) sends that share of each class to val, "
+            f"but only from classes with at least 2 images, and the largest class here has "
+            f"{biggest}. To fix it, {fix}.")
+    fixes = []
+    if limit is not None:
+        fixes.append(f"raise `data.limit` (now {cfg.limit})")
+    if num_parts > 1:
+        fixes.append("use fewer workers (`distill launch -n`)")
+    fixes += [f"lower `data.val_split` (now {cfg.val_split})", "add images"]
+    raise UserError(f"data {cfg.name}: the train split has no images ({counts}), so nothing "
+                    f"could be trained. To fix it, {', '.join(fixes[:-1])} or {fixes[-1]}.")
+
+
 def load_data(cfg, seed=0, part_index=0, num_parts=1):
     """Load the dataset ``cfg.name`` and apply the common steps.
 
@@ -83,8 +122,8 @@ def load_data(cfg, seed=0, part_index=0, num_parts=1):
     Raises
     ------
     UserError
-        Unknown ``data.name``, bad ``data.mean``/``data.std`` count, or a problem with the
-        files (the message names the path).
+        Unknown ``data.name``, bad ``data.mean``/``data.std`` count, a problem with the
+        files (the message names the path), or a train or val split with no images.
     """
     cfg.validate("data")
     loader = DATASETS.get(cfg.name, where="data.name")
@@ -113,6 +152,7 @@ def load_data(cfg, seed=0, part_index=0, num_parts=1):
         x_tr, y_tr = x_tr[keep], y_tr[keep]
         source += f", shard {part_index + 1} of {num_parts} ({len(keep)} images)"
 
+    _check_split_sizes(cfg, len(x_tr), len(x_va), src, limit, part_index, num_parts)
     mean = per_channel(cfg.mean, channels, "data.mean", 0.0)
     std = per_channel(cfg.std, channels, "data.std", 1.0)
     train = Split(x=_normalize(x_tr, mean, std),

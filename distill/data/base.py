@@ -103,7 +103,8 @@ def stratified_split(y, val_fraction, seed):
     """Split indices per class: ``round(n_c * val_fraction)`` of each class go to val.
 
     Deterministic for a given ``seed``. A class with a single sample stays in train; every
-    class with two or more samples keeps at least one in each side.
+    class with two or more samples keeps at least one in each side. So val is empty when no
+    class has two samples (:func:`distill.data.load_data` refuses that).
 
     Parameters
     ----------
@@ -129,7 +130,8 @@ def stratified_split(y, val_fraction, seed):
         n_val = 0 if n < 2 else min(max(int(round(n * val_fraction)), 1), n - 1)
         val.append(idx[:n_val])
         train.append(idx[n_val:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+    empty = np.zeros(0, np.int64)          # no labels at all: two empty sides, not a crash
+    return np.sort(np.concatenate(train + [empty])), np.sort(np.concatenate(val + [empty]))
 
 
 def balanced_subset(y, limit):

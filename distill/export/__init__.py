@@ -86,6 +86,10 @@ def add_arguments(p):
     g.add_argument("--policies", dest="ncnn_policies", action="store_true",
                    help="ncnn-int8: also measure full int8, first_last and auto in ncnn (top-1, "
                         "size, latency)")
+    g.add_argument("--onnx-weight-bits", choices=("auto", "7", "8"), default="auto",
+                   help="onnx-int8 weights: 7 bits (onnxruntime's reduce_range: its u8×s8 kernels "
+                        "saturate on x86 CPUs without VNNI), 8, or auto = 7 when this CPU has no "
+                        "VNNI; set it for the CPU the model will run on")
     g.add_argument("--int8-max-diff", type=float, default=1.0,
                    help="onnx-int8: largest top-1 difference in points from MXNet's int8 model "
                         "built from the same thresholds (default 1)")
@@ -115,7 +119,8 @@ def main(args):
                          int8_max_diff=args.int8_max_diff,
                          threads=args.threads, repeats=args.repeats, latency=args.latency,
                          input_name=args.input_name, logits=args.logits,
-                         ncnn_calib=args.ncnn_calib, ncnn_policies=args.ncnn_policies)
+                         ncnn_calib=args.ncnn_calib, ncnn_policies=args.ncnn_policies,
+                         onnx_weight_bits=args.onnx_weight_bits)
     card = export_run(args.run_dir, formats=_split_formats(args.formats) or None, model=args.model,
                       epoch=args.epoch, out_dir=args.out, options=opts, raise_on_failure=False)
     print(export_table(card))

@@ -32,13 +32,26 @@ from .ncnn_calib import blob_scale, match_tensors, mxnet_tensors, tensor_layers
 from .parity import check_top1_drop, compare_logits
 from .runtimes import package_versions
 
-__all__ = ["NcnnInt8Format", "write_int8_files", "ncnn_layer_map", "X86_NOTE"]
+__all__ = ["NcnnInt8Format", "write_int8_files", "ncnn_layer_map", "latency_note"]
 _LOGGER = logging.getLogger(__name__)
 
 FILES = ("model-int8.ncnn.param", "model-int8.ncnn.bin", "model.table")
-X86_NOTE = ("latency measured on this machine's CPU: ncnn's x86 int8 kernels are not tuned as its "
-            "ARM ones are (ncnn's maintainers say so, and ncnn's own ARM benchmarks show int8 slower "
-            "than fp32 on some chips), so time the int8 model on the target device")
+
+
+def latency_note(lat32, lat8, threads=None):
+    """What the batch-1 timings of this model say, and what they do not (the target device).
+
+    ``lat32``/``lat8``: ncnn fp32 and int8 ms at batch 1 on this machine (None: not timed)."""
+    where = "this machine's CPU" + (f", {threads} thread(s)" if threads else "")
+    if lat32 is None or lat8 is None or lat8 <= 0:
+        return (f"latency not measured here ({where}); ncnn's int8 kernels differ per CPU "
+                f"architecture, so time the int8 model on the target device")
+    ratio = lat32 / lat8
+    how = (f"int8 ran {ratio:.2f}× faster than fp32" if ratio >= 1.0
+           else f"int8 ran {1 / ratio:.2f}× SLOWER than fp32")
+    return (f"on {where}, this model's {how} ({lat32:.3f} → {lat8:.3f} ms at batch 1); ncnn's "
+            f"int8 kernels differ per CPU architecture (x86 and ARM), so time it on the target "
+            f"device before choosing int8 for speed")
 
 
 def write_int8_files(src_param, src_bin, blob_scales, dst_param, dst_bin, dst_table):
@@ -310,7 +323,7 @@ class NcnnInt8Format(ExportFormat):
                              "excluded_layers": wanted, "excluded_ncnn_layers": keep,
                              "excluded_not_found": not_found,
                              "layer_map": cal.layer_of},
-            "note": X86_NOTE,
+            "note": latency_note(lat32, lat, job.threads),
         }
         if getattr(job.options, "ncnn_policies", False) and problem is None:
             result["policies"] = _policy_rows(job, cal, {
@@ -346,7 +359,7 @@ def report_notes(e):
         lines.append(f"ncnn int8 policy {r['policy']:<10}  top-1 {r['top1']:6.2f}%  .bin "
                      f"{r['bin_bytes'] / 2**20:.2f} MiB  ms b1 {_ms(r['latency_ms'])}  "
                      f"{r['int8_layers']}/{r['layers']} layers int8 ({r['how']})")
-    lines.append("note: " + X86_NOTE)
+    lines.append("note: " + e["note"])
     return lines
 
 
@@ -366,7 +379,7 @@ def card_notes(e):
              f"own blobs. Load it with `net.opt.use_int8_inference = true` (ncnn's default); "
              f"`model.table` rebuilds it with ncnn's `ncnn2int8 model.ncnn.param model.ncnn.bin "
              f"model-int8.ncnn.param model-int8.ncnn.bin model.table`.", "",
-             f"Note: {X86_NOTE}."]
+             f"Note: {e['note']}."]
     if e.get("policies"):
         lines += ["", "| policy | top-1 % | .bin MiB | ms b1 | int8 layers |", "|---|---|---|---|---|"]
         lines += [f"| {r['policy']} | {r['top1']:.2f} | {r['bin_bytes'] / 2**20:.3f} | {_ms(r['latency_ms'])} "

@@ -217,10 +217,15 @@ class OnnxInt8Format(ExportFormat):
         # MXNet 1.9 scales a calibrated convolution's weights per output channel whatever
         # `granularity` says (it only switches FullyConnected), so ONNX is per channel too.
         per_channel = True
-        reduce_range = not host_has_vnni()
-        if reduce_range:
-            _LOGGER.info("onnx-int8: this CPU has no VNNI: weights quantized to 7 bits "
-                         "(onnxruntime's reduce_range; its u8s8 kernels saturate otherwise)")
+        bits = str(getattr(job.options, "onnx_weight_bits", "auto"))
+        if bits == "auto":
+            reduce_range = not host_has_vnni()
+            why = "this CPU has no VNNI" if reduce_range else "this CPU has VNNI"
+        else:
+            reduce_range, why = bits == "7", f"--onnx-weight-bits {bits}"
+        _LOGGER.info("onnx-int8: weights quantized to %d bits (%s%s)", 7 if reduce_range else 8, why,
+                     "; onnxruntime's reduce_range: its u8s8 kernels saturate without VNNI"
+                     if reduce_range else "")
         with contextlib.redirect_stdout(io.StringIO()):      # it prints its progress
             quantize_static(pre, dst, _Reader(calib, "data"), quant_format=QuantFormat.QDQ,
                             per_channel=per_channel, activation_type=QuantType.QUInt8,
@@ -258,6 +263,8 @@ class OnnxInt8Format(ExportFormat):
                                "distill_quantize_top1": job.int8_section().get("top1")},
                 "quantization": {"format": "QDQ",
                                  "weights": "int8 per channel",
+                                 "weight_bits": 7 if reduce_range else 8,
+                                 "weight_bits_why": why,
                                  "activations": "uint8",
                                  "calibration": f"{job.calib_mode}: MXNet's thresholds",
                                  "calibration_images": int(len(idx)),

@@ -34,6 +34,7 @@ class ExportOptions:
     eval_batch_size: int = 256
     ncnn_calib: str = "mxnet"
     ncnn_policies: bool = False
+    onnx_weight_bits: str = "auto"
 
     def validate(self):
         if not self.atol > 0:
@@ -51,6 +52,8 @@ class ExportOptions:
         if self.ncnn_calib not in ("mxnet", "kl"):
             raise UserError(f"--ncnn-calib must be mxnet (MXNet's thresholds) or kl (ncnn2table's "
                             f"KL method), got {self.ncnn_calib!r}")
+        if str(self.onnx_weight_bits) not in ("auto", "7", "8"):
+            raise UserError(f"--onnx-weight-bits must be auto, 7 or 8, got {self.onnx_weight_bits!r}")
         if self.threads is not None and self.threads < 1:
             raise UserError(f"--threads must be ≥ 1, got {self.threads}")
         if self.repeats is not None and self.repeats < 1:

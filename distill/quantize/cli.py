@@ -30,6 +30,9 @@ def add_arguments(p):
     t.add_argument("--qat-lr", type=float, metavar="LR", help="QAT learning rate (quantization.qat.lr)")
     t.add_argument("--resume", action="store_true",
                    help="continue a killed QAT run from its last checkpoint (RUN_DIR/qat/checkpoints)")
+    t.add_argument("--trust-checkpoint", action="store_true",
+                   help="with --resume: also load a QAT checkpoint in the old pickle format (unpickling "
+                        "runs any code the file holds: only for run folders you wrote yourself)")
     o = p.add_argument_group("output")
     o.add_argument("--no-teacher", action="store_true", help="skip the run's dense teacher")
     o.add_argument("--no-sensitivity", action="store_true",
@@ -50,7 +53,8 @@ def main(args):
                  "granularity": args.granularity,
                  "layer_latency": False if args.no_layer_latency else None}
     quantize_target(args.target, args.recipe, overrides, teacher=not args.no_teacher,
-                    sensitivity=not args.no_sensitivity, repeats=args.repeats, resume=args.resume)
+                    sensitivity=not args.no_sensitivity, repeats=args.repeats, resume=args.resume,
+                    trust_checkpoint=args.trust_checkpoint)
     return 0
 
 

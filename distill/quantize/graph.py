@@ -119,8 +119,8 @@ class FloatModel:
             _LOGGER.info("%s: int8: %d residual add(s) kept out of oneDNN's conv+sum fusion (%s): "
                          "their shortcut and the fused output differ in sign (int8 vs uint8), and "
                          "MXNet 1.9.1's fused int8 conv reads the shortcut's codes as the output's "
-                         "type (a pruned ResNet-20 lost 2.0 points of top-1 to it); the add runs as "
-                         "a separate op instead, same values.", source, len(self.unfused_adds),
+                         "type (negative shortcut values turn into large positive ones); the add runs "
+                         "as a separate op instead, same values.", source, len(self.unfused_adds),
                          ", ".join(self.unfused_adds[:4]) + (" ..." if len(self.unfused_adds) > 4 else ""))
         self.layers = self._weight_layers()
         if not self.layers:

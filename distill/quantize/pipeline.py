@@ -169,6 +169,8 @@ def export_outcome(outcome, fp32_prefix, repeats=20, batch_size=256):
         "latency_ms": int8_lat,
         "bytes": _bytes(qprefix),
         "excluded": list(outcome.selection.excluded),
+        # fp32 whatever the policy: this CPU's int8 kernel for them overflows (graph.py)
+        "host_fp32": list(sc.model.host_fp32),
         "calib_mode": sc.calib["mode"],
         "granularity": sc.granularity,
         "policy": outcome.policy,
@@ -261,7 +263,7 @@ def load_with_overrides(recipe_path, overrides):
 
 
 def quantize_target(target, recipe_path=None, overrides=None, teacher=True, sensitivity=True,
-                    repeats=None, log=print, resume=False):
+                    repeats=None, log=print, resume=False, trust_checkpoint=False):
     """``distill quantize``: calibrate, select, export, measure, write ``int8`` metrics.
 
     Parameters
@@ -281,6 +283,8 @@ def quantize_target(target, recipe_path=None, overrides=None, teacher=True, sens
         Latency repeats (default ``output.latency_repeats``).
     resume : bool
         With ``quantization.qat``: continue a killed QAT run from its last checkpoint.
+    trust_checkpoint : bool
+        With ``resume``: also load a QAT checkpoint of the old pickle format (``--trust-checkpoint``).
 
     Returns
     -------
@@ -315,7 +319,8 @@ def quantize_target(target, recipe_path=None, overrides=None, teacher=True, sens
             section.update(layer_section(scorer, repeats, log))
         if role != "teacher" and q.qat.enabled:
             log(model_report(role + " (PTQ)", prefix, model, section, data))
-            section = qat_section(outcome, section, prefix, data, recipe, tgt, repeats, resume, log)
+            section = qat_section(outcome, section, prefix, data, recipe, tgt, repeats, resume, log,
+                                      trust_checkpoint)
             log(qat_table(section))
         else:
             log(model_report(role, prefix, model, section, data))
@@ -332,7 +337,8 @@ def quantize_target(target, recipe_path=None, overrides=None, teacher=True, sens
     return out
 
 
-def qat_section(outcome, ptq, prefix, data, recipe, tgt, repeats=20, resume=False, log=print):
+def qat_section(outcome, ptq, prefix, data, recipe, tgt, repeats=20, resume=False, log=print,
+                trust_checkpoint=False):
     """Fine-tune the student fake-quantized from ``outcome``'s calibration (:func:`.qat.run_qat`),
     export its int8 graph over the PTQ one, and return the ``int8`` section: the QAT model's
     figures on top, the PTQ section under ``ptq``, the training under ``qat``.
@@ -347,7 +353,7 @@ def qat_section(outcome, ptq, prefix, data, recipe, tgt, repeats=20, resume=Fals
     log(f"\n== quantization-aware training of the student from its {sc.calib['mode']} calibration "
         f"({'full int8' if not outcome.selection.excluded else f'{len(outcome.selection.excluded)} layers fp32'})")
     res = run_qat(sc.model, sc.thresholds, list(outcome.selection.excluded), data, recipe, work,
-                  teacher, resume=resume, log=log)
+                  teacher, resume=resume, log=log, trust_checkpoint=trust_checkpoint)
     policies = {"none": {"top1": round(sc.score([]).top1, 3), "excluded": []}}
     fl = run_policy(sc, "first_last", outcome.budget)
     policies["first_last"] = {"top1": round(fl.score.top1, 3), "excluded": list(fl.selection.excluded)}

@@ -36,7 +36,7 @@ import mxnet as mx
 import numpy as np
 from mxnet import gluon
 
-from ...checkpoint import atomic_write_bytes, latest_checkpoint
+from ...checkpoint import atomic_write_bytes, latest_checkpoint, read_checkpoint
 from ...errors import UserError
 from ...graphio import load_symbol_block, make_block, save_pair, symbol_file
 from ...losses import build_loss
@@ -236,13 +236,13 @@ def _signature(qcfg, excluded, calib):
             "excluded": sorted(excluded), "calib": calib}
 
 
-def _check_resume(ckpt_dir, signature):
-    import pickle
+def _check_resume(ckpt_dir, signature, trust=False):
+    """The newest QAT checkpoint's signature must be ``signature`` (read from its JSON; an old
+    pickle checkpoint only with ``trust``: :func:`distill.checkpoint.read_checkpoint`)."""
     path = latest_checkpoint(ckpt_dir)
     if not path:
         return
-    with open(path, "rb") as f:
-        old = pickle.load(f).get("recipe")
+    old = read_checkpoint(path, trust=trust).get("recipe")
     if old != signature:
         diff = sorted(k for k in set(old or {}) | set(signature) if (old or {}).get(k) != signature.get(k))
         raise UserError(f"--resume: the QAT checkpoints in {ckpt_dir} were written with other "
@@ -251,7 +251,7 @@ def _check_resume(ckpt_dir, signature):
 
 
 def run_qat(model, thresholds, excluded, data, recipe, work_dir, teacher_prefix=None,
-            resume=False, log=print):
+            resume=False, log=print, trust_checkpoint=False):
     """Fine-tune ``model`` fake-quantized, distilled from the teacher; build its int8 graph.
 
     Parameters
@@ -272,6 +272,9 @@ def run_qat(model, thresholds, excluded, data, recipe, work_dir, teacher_prefix=
         The fp32 teacher (``RUN_DIR/.teacher/model``); None: labels only.
     resume : bool
         Continue from the newest checkpoint in ``work_dir/checkpoints``.
+    trust_checkpoint : bool
+        With ``resume``: also load a checkpoint of the old pickle format (``--trust-checkpoint``;
+        unpickling runs any code the file holds).
 
     Returns
     -------
@@ -299,7 +302,7 @@ def run_qat(model, thresholds, excluded, data, recipe, work_dir, teacher_prefix=
     os.makedirs(ckpt_dir, exist_ok=True)
     signature = _signature(q, excluded, {"images": int(len(thresholds))})
     if resume:
-        _check_resume(ckpt_dir, signature)
+        _check_resume(ckpt_dir, signature, trust_checkpoint)
     else:
         for f in os.listdir(ckpt_dir):            # a fresh QAT run: never resume old ones by accident
             if f.endswith(".ckpt"):
@@ -307,7 +310,7 @@ def run_qat(model, thresholds, excluded, data, recipe, work_dir, teacher_prefix=
     mods = [FreezeBN(net, qat.freeze_bn_epoch, qat.freeze_bn_lr_mult), FiniteGuard(net, qat.lr, ckpt_dir),
             Checkpointer(ckpt_dir, signature), EpochLog(log)]
     result = fit(net, net, teacher, data, terms, cfg, checkpoints=ckpt_dir, resume=resume, log=log,
-                 modifiers=mods, augment=recipe.data.augment)
+                 modifiers=mods, augment=recipe.data.augment, trust_checkpoint=trust_checkpoint)
     net.bn_frozen = True
     # the fine-tuned fp32 weights and the learned steps → MXNet's own int8 graph
     trained = {k: p.data() for k, p in net.live.collect_params().items()}
