@@ -6,7 +6,6 @@ loss terms.
 A user mistake prints one paragraph (no traceback; ``--debug`` shows it) and exits with 2.
 """
 import argparse
-import logging
 import os
 import sys
 import textwrap
@@ -18,7 +17,9 @@ __all__ = ["main", "train_main"]
 
 
 def _common(p):
-    p.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
+    p.add_argument("--debug", action="store_true",
+                   help="show Python tracebacks for errors, MXNet's and Gluon's own log lines and "
+                        "warnings, and the tool's debug lines")
 
 
 def _add_train_args(p):
@@ -52,8 +53,8 @@ def _cmd_list(args):
 
 
 def _run(fn, args):
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("PIL").setLevel(logging.WARNING)
+    from .quiet import configure
+    configure(debug=getattr(args, "debug", False))
     try:
         return fn(args)
     except UserError as e:

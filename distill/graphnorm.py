@@ -39,6 +39,7 @@ __all__ = ["Normalised", "normalise", "unit_fixed_gammas", "flatten_before_fc", 
            "InputNormalisation", "RAW_PIXELS_STD", "describe_shape", "format_values",
            "infer_shape_quiet"]
 _LOGGER = logging.getLogger(__name__)
+_SAID = set()     # (where, note) already logged by this process
 
 BN_OPS = ("BatchNorm", "BatchNorm_v1", "_contrib_SyncBatchNorm")
 # Ops whose output has the rank of their (first) input: a 2-D input stays 2-D.
@@ -134,7 +135,10 @@ def normalise(symbol, params, input_shape=None, input_name="data", where="graph"
         symbol, pools = fit_global_pools(symbol, input_shape, input_name)
     done = Normalised(gammas, flat, pools)
     for note in done.notes():
-        _LOGGER.info("%s: %s", where, note)
+        # the same file is normalised on every load (training, int8, export): said once
+        if (where, note) not in _SAID:
+            _SAID.add((where, note))
+            _LOGGER.info("%s: %s", where, note)
     return symbol, params, done
 
 

@@ -163,7 +163,8 @@ def load_data(cfg, seed=0, part_index=0, num_parts=1):
                         channels=channels, image_size=tuple(int(s) for s in size),
                         class_names=list(src.class_names), mean=mean, std=std,
                         calib_source=source, skipped=src.skipped)
-    _LOGGER.info("data %s: %d train / %d val images, %d classes, %d×%d×%d%s", cfg.name,
+    # debug: each command prints its own line on the split it uses (with the shard, the test set)
+    _LOGGER.debug("data %s: %d train / %d val images, %d classes, %d×%d×%d%s", cfg.name,
                  len(train), len(val), bundle.num_classes, channels, size[0], size[1],
                  f", {src.skipped} unreadable skipped" if src.skipped else "")
     return bundle

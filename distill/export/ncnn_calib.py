@@ -20,6 +20,8 @@ import os
 
 import numpy as np
 
+from ..quiet import native_stderr
+
 __all__ = ["NUM_BINS", "TARGET_BINS", "abs_histogram", "ncnn_kl_threshold", "match_tensors",
            "mxnet_tensors", "tensor_layers", "blob_scale"]
 _LOGGER = logging.getLogger(__name__)
@@ -164,10 +166,12 @@ def mxnet_tensors(model, x, names=None, fused=True):
     group = mx.sym.Group([internals[n] for n in names])
     # Binding partitions the graph for oneDNN by default, which fails on a group of the original
     # graph's internals (a fused node would swallow a requested output): bind it as written.
+    # (MXNet logs "MXNET_SUBGRAPH_BACKEND=NONE is detected" on each such bind: kept off the log)
     old = os.environ.get("MXNET_SUBGRAPH_BACKEND")
     os.environ["MXNET_SUBGRAPH_BACKEND"] = "NONE"
     try:
-        ex = group.simple_bind(mx.cpu(), grad_req="null", **{model.input_name: x.shape})
+        with native_stderr():
+            ex = group.simple_bind(mx.cpu(), grad_req="null", **{model.input_name: x.shape})
     finally:
         if old is None:
             del os.environ["MXNET_SUBGRAPH_BACKEND"]
