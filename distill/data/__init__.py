@@ -35,7 +35,7 @@ from ..errors import UserError
 from .base import DATASETS, DataBundle, SourceData, Split, balanced_subset, stratified_split
 from .images import conform, parse_image_size
 # Importing the loader modules registers them on DATASETS.
-from . import digits, image_folder, mnist5k, recordio, synthetic  # noqa: F401  (registration)
+from . import digits, fashion_mnist, image_folder, mnist5k, recordio, synthetic  # noqa: F401  (registration)
 
 __all__ = ["load_data", "DATASETS", "DataBundle", "Split", "SourceData", "stratified_split",
            "balanced_subset", "per_channel"]
@@ -159,10 +159,14 @@ def load_data(cfg, seed=0, part_index=0, num_parts=1):
                   y=np.ascontiguousarray(y_tr, np.int32) if cfg.labels else None)
     val = Split(x=_normalize(x_va, mean, std),
                 y=np.ascontiguousarray(y_va, np.int32) if y_va is not None else None)
+    select = None
+    if src.x_select is not None:
+        select = Split(x=_normalize(conform(src.x_select, channels, size), mean, std),
+                       y=np.ascontiguousarray(src.y_select, np.int32))
     bundle = DataBundle(name=cfg.name, train=train, val=val, num_classes=len(src.class_names),
                         channels=channels, image_size=tuple(int(s) for s in size),
                         class_names=list(src.class_names), mean=mean, std=std,
-                        calib_source=source, skipped=src.skipped)
+                        calib_source=source, skipped=src.skipped, select=select)
     # debug: each command prints its own line on the split it uses (with the shard, the test set)
     _LOGGER.debug("data %s: %d train / %d val images, %d classes, %d×%d×%d%s", cfg.name,
                  len(train), len(val), bundle.num_classes, channels, size[0], size[1],

@@ -58,6 +58,9 @@ class DataBundle:
         ``C`` of ``(N, C, H, W)``.
     image_size : tuple of int
         ``(H, W)``.
+    select : Split or None
+        A holdout of the training data for choices (see :attr:`selection`); None when ``val``
+        serves for both.
     class_names : list of str
         Index ``i`` is the name of label ``i``.
     mean, std : list of float
@@ -78,6 +81,14 @@ class DataBundle:
     std: List[float]
     calib_source: str
     skipped: int = 0
+    select: Optional[Split] = None
+
+    @property
+    def selection(self):
+        """The split that choices read (int8 ``auto`` policies, sensitivity): a holdout of the
+        training data when the dataset has a separate test set as ``val`` (``fashion_mnist``),
+        else ``val``."""
+        return self.select if self.select is not None else self.val
 
 
 @dataclass
@@ -97,6 +108,8 @@ class SourceData:
     source: str
     skipped: int = 0
     sharded: bool = False
+    x_select: Optional[np.ndarray] = None
+    y_select: Optional[np.ndarray] = None
 
 
 def stratified_split(y, val_fraction, seed):
