@@ -3,6 +3,7 @@
 ``distill launch`` (1 server each), on this machine.
 
     python bench/distributed.py [--images 1024] [--epochs 3] [--repeats 2] [--student cifar_resnet20_v1]
+    python bench/distributed.py --smoke     # 64 images of 8×8, one epoch, one round of the target's two modes
 
 The same recipe (synthetic 32×32 images, ``trainer.batch_size`` 64 per worker, no teacher, no
 pruning) runs three ways: ``kvstore: local`` in one process, ``dist_sync`` with 1 worker (the
@@ -20,6 +21,7 @@ are printed as measured. Target:
 the KVStore round trip costs at most 30% (1 worker ≥ 0.7× the local process).
 """
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -31,14 +33,15 @@ import yaml
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench import _smoke  # noqa: E402
 from bench.targets import target  # noqa: E402
 from distill.report import format_table  # noqa: E402
 
 
-def _recipe(tmp, name, images, epochs, student, kvstore):
+def _recipe(tmp, name, images, epochs, student, kvstore, image_size=32):
     r = {"name": name,
          "data": {"name": "synthetic", "num_samples": int(images / 0.8) + 8, "num_classes": 10,
-                  "image_size": 32, "limit": images},
+                  "image_size": image_size, "limit": images},
          "student": {"model": student},
          "distillation": [{"loss": "ce", "weight": 1.0}],
          "trainer": {"epochs": epochs, "batch_size": 64, "lr": 0.05, "progress": False,
@@ -70,26 +73,37 @@ def _throughput(run_dir):
     return workers, per_worker * workers / fastest, m["student"]["top1"]
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=1024, help="train images in total")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=2, help="rounds of the three modes; best kept")
     ap.add_argument("--student", default="cifar_resnet20_v1")
-    args = ap.parse_args()
+    ap.add_argument("--image-size", type=int, default=32, help="synthetic images of this many pixels square")
+    _smoke.add_arguments(ap)
+    args = ap.parse_args(argv)
+    work = None
+    if args.smoke:
+        work = _smoke.workdir(args, "distributed")
+        args.images, args.epochs, args.repeats, args.image_size = 64, 1, 1, 8
     train = [sys.executable, os.path.join(ROOT, "train.py")]
     launch = [sys.executable, "-m", "distill.launch", "-s", "1"]
     cores = os.cpu_count() or 1
     modes = [("local, 1 process", "local", None), ("dist_sync, 1 worker", "dist_sync", 1),
              ("dist_sync, 2 workers", "dist_sync", 2)]
-    if cores > 1:      # the fair baseline for 2 one-thread workers: one process on every core
+    if args.smoke:       # the two modes of the target; each launch is 3-4 MXNet processes
+        modes = modes[:2]
+        _smoke.skipped("the 2-worker run and the all-cores local baseline (no target: printed "
+                       "beside the target's two modes)")
+    elif cores > 1:      # the fair baseline for 2 one-thread workers: one process on every core
         modes.append((f"local, 1 process, {cores} threads", "local", 0))
     speed, seen, top1 = {}, {}, {}
-    with tempfile.TemporaryDirectory() as tmp:
+    # --smoke: the runs stay in its work folder (removed at exit unless --out named it)
+    with (contextlib.nullcontext(work) if work else tempfile.TemporaryDirectory()) as tmp:
         for k in range(args.repeats):
             for label, kv, n in modes:
                 path, run = _recipe(tmp, f"{kv}{n if n is not None else ''}-{k}", args.images,
-                                    args.epochs, args.student, kv)
+                                    args.epochs, args.student, kv, args.image_size)
                 print(f"== round {k + 1}/{args.repeats}: {label}", flush=True)
                 if not n:
                     _run(train + [path], threads=1 if n is None else cores)
@@ -102,13 +116,14 @@ def main():
     rows = [[label, n or 1, 64 * (n or 1), f"{speed[label]:.0f}",
              " / ".join(f"{v:.0f}" for v in seen[label]),
              f"{speed[label] / speed[modes[0][0]]:.2f}×", f"{top1[label]:.1f}"] for label, _, n in modes]
-    print(f"\n{args.student}, {args.images} synthetic 32×32 images, {args.epochs} epochs, "
-          f"{cores} cores, OMP_NUM_THREADS=1 per process unless said; fastest epoch")
+    print(f"\n{args.student}, {args.images} synthetic {args.image_size}×{args.image_size} images, "
+          f"{args.epochs} epochs, {cores} cores, OMP_NUM_THREADS=1 per process unless said; fastest epoch")
     print(format_table(["mode", "workers", "global batch", "images/s", "each round", "vs local",
                         "val top-1 %"], rows))
-    one, two = speed["dist_sync, 1 worker"], speed["dist_sync, 2 workers"]
-    print(f"2 workers vs 1 worker: {two / one:.2f}× ({two:.0f} vs {one:.0f} images/s)")
-    if cores > 1:
+    one, two = speed["dist_sync, 1 worker"], speed.get("dist_sync, 2 workers")
+    if two is not None:
+        print(f"2 workers vs 1 worker: {two / one:.2f}× ({two:.0f} vs {one:.0f} images/s)")
+    if f"local, 1 process, {cores} threads" in speed:
         full = speed[f"local, 1 process, {cores} threads"]
         print(f"2 workers vs 1 process on all {cores} cores: {two / full:.2f}× ({two:.0f} vs {full:.0f} "
               f"images/s): what distributing buys on this machine")

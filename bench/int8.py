@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/int8.py                      # runs/quickstart (python train.py recipes/quickstart.yaml)
     .venv/bin/python bench/int8.py --run runs/other --repeats 50
+    .venv/bin/python bench/int8.py --smoke              # a tiny quickstart run, trained in a temporary folder
 
 Prints latency at batch 1 and 32 (fp32 side: the oneDNN-fused fp32 graph, so the ratio credits
 int8 alone; both sides timed alternately, best of repeats), top-1 on the held-out split for the
@@ -23,6 +24,7 @@ sys.path.insert(0, ROOT)
 import mxnet as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench import _smoke  # noqa: E402
 from bench.targets import target  # noqa: E402
 from distill.report import format_table  # noqa: E402
 
@@ -46,8 +48,21 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--budget", type=float, default=TARGET_AUTO)
     p.add_argument("--modes", default="naive,entropy", help="calibration modes to compare")
-    p.add_argument("--wait", type=float, default=0, help="seconds to wait for RUN/model-symbol.json")
+    p.add_argument("--wait", type=float, default=0, help="seconds to wait for RUN to complete")
+    _smoke.add_arguments(p)
     args = p.parse_args(argv)
+    work = None
+    if args.smoke:       # the quickstart student (pruned, distilled), trained in the work folder
+        from distill.recipe import load_recipe
+        from distill.run import run_training
+        work = _smoke.workdir(args, "int8")
+        args.run, args.repeats = os.path.join(work, "runs", "quickstart"), _smoke.REPEATS
+        if "entropy" in args.modes.split(","):
+            args.modes = ",".join(m for m in args.modes.split(",") if m != "entropy") or "naive"
+            _smoke.skipped("entropy calibration (MXNet's KL threshold search, ~0.4 s per tensor "
+                           "whatever the data: half a minute for this student)")
+        run_training(load_recipe(os.path.join(ROOT, "recipes", "quickstart.yaml"),
+                                 _smoke.quickstart_sets(work, int8=False) + ["export.enabled=false"]))
 
     from distill.data import load_data
     from distill.graphio import save_pair as save_graph
@@ -58,17 +73,25 @@ def main(argv=None):
     from distill.quantize.pipeline import paired_latency
     from distill.recipe import QuantizationConfig, load_recipe
 
+    from distill.recipe import recipe_hash, recipe_to_dict
+    from distill.runfolder import RunFolder, reuse_check
+
     deadline = time.time() + args.wait
     prefix = os.path.join(args.run, "model")
-    while not os.path.isfile(prefix + "-0000.params") and time.time() < deadline:
+    run_folder = RunFolder(args.run)
+    while not run_folder.is_complete() and time.time() < deadline:
         time.sleep(10)
-    tmp = tempfile.mkdtemp(prefix="bench-int8-")
-    trained = os.path.isfile(prefix + "-0000.params") and os.path.isfile(os.path.join(args.run, "recipe.yaml"))
+    tmp = tempfile.mkdtemp(prefix="bench-int8-", dir=work)
+    # a run of this tool only (its own recipe: the check is the version and commit that wrote it)
+    trained, why = False, f"{args.run} has no complete trained run"
+    if run_folder.is_complete() and run_folder.has_recipe():
+        own = load_recipe(run_folder.recipe_path)
+        trained, why = reuse_check(args.run, recipe_hash(own), recipe_to_dict(own))
     print(f"int8 benchmark — mxnet {mx.__version__}, {os.cpu_count()} cores, load average "
           f"{os.getloadavg()[0]:.1f} at start (other processes slow both sides alike; ratios are "
           f"more stable than milliseconds)")
     if not trained:
-        print(f"NOTE: {args.run} has no trained model: timing a random-weight mobilenetv2_0.5 "
+        print(f"NOTE: {why}: not used; timing a random-weight mobilenetv2_0.5 "
               f"(stride-1 stem, 28×28×1); top-1 is not measured. Run python train.py "
               f"recipes/quickstart.yaml for the accuracy half.")
         prefix = _random_student(tmp)

@@ -155,14 +155,15 @@ def write_recipes(out, models, ratios, epochs=None, limit=None):
 
 
 def is_fresh(recipe_path):
-    """True when the recipe's run folder holds a complete run of this very recipe (the rule
-    ``teacher.recipe`` reuses a trained teacher by)."""
+    """True when the recipe's run folder holds a complete run of this very recipe by this very
+    tool (:func:`distill.runfolder.reuse_check`, the rule ``teacher.recipe`` reuses a trained
+    teacher by); a stale one is named with what changed."""
+    from distill.runfolder import reuse_check
     recipe = load_recipe(recipe_path)
-    folder = RunFolder(recipe.run_dir)
-    if not folder.has_model():
-        return False
-    m = folder.read_metrics()
-    return bool(m.get("complete")) and m.get("recipe_hash") == recipe_hash(recipe)
+    ok, why = reuse_check(recipe.run_dir, recipe_hash(recipe), recipe_to_dict(recipe))
+    if not ok and RunFolder(recipe.run_dir).is_complete():
+        print(f"peers: {why}: training it again", flush=True)
+    return ok
 
 
 def train(recipe_path, log_path, fresh=False):

@@ -2,10 +2,13 @@
 teacher with at least 8× fewer MACs, and every export checked in its runtime.
 
 Reads ``runs/quickstart/metrics.json``; trains it first (``python train.py recipes/quickstart.yaml``,
-about 8 minutes on 2 cores) when it is missing or incomplete. Prints the run's closing table.
+about 8 minutes on 2 cores) when it is missing, incomplete, or stale (another recipe or another
+commit of the tool: ``runfolder.reuse_check``). Prints the run's closing table.
+``--smoke``: the same ``train.py`` run on tiny data in a temporary folder (``bench/_smoke.py``).
 
-    .venv/bin/python bench/pipeline.py
+    .venv/bin/python bench/pipeline.py [--smoke [--out DIR]]
 """
+import argparse
 import json
 import os
 import subprocess
@@ -14,19 +17,35 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench import _smoke  # noqa: E402
 from bench.targets import target  # noqa: E402
 
 RUN = os.path.join(ROOT, "runs", "quickstart")
 
 
-def main():
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    _smoke.add_arguments(p)
+    args = p.parse_args(argv)
     from distill.runfolder import RunFolder
     from distill.stages import pipeline_table
-    folder = RunFolder(RUN)
-    m = folder.read_metrics() if os.path.isfile(folder.metrics_path) else {}
-    if not (m.get("complete") and m.get("int8") and m.get("export")):
+    sets = []
+    if args.smoke:            # always trained afresh, in the work folder
+        work = _smoke.workdir(args, "pipeline")
+        sets = _smoke.cli_sets(_smoke.quickstart_sets(work))
+        folder = RunFolder(os.path.join(work, "runs", "quickstart"))
+    else:
+        folder = RunFolder(RUN)
+    from distill.recipe import load_recipe, recipe_hash, recipe_to_dict
+    from distill.runfolder import reuse_check
+    recipe = load_recipe(os.path.join(ROOT, "recipes", "quickstart.yaml"), sets[1::2])
+    ok, why = reuse_check(folder.path, recipe_hash(recipe), recipe_to_dict(recipe))
+    m = folder.read_metrics() if ok else {}
+    if not (ok and m.get("int8") and m.get("export")):
+        print(f"pipeline: {why if not ok else f'{folder.path} has no int8/export results'}: "
+              f"training it", flush=True)
         subprocess.run([sys.executable, os.path.join(ROOT, "train.py"),
-                        os.path.join(ROOT, "recipes", "quickstart.yaml")], cwd=ROOT, check=True)
+                        os.path.join(ROOT, "recipes", "quickstart.yaml"), *sets], cwd=ROOT, check=True)
         m = folder.read_metrics()
     print(pipeline_table(m))
     t, s, q = m["teacher"], m["student"], m["int8"]

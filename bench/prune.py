@@ -17,6 +17,7 @@ Usage::
 
     .venv/bin/python bench/prune.py                 # everything (about 15-40 min on 2 cores)
     .venv/bin/python bench/prune.py --speed-only    # part 1 (a minute)
+    .venv/bin/python bench/prune.py --smoke         # both parts in seconds: tiny data, one epoch, temporary folder
 """
 import argparse
 import json
@@ -28,6 +29,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench import _smoke  # noqa: E402
 from bench.targets import target  # noqa: E402
 
 import mxnet as mx  # noqa: E402
@@ -50,25 +52,34 @@ TEACHER = TEACHER_RUN.model_prefix
 OUT = os.path.join("runs", "bench_prune")
 
 
-def ensure_teacher():
-    """``runs/teacher_mnist/model`` (trained from its recipe only when missing)."""
-    if not TEACHER_RUN.has_model():
-        print("teacher: runs/teacher_mnist does not exist: training it (recipes/teacher_mnist.yaml)")
-        run_training(load_recipe(os.path.join("recipes", "teacher_mnist.yaml")), resume="auto",
-                     role="teacher")
-    return TEACHER
+def ensure_teacher(smoke_dir=None):
+    """``runs/teacher_mnist/model`` (trained from its recipe only when missing or stale); with
+    ``smoke_dir``, the ``--smoke`` teacher in that folder."""
+    from distill.recipe import recipe_hash, recipe_to_dict
+    from distill.runfolder import reuse_check
+    run, sets = TEACHER_RUN, ()
+    if smoke_dir:
+        sets = _smoke.recipe_sets(smoke_dir, "teacher_mnist")
+        run = RunFolder(os.path.join(smoke_dir, "runs", "teacher_mnist"))
+    recipe = load_recipe(os.path.join("recipes", "teacher_mnist.yaml"), sets)
+    ok, why = reuse_check(run.path, recipe_hash(recipe), recipe_to_dict(recipe))
+    if not ok:
+        print(f"teacher: {why}: training it (recipes/teacher_mnist.yaml)")
+        run_training(recipe, resume="auto", role="teacher")
+    return run.model_prefix
 
 
-def speed(prefix, repeats, rounds):
-    """Part 1: MACs and fused-latency ratios of the half-channel teacher."""
+def speed(prefix, repeats, rounds, sets=()):
+    """Part 1: MACs and fused-latency ratios of the half-channel teacher (``sets``: overrides of
+    the teacher recipe's data)."""
     sym, params = load_pair(prefix, 0)
-    shape = (1, 1, 28, 28)
+    data = load_data(load_recipe(os.path.join("recipes", "teacher_mnist.yaml"), sets).data, seed=0)
+    shape = (1, data.channels) + tuple(data.image_size)        # mnist5k: (1, 1, 28, 28)
     graph = analyze(sym, shape)
     np_params = {k: v.asnumpy() for k, v in params.items()}
     scores = unit_scores(graph, graph.groups, CRITERIA.get("l1")(), np_params)
     removed = choose_removed(graph, scores, {g.id: 0.5 for g in graph.groups}, round_to=8)
     ssym, sparams = shrink(graph, params, removed)
-    data = load_data(load_recipe(os.path.join("recipes", "teacher_mnist.yaml")).data, seed=0)
     x = mx.nd.array(data.val.x[:64])
     small = shrunk_block(ssym, sparams)
     diff = float(mx.nd.abs(make_block(sym, mask_params(graph, params, removed))(x) - small(x)).max().asscalar())
@@ -105,16 +116,19 @@ VARIANTS = [
 ]
 
 
-def accuracy(prefix, epochs=None, only=None):
-    """Part 2: the four pruned runs (same epochs), via the recipes."""
+def accuracy(prefix, epochs=None, only=None, out_dir=OUT, smoke=False):
+    """Part 2: the four pruned runs (same epochs), via the recipes (``smoke``: shrunk by
+    ``--smoke``)."""
     out = {}
     for name, recipe_file, kd in VARIANTS:
         if only and name not in only:
             continue
-        sets = ["teacher.recipe=null", f"teacher.checkpoint={prefix}", f"output.dir={OUT}/{name}",
+        sets = ["teacher.recipe=null", f"teacher.checkpoint={prefix}", f"output.dir={out_dir}/{name}",
                 f"name=bench_{name}", "trainer.progress=false"]
         if not kd:
             sets.append("distillation=[{loss: ce, weight: 1.0}]")
+        if smoke:
+            sets += _smoke.shrink_sets(pruned=True)
         if epochs:
             sets.append(f"trainer.epochs={epochs}")
         recipe = load_recipe(os.path.join("recipes", recipe_file), sets)
@@ -141,11 +155,17 @@ def main(argv=None):
     p.add_argument("--only", nargs="*", default=None, help="accuracy variants to run (default all)")
     p.add_argument("--repeats", type=int, default=30, help="latency: best of this many repeats")
     p.add_argument("--rounds", type=int, default=3, help="latency: alternating rounds")
+    _smoke.add_arguments(p)
     args = p.parse_args(argv)
     os.chdir(ROOT)
-    os.makedirs(OUT, exist_ok=True)
-    prefix = ensure_teacher()
-    res = {"speed": speed(prefix, args.repeats, args.rounds)}
+    out, work, sets = OUT, None, ()
+    if args.smoke:       # the teacher and the four runs trained afresh in the work folder
+        work = _smoke.workdir(args, "prune")
+        out, sets = os.path.join(work, "runs", "bench_prune"), _smoke.shrink_sets()
+        args.repeats = args.rounds = _smoke.REPEATS
+    os.makedirs(out, exist_ok=True)
+    prefix = ensure_teacher(work)
+    res = {"speed": speed(prefix, args.repeats, args.rounds, sets)}
     sp = res["speed"]
     print("\n== 1. half the channels of every prunable layer of the resnet20 teacher (28×28, l1, round_to 8)")
     print(f"   coupled groups pruned: {sp['groups_pruned']}/{sp['groups']}; shrunk ≡ masked: "
@@ -160,7 +180,7 @@ def main(argv=None):
     target("resnet20, 50% channels: faster, fp32 b32 fused", "≥ 1.8×", f"{sp['latency_ratio']:.2f}×",
            sp["latency_ratio"] >= 1.8)
     if not args.speed_only:
-        res["accuracy"] = acc = accuracy(prefix, args.epochs, args.only)
+        res["accuracy"] = acc = accuracy(prefix, args.epochs, args.only, out, args.smoke)
         if acc:
             t = next(iter(acc.values()))["teacher_top1"]
             print(f"\n== 2. mnist5k (1,000 held-out digits), teacher cifar_resnet20_v1 top-1 {t:.2f}%")
@@ -184,9 +204,9 @@ def main(argv=None):
                     d = acc[f"{kind}_kd"]["top1"] - acc[f"{kind}_labels"]["top1"]
                     print(f"   {kind}: KD vs labels-only fine-tuning, same {acc[f'{kind}_kd']['epochs']} "
                           f"epochs: {d:+.2f} points")
-    with open(os.path.join(OUT, "results.json"), "w") as f:
+    with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(res, f, indent=1)
-    print(f"\nresults: {OUT}/results.json")
+    print(f"\nresults: {out}/results.json")
     return 0
 
 

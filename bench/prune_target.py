@@ -19,8 +19,10 @@ cannot reach 0.4× there, its classifier's whole input group kept). Missing netw
 as ``recipes/compare_mnist.yaml``'s ``mobilenetv2_0.5 + KD`` seed 0).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/prune_target.py [--epochs 4] [--only resnet20] [--no-ncnn] [--ncnn-only]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/prune_target.py --smoke    # the ResNet-20 in ncnn, tiny data, one seed: seconds
 """
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -30,6 +32,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench import _smoke  # noqa: E402
 from bench.targets import target  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -52,32 +55,46 @@ GOAL = 0.4
 UNIFORM = (0.25, 0.375, 0.5, 0.625, 0.75)
 
 
-def ensure_nets():
+def ensure_nets(nets=NETS, smoke_dir=None, student=True):
     """The two networks, trained when missing: the teacher from ``recipes/teacher_mnist.yaml``,
-    the MobileNetV2-0.5 student as the compare recipe's ``mobilenetv2_0.5 + KD`` variant (seed 0)."""
+    the MobileNetV2-0.5 student as the compare recipe's ``mobilenetv2_0.5 + KD`` variant (seed 0;
+    ``student=False``: not that one). ``smoke_dir``: both shrunk by ``--smoke``, in that folder
+    (``nets`` names them there)."""
     from bench.prune import ensure_teacher
     from distill.compare.runner import _run_one
     from distill.compare.spec import load_comparison
-    ensure_teacher()
-    if not os.path.isfile(NETS["mobilenetv2"] + "-symbol.json"):
-        comp = load_comparison(os.path.join("recipes", "compare_mnist.yaml"))
-        variant = next(v for v in comp.variants if v.name == "mobilenetv2_0.5 + KD")
-        print(f"student: {NETS['mobilenetv2']} does not exist: training it (compare_mnist.yaml, "
-              f"{variant.name!r}, seed 0)", flush=True)
+    ensure_teacher(smoke_dir)
+    if not student:
+        return
+    from distill.recipe import recipe_hash, recipe_to_dict
+    from distill.runfolder import reuse_check
+    comp = load_comparison(os.path.join("recipes", "compare_mnist.yaml"),
+                           out=os.path.dirname(os.path.dirname(nets["mobilenetv2"])) if smoke_dir else None)
+    # the compare variant exactly, its recipe shrunk and its runs in the work folder
+    variant = next(v for v in comp.variants if v.name == "mobilenetv2_0.5 + KD")
+    if smoke_dir:
+        variant = dataclasses.replace(variant, overrides=tuple(variant.overrides) + tuple(
+            _smoke.recipe_sets(smoke_dir, os.path.join("compare_mnist", variant.folder_name + "-s0"))
+            + [f"teacher.recipe={json.dumps(_smoke.teacher_recipe(smoke_dir))}"]))
+    recipe = variant.run_recipe(0, os.path.dirname(nets["mobilenetv2"]))
+    ok, why = reuse_check(recipe.run_dir, recipe_hash(recipe), recipe_to_dict(recipe))
+    if not ok:
+        print(f"student: {why}: training it (compare_mnist.yaml, {variant.name!r}, seed 0)",
+              flush=True)
         _run_one(comp, variant, 0, print)
 
 
-def _recipe(prefix, out, seed, epochs, pruning, samples=None):
+def _recipe(prefix, out, seed, epochs, pruning, samples=None, extra=()):
     sets = ([f"data.num_samples={samples}"] if samples else []) + ["teacher.recipe=null", f"teacher.checkpoint={prefix}", f"output.dir={out}",
             f"name=bench_{os.path.basename(out)}", "trainer.progress=false", f"trainer.seed={seed}",
-            "pruning.exclude=[last]"] + [f"pruning.{k}={v}" for k, v in pruning.items()]
+            "pruning.exclude=[last]"] + [f"pruning.{k}={v}" for k, v in pruning.items()] + list(extra)
     if epochs:      # AGP over the first half, then fine-tune
         sets += [f"trainer.epochs={epochs}", f"pruning.end_epoch={max(0, epochs // 2 - 1)}"]
     return load_recipe(os.path.join("recipes", "prune_channel_mnist.yaml"), sets)
 
 
-def _train(prefix, out, seed, epochs, pruning, reuse=None, samples=None):
-    recipe = _recipe(prefix, out, seed, epochs, pruning, samples)
+def _train(prefix, out, seed, epochs, pruning, reuse=None, samples=None, extra=()):
+    recipe = _recipe(prefix, out, seed, epochs, pruning, samples, extra)
     os.makedirs(out, exist_ok=True)
     if reuse and os.path.isfile(reuse):
         shutil.copyfile(reuse, os.path.join(out, TARGET_FILE))
@@ -88,11 +105,12 @@ def _train(prefix, out, seed, epochs, pruning, reuse=None, samples=None):
             "teacher_macs": m["teacher"]["macs"], "teacher_latency_ms": m["teacher"].get("latency_ms")}
 
 
-def _teacher_analysis(prefix):
+def _teacher_analysis(prefix, sets=()):
     """The teacher pair at ``prefix`` analysed the way both measurements need it: symbol, params, the mnist5k
-    data, the dependency graph, l1 unit scores, and the groups ``exclude: [last]`` allows."""
+    data, the dependency graph, l1 unit scores, and the groups ``exclude: [last]`` allows
+    (``sets``: overrides of the teacher recipe's data)."""
     sym, params = load_pair(prefix, 0)
-    data = load_data(load_recipe(os.path.join("recipes", "teacher_mnist.yaml")).data, seed=0)
+    data = load_data(load_recipe(os.path.join("recipes", "teacher_mnist.yaml"), sets).data, seed=0)
     graph = analyze(sym, (1,) + tuple(data.val.x.shape[1:]))
     np_params = {k: v.asnumpy() for k, v in params.items()}
     scores = unit_scores(graph, graph.groups, CRITERIA.get("l1")(), np_params)
@@ -100,9 +118,9 @@ def _teacher_analysis(prefix):
     return sym, params, data, graph, scores, allowed, excluded
 
 
-def uniform_match(prefix, measured_fraction, repeats, backend="mxnet"):
+def uniform_match(prefix, measured_fraction, repeats, backend="mxnet", sets=()):
     """The uniform ratio whose measured latency fraction is closest to ``measured_fraction``."""
-    _, params, data, graph, scores, allowed, _ = _teacher_analysis(prefix)
+    _, params, data, graph, scores, allowed, _ = _teacher_analysis(prefix, sets)
     tmp = tempfile.mkdtemp(prefix="bench-uniform-")
     try:
         probe = Probe(graph, params, "data", data, 1 if backend == "ncnn" else 32, repeats, 256, tmp,
@@ -145,27 +163,45 @@ def main(argv=None):
                         "cannot reach 0.4× in ncnn with its classifier's group kept whole)")
     p.add_argument("--samples", type=int, default=None,
                    help="data.num_samples of the training runs (default: the recipe's, all 5,000)")
+    _smoke.add_arguments(p)
     args = p.parse_args(argv)
     os.chdir(ROOT)
-    os.makedirs(OUT, exist_ok=True)
-    ensure_nets()
+    out_dir, nets, extra, data_sets, spec_extra, work = OUT, NETS, [], [], "", None
+    if args.smoke:       # one seed, one epoch, tiny data; the networks trained in the work folder
+        work = _smoke.workdir(args, "prune_target")
+        out_dir = os.path.join(work, "runs", "bench_prune_target")
+        nets = {k: os.path.join(work, v) for k, v in NETS.items()}
+        extra, data_sets = _smoke.shrink_sets(pruned=True), _smoke.shrink_sets()
+        args.seeds, args.repeats = [0], _smoke.REPEATS
+        spec_extra = ", candidates: 1, bn_batches: 1"       # the greedy allocation alone
+        _smoke.skipped("the candidate search (candidates: 1, the greedy allocation alone)")
+        if args.only is None and args.ncnn_net is None and not args.ncnn_only:
+            # the smallest real version: one network, one backend. Every case runs the same
+            # code here; ncnn's (its layers timed in ncnn's runtime) is the one with more parts
+            args.ncnn_only, args.ncnn_net = True, ["resnet20"]
+            _smoke.skipped("the MXNet comparisons and the MobileNetV2-0.5 (its training too: 24 "
+                           "groups, in ncnn ~6,000 layer widths timed, minutes): ResNet-20 in ncnn only")
+        _smoke.skipped("the second seed (--seeds 0 1: it reuses the first's allocation)")
+    os.makedirs(out_dir, exist_ok=True)
     res = {}
     cases = [] if args.ncnn_only else [(net, "mxnet") for net in args.only or sorted(NETS)]
     if args.ncnn:
         cases += [(net, "ncnn") for net in (args.ncnn_net if args.ncnn_net else ["mobilenetv2"])]
+    # the full bench trains both networks whatever it compares; --smoke only those it uses
+    ensure_nets(nets, work, student=not args.smoke or any(net == "mobilenetv2" for net, _ in cases))
     for net, backend in cases:
-        prefix = NETS[net]
+        prefix = nets[net]
         goal = args.ncnn_goal if backend == "ncnn" else args.goal
         name = net if backend == "mxnet" else f"{net}-ncnn"
         where = "mxnet b32" if backend == "mxnet" else "ncnn, 1 thread, b1"
-        spec = f"{{latency: {goal}, backend: {backend}, batch: {32 if backend == 'mxnet' else 1}}}"
+        spec = f"{{latency: {goal}, backend: {backend}, batch: {32 if backend == 'mxnet' else 1}{spec_extra}}}"
         r = res[name] = {"target": [], "uniform": [], "backend": backend}
         first = None
         try:
             for seed in args.seeds:
-                out = os.path.join(OUT, f"{name}-target-s{seed}")
+                out = os.path.join(out_dir, f"{name}-target-s{seed}")
                 r["target"].append(_train(prefix, out, seed, args.epochs, {"target": spec},
-                                          reuse=first, samples=args.samples))
+                                          reuse=first, samples=args.samples, extra=extra))
                 first = first or os.path.join(out, TARGET_FILE)
         except Exception as e:          # an unreachable target: the other cases still run
             print(f"{name}: the target run failed: {type(e).__name__}: {e}", flush=True)
@@ -174,13 +210,13 @@ def main(argv=None):
         with open(first) as f:
             alloc = json.load(f)["result"]
         r["allocation"] = alloc
-        best, rows = uniform_match(prefix, alloc["measured"], args.repeats, backend)
+        best, rows = uniform_match(prefix, alloc["measured"], args.repeats, backend, data_sets)
         r["uniform_search"] = rows
         r["uniform_ratio"] = best["ratio"]
         for seed in args.seeds:
-            out = os.path.join(OUT, f"{name}-uniform-s{seed}")
+            out = os.path.join(out_dir, f"{name}-uniform-s{seed}")
             r["uniform"].append(_train(prefix, out, seed, args.epochs,
-                                       {"final_sparsity": best["ratio"]}, samples=args.samples))
+                                       {"final_sparsity": best["ratio"]}, samples=args.samples, extra=extra))
         t1 = float(np.mean([x["top1"] for x in r["target"]]))
         u1 = float(np.mean([x["top1"] for x in r["uniform"]]))
         errs = alloc.get("model_errors", {})
@@ -209,7 +245,7 @@ def main(argv=None):
         target(f"{name}: top-1 target vs uniform at the same measured latency "
                f"(uniform {best['ratio']}: {best['fraction']:.3f}×), mean of {len(args.seeds)} seeds",
                "≥ uniform", f"{t1:.2f} vs {u1:.2f}", t1 >= u1)
-    path = os.path.join(OUT, f"results-{'-'.join(name for name in res)}.json")
+    path = os.path.join(out_dir, f"results-{'-'.join(name for name in res)}.json")
     with open(path, "w") as f:
         json.dump(res, f, indent=1, default=str)
     print(f"\nresults: {path}")

@@ -15,6 +15,7 @@ The second case is one where plain ``naive`` (min/max) PTQ itself loses: the com
 labels, ``runs/qat_pruned``), full int8 from ``naive`` calibration, then QAT from it.
 
     .venv/bin/python bench/qat.py [--run runs/qat_student] [--epochs 3] [--no-naive-case]
+    .venv/bin/python bench/qat.py --smoke [--out DIR]   # both cases on tiny data, one QAT epoch, in a temporary folder
 """
 import argparse
 import json
@@ -25,6 +26,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench import _smoke  # noqa: E402
 from bench.targets import target  # noqa: E402
 
 RUN = os.path.join(ROOT, "runs", "qat_student")
@@ -45,25 +47,30 @@ PRUNED_TRAIN = ["--set", "data.limit=1000", "--set", "pruning.final_sparsity=0.8
                 "--set", "distillation=[{loss: ce, weight: 1.0}]", "--set", "output.dir=runs/qat_pruned"]
 
 
-def naive_case(epochs, env):
+def naive_case(epochs, env, run=PRUNED_RUN, train=PRUNED_TRAIN):
     """Naive PTQ that loses, and QAT from it: ``runs/qat_pruned`` (trained when missing)."""
-    m = _metrics(PRUNED_RUN)
-    if not m.get("complete"):
+    from distill.recipe import load_recipe, recipe_hash, recipe_to_dict
+    from distill.runfolder import reuse_check
+    recipe = load_recipe(os.path.join(ROOT, "recipes", "prune_channel_mnist.yaml"), train[1::2])
+    ok, why = reuse_check(run, recipe_hash(recipe), recipe_to_dict(recipe))
+    m = _metrics(run)
+    if not ok:
+        print(f"qat bench: {why}: training it", flush=True)
         subprocess.run([sys.executable, os.path.join(ROOT, "train.py"),
-                        os.path.join(ROOT, "recipes", "prune_channel_mnist.yaml"), *PRUNED_TRAIN],
+                        os.path.join(ROOT, "recipes", "prune_channel_mnist.yaml"), *train],
                        cwd=ROOT, env=env, check=True)
-        m = _metrics(PRUNED_RUN)
+        m = _metrics(run)
     q = m.get("int8") or {}
     if q.get("method") != "qat" or q.get("calib_mode") != "naive" or q.get("excluded"):
-        subprocess.run([sys.executable, "-m", "distill.cli", "quantize", PRUNED_RUN, "--qat",
+        subprocess.run([sys.executable, "-m", "distill.cli", "quantize", run, "--qat",
                         "--qat-epochs", str(epochs), "--calib-mode", "naive", "--exclude", "none",
                         "--no-layer-latency", "--no-sensitivity", "--no-teacher"], cwd=ROOT, env=env,
                        check=True)
-        q = _metrics(PRUNED_RUN)["int8"]
+        q = _metrics(run)["int8"]
     from distill.quantize.report import qat_table
     print(qat_table(q))
     fp32, qat, ptq = q["fp32"]["top1"], q["top1"], q["ptq"]["policies"]["none"]["top1"]
-    print(f"\n{PRUNED_RUN}: fp32 {fp32:.2f}%, PTQ full int8 (naive) {ptq:.2f}%, QAT "
+    print(f"\n{run}: fp32 {fp32:.2f}%, PTQ full int8 (naive) {ptq:.2f}%, QAT "
           f"({q['qat']['epochs']} epochs) simulated {q['simulated_top1']:.2f}% / MXNet int8 {qat:.2f}% "
           f"(agree on {q['sim_int8_agreement']:.1f}%), on {q['split_images']} images")
     target("naive PTQ full int8 loses ≥ 0.5 point, QAT recovers (pruned 85% copy)",
@@ -92,17 +99,35 @@ def main(argv=None):
     ap.add_argument("--no-ncnn", action="store_true", help="skip the ncnn-int8 export of the QAT ranges")
     ap.add_argument("--no-naive-case", action="store_true",
                     help="skip the second case (naive PTQ of a pruned copy, then QAT)")
+    _smoke.add_arguments(ap)
     args = ap.parse_args(argv)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    train, pruned, calib = TRAIN, {}, "entropy"
+    if args.smoke:        # both runs trained afresh in the work folder, one QAT epoch each
+        work = _smoke.workdir(args, "qat")
+        calib = "naive"
+        _smoke.skipped("entropy calibration of the first case, naive instead (MXNet's KL threshold "
+                       "search, ~0.4 s per tensor whatever the data: half a minute for this student)")
+        args.run, args.epochs = os.path.join(work, "runs", "qat_student"), 1
+        train = TRAIN + _smoke.cli_sets(_smoke.quickstart_sets(work, "qat_student", int8=False))
+        teacher = f"teacher.recipe={json.dumps(_smoke.teacher_recipe(work))}"
+        pruned = {"run": os.path.join(work, "runs", "qat_pruned"),
+                  "train": PRUNED_TRAIN + _smoke.cli_sets(
+                      _smoke.recipe_sets(work, "qat_pruned", pruned=True) + [teacher])}
+    from distill.recipe import load_recipe, recipe_hash, recipe_to_dict
+    from distill.runfolder import reuse_check
+    recipe = load_recipe(os.path.join(ROOT, "recipes", "quickstart.yaml"), train[1::2])
+    ok, why = reuse_check(args.run, recipe_hash(recipe), recipe_to_dict(recipe))
     m = _metrics(args.run)
-    if not m.get("complete"):
+    if not ok:
+        print(f"qat bench: {why}: training it", flush=True)
         subprocess.run([sys.executable, os.path.join(ROOT, "train.py"),
-                        os.path.join(ROOT, "recipes", "quickstart.yaml"), *TRAIN], cwd=ROOT, env=env, check=True)
+                        os.path.join(ROOT, "recipes", "quickstart.yaml"), *train], cwd=ROOT, env=env, check=True)
         m = _metrics(args.run)
     q = m.get("int8") or {}
-    if q.get("method") != "qat" or q.get("calib_mode") != "entropy" or q.get("excluded"):
+    if q.get("method") != "qat" or q.get("calib_mode") != calib or q.get("excluded"):
         subprocess.run([sys.executable, "-m", "distill.cli", "quantize", args.run, "--qat",
-                        "--qat-epochs", str(args.epochs), "--calib-mode", "entropy", "--exclude", "none",
+                        "--qat-epochs", str(args.epochs), "--calib-mode", calib, "--exclude", "none",
                         "--no-layer-latency", "--no-sensitivity", "--no-teacher"], cwd=ROOT, env=env, check=True)
         q = _metrics(args.run)["int8"]
     from distill.quantize.report import qat_table
@@ -125,7 +150,7 @@ def main(argv=None):
         target("ncnn-int8 from the QAT ranges vs fp32 (MXNet), top-1", "within 0.5 point",
                f"{top1 - fp32:+.2f}", top1 >= fp32 - 0.5)
     if not args.no_naive_case:
-        naive_case(args.epochs, env)
+        naive_case(args.epochs, env, **pruned)
 
 
 if __name__ == "__main__":

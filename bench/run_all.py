@@ -7,6 +7,7 @@ the target, the measured value and whether it holds. A script that fails is a ro
     .venv/bin/python bench/run_all.py                  # every script (accuracy benches: an hour)
     .venv/bin/python bench/run_all.py int8 export      # some of them
     .venv/bin/python bench/run_all.py --list
+    .venv/bin/python bench/run_all.py --smoke          # each script's --smoke: seconds, in temporary folders
 """
 import argparse
 import glob
@@ -32,11 +33,11 @@ def scripts():
                   if os.path.basename(p) not in NOT_BENCHES and not os.path.basename(p).startswith("_"))
 
 
-def run_script(name, results):
-    """Run ``bench/NAME.py``; return (exit code, seconds)."""
+def run_script(name, results, args=()):
+    """Run ``bench/NAME.py ARGS``; return (exit code, seconds)."""
     t0 = time.time()
     env = dict(os.environ, BENCH_RESULTS=results, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, os.path.join(HERE, name + ".py")], cwd=ROOT, env=env)
+    proc = subprocess.run([sys.executable, os.path.join(HERE, name + ".py"), *args], cwd=ROOT, env=env)
     return proc.returncode, time.time() - t0
 
 
@@ -44,6 +45,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("names", nargs="*", help="scripts to run (default: all)")
     p.add_argument("--list", action="store_true", help="list the scripts and exit")
+    p.add_argument("--smoke", action="store_true",
+                   help="pass --smoke to every script: its whole code path on tiny data in a temporary "
+                        "folder, in seconds (bench/_smoke.py; the figures mean nothing)")
     args = p.parse_args(argv)
     names = scripts()
     if args.list:
@@ -60,7 +64,7 @@ def main(argv=None):
     try:
         for i, name in enumerate(chosen):
             print(f"\n######## bench {i + 1}/{len(chosen)}: {name}.py", flush=True)
-            status[name] = run_script(name, results)
+            status[name] = run_script(name, results, ["--smoke"] if args.smoke else [])
             print(f"######## {name}.py: exit {status[name][0]} in {status[name][1]:.0f} s", flush=True)
         with open(results) as f:
             rows = [json.loads(line) for line in f if line.strip()]
@@ -77,7 +81,8 @@ def main(argv=None):
         elif not mine:
             table.append([name, f"(no target checked; {secs:.0f} s)", "", "", "-"])
     print(format_table(["script", "figure", "target", "measured", "holds"], table,
-                       title="\nmake bench: every target of every bench script"))
+                       title="\nmake bench: every target of every bench script"
+                             + (" (--smoke: tiny runs, the figures mean nothing)" if args.smoke else "")))
     held = sum(r[-1] == "yes" for r in table)
     checked = sum(r[-1] in ("yes", "NO") for r in table)
     print(f"{held} of {checked} hold")

@@ -3,6 +3,7 @@
 cached KD, measured in one run on mnist5k, printed as ratios.
 
     python bench/teacher_cost.py [--epochs 2] [--student mobilenetv2_0.5]
+    python bench/teacher_cost.py --smoke     # tiny data, one epoch, the teacher trained in a temporary folder
 
 Each mode trains a fresh student for ``--epochs`` epochs (same seed, same batches); the epoch
 time is the fastest epoch (the first includes graph set-up). The cache is built once before
@@ -17,19 +18,26 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench import _smoke  # noqa: E402
 from bench.targets import target  # noqa: E402
 from distill.recipe import load_recipe, recipe_from_dict, recipe_to_dict  # noqa: E402
 from distill.report import format_table  # noqa: E402
 from distill.run import run_training  # noqa: E402
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--student", default="mobilenetv2_0.5")
-    args = ap.parse_args()
-    base = recipe_to_dict(load_recipe(os.path.join(ROOT, "recipes", "quickstart.yaml")))
-    base["teacher"]["recipe"] = os.path.join(ROOT, "recipes", "teacher_mnist.yaml")
+    _smoke.add_arguments(ap)
+    args = ap.parse_args(argv)
+    sets, teacher, work = (), os.path.join(ROOT, "recipes", "teacher_mnist.yaml"), None
+    if args.smoke:       # its teacher and the runs in the work folder
+        work = _smoke.workdir(args, "teacher_cost")
+        sets, teacher = _smoke.recipe_sets(work, "quickstart", pruned=True), _smoke.teacher_recipe(work)
+        args.epochs = 1
+    base = recipe_to_dict(load_recipe(os.path.join(ROOT, "recipes", "quickstart.yaml"), sets))
+    base["teacher"]["recipe"] = teacher
     base["student"]["model"] = args.student
     base["trainer"].update(epochs=args.epochs, progress=False)
     base["output"] = {"latency": False}
@@ -41,7 +49,7 @@ def main():
         "KD, teacher cached": {"trainer": {"teacher_cache": "memory"}},
     }
     out = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
         for label, change in modes.items():
             r = json.loads(json.dumps(base))
             for k, v in change.items():

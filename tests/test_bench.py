@@ -1,6 +1,12 @@
-"""`make bench`'s collector: every script's targets in one table, failures included."""
+"""`make bench`'s collector: every script's targets in one table, failures included; and every
+bench script's ``--smoke`` mode run end to end (tiny data, a temporary folder, seconds)."""
+import json
 import os
+import re
+import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -43,3 +49,50 @@ def test_every_bench_script_imports():
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+#: the heading of the table each script prints before its targets (a script not listed here must
+#: print at least one table of ``distill.report.format_table``: a rule line of dashes)
+TABLES = {
+    "distributed": r"mode +workers +global batch +images/s",
+    "export": r"export quickstart \(teacher\) → ",
+    "int8": r"latency, best of \d+ \(ms\); speed-up = fused fp32 / int8",
+    "pipeline": r": the whole pipeline on ",
+    "prune": r"== 2\. mnist5k",
+    "prune_target": r"== \S+: target latency ",
+    "qat": r"PTQ vs QAT \(split: ",
+    "teacher_cost": r"teacher cost per epoch",
+}
+#: what a measured value must not be: the words a script writes when it measured nothing
+PLACEHOLDERS = {"", "-", "?", "n/a", "na", "none", "null", "nan", "failed", "skipped", "todo",
+                "not measured"}
+
+
+@pytest.mark.parametrize("name", run_all.scripts())
+def test_bench_script_smoke_runs_end_to_end(name, tmp_path):
+    """``bench/NAME.py --smoke``: exit 0, its table printed, and every target it checks recorded
+    (through ``BENCH_RESULTS``, as ``make bench`` collects them) with a measured value."""
+    results, work = tmp_path / "results.jsonl", tmp_path / "work"
+    env = dict(os.environ, BENCH_RESULTS=str(results), PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", name + ".py"), "--smoke",
+                          "--out", str(work)], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    out = res.stdout
+    assert res.returncode == 0, f"exit {res.returncode}\n{out[-3000:]}\n{res.stderr[-3000:]}"
+    assert os.listdir(work), "the smoke run wrote nothing into its --out folder"
+    heading = TABLES.get(name, r"(?m)^-{10,}$")
+    assert re.search(heading, out), f"{name}.py printed no table ({heading!r}):\n{out[-3000:]}"
+    assert results.is_file(), f"{name}.py reported no target"
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    assert rows, f"{name}.py reported no target"
+    printed = re.findall(r"(?m)^target: ", out)
+    assert len(printed) == len(rows), f"{name}.py printed {len(printed)} target lines, recorded {len(rows)}"
+    for r in rows:
+        assert r["script"] == name + ".py" and isinstance(r["holds"], bool), r
+        assert r["figure"].strip() and r["target"].strip(), r
+        measured = str(r["measured"]).strip()
+        words = set(re.findall(r"[a-z/]+", measured.lower()))
+        assert measured.lower() not in PLACEHOLDERS and not words & {"nan", "n/a", "failed"}, (
+            f"{name}.py: {r['figure']!r} measured nothing: {measured!r}")
+        line = f"target: {r['figure']}: {r['target']}; measured {r['measured']}: "
+        assert line in out, f"{name}.py recorded {r['figure']!r} without printing its line"
