@@ -165,13 +165,18 @@ class LossTerm:
     def validate(self, p):
         _check(self.weight >= 0, f"{p}.weight", f"must be ≥ 0, got {self.weight}")
         _check(isinstance(self.loss, str) and bool(self.loss), f"{p}.loss", "must be a loss name")
-        for k, v in self.options.items():
-            _check(isinstance(v, (int, float)) and not isinstance(v, bool), f"{p}.{k}",
-                   f"loss options are numbers, got {v!r}")
-            self.options[k] = float(v)
         # the loss itself knows its options (one file per loss); it imports MXNet, so only here
         from .losses import LOSSES
         cls = LOSSES.get(self.loss, where=f"recipe key `{p}.loss`")
+        for k, v in self.options.items():
+            if k not in cls.OPTIONS:                      # dropped below or rejected by the loss
+                continue
+            if isinstance(cls.OPTIONS[k], bool):          # a switch (`standardize: true`)
+                _check(isinstance(v, bool), f"{p}.{k}", f"must be true or false, got {v!r}")
+                continue
+            _check(isinstance(v, (int, float)) and not isinstance(v, bool), f"{p}.{k}",
+                   f"loss options are numbers, got {v!r}")
+            self.options[k] = float(v)
         # recipes resolved before losses declared their options carry every loss's defaults on
         # every term (run folders' recipe.yaml): those exact values are not the user's words
         for k, v in list(self.options.items()):
@@ -464,6 +469,11 @@ class Recipe:
         _check(self.teacher.given or not uses_teacher, "teacher",
                "the recipe uses the teacher (a `kd` term or `student.from: teacher`) but names none: "
                "set `teacher.recipe`, `teacher.checkpoint` or `teacher.model`")
+        if not self.data.labels:
+            from .losses import LOSSES
+            for i, t in enumerate(self.distillation):
+                cls = LOSSES.get(t.loss)
+                _check(not cls.needs_labels, f"distillation[{i}]", cls.without_labels(t.loss))
         self.pruning.check_epochs(self.trainer.epochs)
 
     @property

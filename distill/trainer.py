@@ -211,6 +211,8 @@ def fit(student, train_net, teacher_outputs, data, terms, cfg, checkpoints=None,
     for epoch in range(start, cfg.epochs):
         for m in modifiers:
             m.epoch_start(epoch)
+        for t in terms:             # a term's own schedule (dkd's warm-up) follows the epoch
+            t.block.set_epoch(epoch)
         _sync_masks(cluster, modifiers, synced)
         rng = np.random.RandomState(cfg.seed * 100003 + epoch)
         mx.random.seed(cfg.seed * 100003 + epoch)

@@ -1,11 +1,11 @@
 """Loss terms, one file each, registered by the name a recipe uses.
 
-Logit terms (``kd``, ``ce``) see the logits; feature terms (``hint``, ``attention``,
-``similarity``, ``rkd``) see the outputs named by ``teacher_layer``/``student_layer`` (the
-logits when a layer is not given) and get both shapes at construction.
+Logit terms (``kd``, ``dkd``, ``dist``, ``ce``) see the logits; feature terms (``hint``,
+``attention``, ``similarity``, ``rkd``) see the outputs named by ``teacher_layer``/
+``student_layer`` (the logits when a layer is not given) and get both shapes at construction.
 """
 from .base import LOSSES, LossTermBlock
-from . import attention, ce, hint, kd, rkd, similarity  # noqa: F401  (registration)
+from . import attention, ce, dist, dkd, hint, kd, rkd, similarity  # noqa: F401  (registration)
 
 __all__ = ["LOSSES", "LossTermBlock", "build_loss"]
 

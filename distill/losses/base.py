@@ -8,6 +8,9 @@ Each loss declares its own recipe options (:attr:`LossTermBlock.OPTIONS`, name â
 checks their values (:meth:`LossTermBlock.check`); a recipe's ``distillation`` item carries
 ``loss``, ``weight``, ``teacher_layer``, ``student_layer`` and passes every other key to the
 loss, which rejects the ones it does not take. Adding a loss touches one file.
+
+A term whose value follows the training schedule (``dkd``'s warm-up) reads the epoch from
+:meth:`LossTermBlock.set_epoch`, which the loop calls on every term at each epoch start.
 """
 from mxnet import gluon
 
@@ -27,7 +30,9 @@ class LossTermBlock(gluon.HybridBlock):
     OPTIONS : dict
         Recipe options this loss takes (name â†’ default); passed to the constructor.
     needs_teacher, needs_labels : bool
-        Whether the term reads the teacher's outputs / the labels.
+        Whether the term reads the teacher's outputs / the labels. A recipe with
+        ``data.labels: false`` and a term that needs labels is rejected with
+        :meth:`without_labels`.
     layers : str
         ``"logits"`` (no ``teacher_layer``/``student_layer`` allowed), ``"both"`` (both
         required) or ``"any"``.
@@ -44,6 +49,15 @@ class LossTermBlock(gluon.HybridBlock):
         """Value checks of the options (known names, defaults filled in): ``None``, or
         ``(option, what is wrong)``."""
         return None
+
+    @classmethod
+    def without_labels(cls, name):
+        """Why a ``name`` term cannot run on data without labels, and what to do instead."""
+        return (f"a `{name}` term needs labels but the data have none (`data.labels: false`): "
+                f"drop the `{name}` term or set `data.labels: true`.")
+
+    def set_epoch(self, epoch):
+        """Called by the loop at the start of every epoch (0-based); most terms ignore it."""
 
     @classmethod
     def validate_term(cls, term, where):

@@ -148,7 +148,8 @@ def build_qat_net(model, plan, params=None):
 
 
 def qat_terms(recipe, has_teacher, labelled, log=print):
-    """The run's logit distillation terms (feature terms dropped); KD when none is left.
+    """The run's logit distillation terms (feature terms dropped); KD when none is left. A
+    term's own warm-up (``dkd``'s ``warmup_epochs``) is off: the student is already trained.
 
     Returns
     -------
@@ -177,6 +178,8 @@ def qat_terms(recipe, has_teacher, labelled, log=print):
             f"{', '.join(dropped)}")
     terms, counts = [], {}
     for t in kept:
+        if "warmup_epochs" in build_loss(t).OPTIONS:
+            t = dataclasses.replace(t, options={**t.options, "warmup_epochs": 0.0})
         block = build_loss(t)
         block.initialize(mx.init.Xavier(), ctx=mx.cpu())
         if block.hybridizable:
