@@ -104,9 +104,17 @@ def test_a_run_trains_and_reports_on_the_test_set(tmp_path):
         yaml.safe_dump({"name": "f", "data": {"name": "fashion_mnist", "root": root, "val_split": 0.1},
                         "student": {"model": "mobilenet0.25"}, "distillation": [{"loss": "ce"}],
                         "trainer": {"epochs": 1, "batch_size": 32, "progress": False},
-                        "output": {"dir": str(tmp_path / "run"), "latency": False}}, f)
+                        "quantization": {"enabled": True, "exclude": "auto", "calib_batches": 1,
+                                         "layer_latency": False},
+                        "output": {"dir": str(tmp_path / "run"), "latency": False,
+                                   "latency_repeats": 1}}, f)
     res = run_cli(path)
     assert res.returncode == 0, res.stderr[-2000:]
     import json
     m = json.load(open(str(tmp_path / "run" / "metrics.json")))
     assert m["data"]["val"] == 50 and m["data"]["train"] == 180
+    # the int8 policy chose on the 20 held-out training images; its figures are the test set's
+    q = m["int8"]
+    assert q["selected_on"]["split"] == "select" and q["selected_on"]["images"] == 20
+    assert q["split_images"] == 50
+    assert q["fp32"]["top1"] * 50 / 100 == pytest.approx(round(q["fp32"]["top1"] * 50 / 100))

@@ -18,9 +18,11 @@ kept in fp32 between int8 neighbours pays one of each. Checked on the quickstart
 the per-node fp32 times match the same nodes profiled inside the whole fused graph (e.g. the two
 1×1 expansions with 12 input channels, 2.65 ms each at batch 32 in both).
 """
+import atexit
 import json
 import logging
 import os
+import shutil
 import tempfile
 import warnings
 from contextlib import contextmanager
@@ -114,7 +116,10 @@ def _profile(symbol, params, shapes, repeats, warmup):
     # at os.devnull turned /dev/null into a regular file): it gets a file of its own in a
     # temporary folder, removed afterwards. A dump at process exit into the removed folder fails
     # quietly (checked), so nothing is written outside the system temp folder.
-    with tempfile.TemporaryDirectory(prefix="distill-profile-") as tmp:
+    # MXNet may still be writing it while the folder goes (seen: "Directory not empty"), so the
+    # removal ignores errors and is tried again at exit.
+    tmp = tempfile.mkdtemp(prefix="distill-profile-")
+    try:
         mx.profiler.set_config(profile_all=True, aggregate_stats=True,
                                filename=os.path.join(tmp, "profile.json"))
         mx.profiler.dumps(reset=True)
@@ -125,6 +130,10 @@ def _profile(symbol, params, shapes, repeats, warmup):
         finally:
             mx.profiler.set_state("stop")
         stats = json.loads(mx.profiler.dumps(reset=True, format="json"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.exists(tmp):
+            atexit.register(shutil.rmtree, tmp, True)
     ops = stats.get("Time", {}).get("operator", {})
     return {k: float(v["Min"]) for k, v in ops.items() if k not in _BOOKKEEPING}
 

@@ -31,7 +31,7 @@ from ..recipe import load_recipe, recipe_from_dict, recipe_to_dict
 from ..runfolder import METRICS_FILE, RunFolder, int8_prefix, merge_json
 from ..trainer import evaluate
 from .calibrators import calibrate, calibration_indices
-from .graph import FloatModel, QuantizedGraph
+from .graph import FloatModel, QuantizedGraph, inference_block
 from .layer_speed import layer_latency, slower_layers
 from .policies import Selection, resolve_policy
 from .report import comparison_table, model_report, qat_table
@@ -89,8 +89,11 @@ def prepare(model, data, qcfg, seed, batch_size=256):
                         f"cannot be measured; use data with a labelled val split.")
     idx = calibration_indices(len(data.train), qcfg.calib_batches * qcfg.calib_batch_size, seed)
     thresholds = calibrate(model, data.train.x[idx], qcfg.calib_mode, qcfg.calib_batch_size)
-    scorer = Scorer(model, thresholds, data.val, qcfg.granularity, batch_size)
+    # choices (auto, first_last, sensitivity) read data.selection: a holdout of the training
+    # images when val is a test set (fashion_mnist), else val; the figures are val's either way
+    scorer = Scorer(model, thresholds, data.selection, qcfg.granularity, batch_size)
     scorer.calib = {"mode": qcfg.calib_mode, "images": len(idx), "seed": seed}
+    scorer.report_split = data.val if data.select is not None else None
     return scorer
 
 
@@ -159,6 +162,18 @@ def export_outcome(outcome, fp32_prefix, repeats=20, batch_size=256):
     top1 = evaluate(reloaded, sc.split, batch_size)
     if abs(top1 - outcome.score.top1) > 1e-6:        # the export must be the model we scored
         raise RuntimeError(f"{qprefix}: reloaded top-1 {top1} != in-memory {outcome.score.top1}")
+    report = getattr(sc, "report_split", None)
+    fp32_top1, full_top1, selected_on = sc.fp32_top1, outcome.full.top1, None
+    if report is not None:            # chosen on the holdout, reported on the test set
+        selected_on = {"split": "select", "images": len(sc.split), "top1": round(top1, 3),
+                       "fp32_top1": round(sc.fp32_top1, 3),
+                       "full_int8_top1": round(outcome.full.top1, 3)}
+        top1 = evaluate(reloaded, report, batch_size)
+        fp32_top1 = evaluate(inference_block(sc.model.fused, sc.model.params, sc.model.input_name),
+                             report, batch_size)
+        full = sc.build([])
+        full_top1 = evaluate(inference_block(full.symbol, full.params, sc.model.input_name),
+                             report, batch_size)
     fp32_lat, int8_lat = paired_latency([fp32_prefix, qprefix], sc.model.input_shape, repeats=repeats)
     speedup = {k: round(fp32_lat[k] / int8_lat[k], 3) for k in int8_lat}
     sens = [{"layer": l.name, "op": l.op, "macs": l.macs, "top1": round(s.top1, 3),
@@ -178,11 +193,12 @@ def export_outcome(outcome, fp32_prefix, repeats=20, batch_size=256):
         "notes": list(outcome.selection.notes),
         "all_fp32": bool(outcome.selection.exclude_ops),
         "split": "val",
-        "split_images": len(sc.split),
+        "split_images": len(report if report is not None else sc.split),
+        "selected_on": selected_on,
         "calib_images": sc.calib["images"],
         "calib_seed": sc.calib["seed"],
-        "full_int8_top1": round(outcome.full.top1, 3),
-        "fp32": {"top1": round(sc.fp32_top1, 3), "latency_ms": fp32_lat, "bytes": _bytes(fp32_prefix)},
+        "full_int8_top1": round(full_top1, 3),
+        "fp32": {"top1": round(fp32_top1, 3), "latency_ms": fp32_lat, "bytes": _bytes(fp32_prefix)},
         "speedup": speedup,
         "slower_than_fp32": [k for k, v in speedup.items() if v < 1.0],
         "files": [os.path.basename(f) for f in pair_files(qprefix)],
