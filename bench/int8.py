@@ -128,7 +128,7 @@ def main(argv=None):
         outcomes[("naive", "none")] = SimpleNamespace(graph=graph, selection=Selection([]))
 
     # time fp32 and each distinct int8 graph (different fp32 layer sets), alternately
-    graphs, labels = {}, []
+    graphs = {}
     for (mode, policy), out in outcomes.items():
         key = tuple(out.selection.excluded) + tuple(out.selection.exclude_ops)
         if key not in graphs:

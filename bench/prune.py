@@ -33,7 +33,6 @@ from bench import _smoke  # noqa: E402
 from bench.targets import target  # noqa: E402
 
 import mxnet as mx  # noqa: E402
-import numpy as np  # noqa: E402
 
 from distill.data import load_data  # noqa: E402
 from distill.graphio import load_pair, make_block  # noqa: E402

@@ -1,7 +1,11 @@
 """Shared test helpers: tiny recipes that run in seconds, and the CLI in a subprocess."""
+import gzip
 import os
+import struct
 import subprocess
 import sys
+
+import numpy as np
 
 import yaml
 
@@ -49,3 +53,33 @@ def run_cli(*args, cwd=None, timeout=600, **popen):
         cmd = [sys.executable, os.path.join(ROOT, "train.py"), *args]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="2")
     return subprocess.run(cmd, cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def run_patched(patch, *args):
+    """``train.py ARGS`` in a subprocess that first runs the Python lines ``patch`` (a fault or
+    an old code path planted for the test)."""
+    code = (f"import sys\nsys.argv = ['train.py'] + {list(args)!r}\n{patch}\n"
+            "from distill.cli import train_main\nsys.exit(train_main())\n")
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="2")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=600, env=env, cwd=ROOT)
+
+
+def _idx(path, arr):
+    arr = np.asarray(arr, np.uint8)
+    head = struct.pack(">I", 0x800 + arr.ndim) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(head + arr.tobytes())
+
+
+def write_fashion(root, n_train=60, n_test=20, seed=0):
+    """Four idx files like Zalando's, ``n_train``/``n_test`` images of 10 balanced classes; the
+    class is readable from the pixels (its index × 20 everywhere), so training can learn it."""
+    os.makedirs(root, exist_ok=True)
+    rng = np.random.RandomState(seed)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        y = np.arange(n) % 10
+        x = (y[:, None, None] * 20 + rng.randint(0, 20, size=(n, 28, 28))).astype(np.uint8)
+        _idx(os.path.join(root, f"{split}-images-idx3-ubyte.gz"), x)
+        _idx(os.path.join(root, f"{split}-labels-idx1-ubyte.gz"), y)
+    return root

@@ -11,8 +11,6 @@ import os
 import pickle
 import random
 import shutil
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import mxnet as mx
@@ -25,7 +23,7 @@ import distill.nag  # noqa: F401  (registers deterministicnag)
 from distill import checkpoint as C
 from distill.errors import UserError
 from distill.optim import OPTIMIZERS, optimizer_spec
-from helpers import ROOT, run_cli, tiny_teacher
+from helpers import run_cli, run_patched, tiny_teacher
 
 ND_MAGIC = (0x112).to_bytes(8, "little")
 
@@ -72,14 +70,6 @@ class _Planted:
 def _planted_bytes(marker):
     return pickle.dumps({"epoch": 2, "params": _Planted(marker), "trainer_states": None,
                          "history": [], "rng": None}, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def _run_patched(patch, *args):
-    code = (f"import sys\nsys.argv = ['train.py'] + {list(args)!r}\n{patch}\n"
-            "from distill.cli import train_main\nsys.exit(train_main())\n")
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="2")
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=600, env=env, cwd=ROOT)
 
 
 def _refused(res):
@@ -312,7 +302,7 @@ def legacy(tmp_path_factory):
     recipe = tiny_teacher(tmp, name="legacy", epochs=2, num_samples=320)
     patch = ("import distill.recorders as R\n" + inspect.getsource(_old_save_checkpoint)
              + "R.save_checkpoint = _old_save_checkpoint\n")
-    res = _run_patched(patch, recipe)
+    res = run_patched(patch, recipe)
     assert res.returncode == 0, res.stderr[-3000:]
     run = os.path.join(tmp, "runs", "legacy")
     for name in ("epoch-0000.ckpt", "epoch-0001.ckpt"):

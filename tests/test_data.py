@@ -13,9 +13,11 @@ from distill.data import (DATASETS, DataBundle, balanced_subset, load_data, per_
                           stratified_split)
 from distill.errors import UserError
 from distill.recipe import DataConfig
+from helpers import write_fashion
 
 
 # -- fixtures: tiny datasets written to tmp_path --------------------------------------------------
+
 
 def _gray(value, size=(10, 12)):
     return Image.fromarray(np.full(size, value, np.uint8), mode="L")
@@ -75,6 +77,9 @@ CASES = {
                      (1, 10, 12), 2),
     "recordio": (lambda p: DataConfig(name="recordio", root=write_rec(p / "r", [0, 1, 2, 3] * 3)),
                  (1, 6, 7), 4),
+    "fashion_mnist": (lambda p: DataConfig(name="fashion_mnist",
+                                           root=write_fashion(str(p / "fm"), n_train=100)),
+                      (1, 28, 28), 10),
 }
 
 

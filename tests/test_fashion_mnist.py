@@ -12,27 +12,7 @@ from distill.data import load_data
 from distill.data.fashion_mnist import FILES, read_idx
 from distill.errors import UserError
 from distill.recipe import recipe_from_dict
-from helpers import run_cli
-
-
-def _idx(path, arr):
-    arr = np.asarray(arr, np.uint8)
-    head = struct.pack(">I", 0x800 + arr.ndim) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(head + arr.tobytes())
-
-
-def write_fashion(root, n_train=60, n_test=20, seed=0):
-    """Four idx files like Zalando's, ``n_train``/``n_test`` images of 10 balanced classes; the
-    class is readable from the pixels (its index × 20 everywhere), so training can learn it."""
-    os.makedirs(root, exist_ok=True)
-    rng = np.random.RandomState(seed)
-    for split, n in (("train", n_train), ("t10k", n_test)):
-        y = np.arange(n) % 10
-        x = (y[:, None, None] * 20 + rng.randint(0, 20, size=(n, 28, 28))).astype(np.uint8)
-        _idx(os.path.join(root, f"{split}-images-idx3-ubyte.gz"), x)
-        _idx(os.path.join(root, f"{split}-labels-idx1-ubyte.gz"), y)
-    return root
+from helpers import run_cli, write_fashion
 
 
 def _recipe(root, **data):

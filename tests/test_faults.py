@@ -4,21 +4,11 @@ folder that cannot be written is reported before training starts. (SIGKILL + --r
 test_train.py.) Each case runs the real CLI in a subprocess; the fault is injected by a small
 wrapper that patches one function before calling the same entry point as train.py."""
 import os
-import subprocess
-import sys
 
 import pytest
 
 from distill.checkpoint import read_checkpoint
-from helpers import ROOT, run_cli, tiny_student, tiny_teacher
-
-
-def _run_patched(patch, *args):
-    code = (f"import sys\nsys.argv = ['train.py'] + {list(args)!r}\n{patch}\n"
-            "from distill.cli import train_main\nsys.exit(train_main())\n")
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="2")
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=600, env=env, cwd=ROOT)
+from helpers import run_cli, run_patched, tiny_student, tiny_teacher
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +35,7 @@ def _dying_fsync(fd):
     return _real(fd)
 C.os.fsync = _dying_fsync
 """
-    res = _run_patched(patch, s)
+    res = run_patched(patch, s)
     assert res.returncode == 9
     ckpts = os.path.join(tmp, "runs", "crash", "checkpoints")
     names = sorted(os.listdir(ckpts))
@@ -68,7 +58,7 @@ import distill.trainer as T
 _lr = T.lr_at
 T.lr_at = lambda cfg, e: 1e30 if e >= 1 else _lr(cfg, e)
 """
-    res = _run_patched(patch, s)
+    res = run_patched(patch, s)
     out = " ".join(res.stderr.split())
     assert res.returncode == 2, res.stderr[-2000:]
     assert "Traceback" not in res.stderr
@@ -101,7 +91,7 @@ import shutil, collections
 _U = collections.namedtuple('usage', 'total used free')
 shutil.disk_usage = lambda p: _U(10 * 2**30, 10 * 2**30 - 2**20, 2**20)
 """
-    res = _run_patched(patch, s)
+    res = run_patched(patch, s)
     out = " ".join(res.stderr.split())
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "MiB free" in out and "output.dir" in out
