@@ -99,6 +99,8 @@ def main(argv=None):
     ap.add_argument("--no-ncnn", action="store_true", help="skip the ncnn-int8 export of the QAT ranges")
     ap.add_argument("--no-naive-case", action="store_true",
                     help="skip the second case (naive PTQ of a pruned copy, then QAT)")
+    ap.add_argument("--naive-case-in-smoke", action="store_true",
+                    help="with --smoke: run the second case too (left out of the suite's smoke run)")
     _smoke.add_arguments(ap)
     args = ap.parse_args(argv)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
@@ -114,6 +116,10 @@ def main(argv=None):
         pruned = {"run": os.path.join(work, "runs", "qat_pruned"),
                   "train": PRUNED_TRAIN + _smoke.cli_sets(
                       _smoke.recipe_sets(work, "qat_pruned", pruned=True) + [teacher])}
+        if not (args.no_naive_case or args.naive_case_in_smoke):   # make test's smoke budget
+            _smoke.skipped("the second case (a pruned copy: naive PTQ, then QAT); add "
+                           "--naive-case-in-smoke to run it too")
+            args.no_naive_case = True
     from distill.recipe import load_recipe, recipe_hash, recipe_to_dict
     from distill.runfolder import reuse_check
     recipe = load_recipe(os.path.join(ROOT, "recipes", "quickstart.yaml"), train[1::2])

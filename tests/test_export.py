@@ -168,16 +168,17 @@ def test_onnx_int8_is_checked_in_onnxruntime(mnist_export):
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
 
 
-@pytest.mark.parametrize("bits", ["7", "8"])
-def test_onnx_int8_weight_bits_forced_either_way(mnist_export, tmp_path, bits):
-    """The host-chosen 7-bit (no VNNI) or 8-bit onnx-int8 weights, forced each way with
-    --onnx-weight-bits (as when exporting for another CPU): the card says which and why, and the
-    weight codes in the file use that range. The default follows this CPU."""
+def test_onnx_int8_weight_bits_forced_either_way(mnist_export, tmp_path):
+    """The host-chosen 7-bit (no VNNI) or 8-bit onnx-int8 weights: the fixture's export took this
+    CPU's branch; the other one is forced with --onnx-weight-bits (as when exporting for another
+    CPU). The card says which and why, and the weight codes in each file use that range."""
     import onnx
     from onnx import numpy_helper
     from distill.export.onnx_int8 import host_has_vnni
     default = mnist_export["card"]["exports"]["onnx-int8"]["quantization"]
     assert default["weight_bits"] == (8 if host_has_vnni() else 7)
+    assert default["weight_bits_why"] == ("this CPU has VNNI" if host_has_vnni() else "this CPU has no VNNI")
+    bits = "7" if host_has_vnni() else "8"               # the branch this CPU does not take
     out = str(tmp_path / "out")
     res = run_cli("distill", "export", mnist_export["run"], "--format", "onnx-int8", "--out", out,
                   "--onnx-weight-bits", bits, "--calib-size", "128", "--no-latency")
@@ -185,10 +186,15 @@ def test_onnx_int8_weight_bits_forced_either_way(mnist_export, tmp_path, bits):
     card = json.load(open(os.path.join(out, "model_card.json")))
     q = card["exports"]["onnx-int8"]["quantization"]
     assert q["weight_bits"] == int(bits) and q["weight_bits_why"] == f"--onnx-weight-bits {bits}"
-    model = onnx.load(os.path.join(out, "model.int8.onnx"))
-    codes = [numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
-    top = max(int(np.abs(c.astype(np.int32)).max()) for c in codes if c.size > 1)
-    assert (top <= 64) if bits == "7" else (top >= 100), top
+    def top_code(path):
+        model = onnx.load(path)
+        codes = [numpy_helper.to_array(t) for t in model.graph.initializer
+                 if t.data_type == onnx.TensorProto.INT8]
+        return max(int(np.abs(c.astype(np.int32)).max()) for c in codes if c.size > 1)
+    for b, path in ((bits, os.path.join(out, "model.int8.onnx")),
+                    (str(default["weight_bits"]), os.path.join(mnist_export["out"], "model.int8.onnx"))):
+        top = top_code(path)
+        assert (top <= 64) if b == "7" else (top >= 100), (b, top)
     if bits == "7" or host_has_vnni():       # 8-bit weights saturate without VNNI: may fail its check
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
 
