@@ -98,3 +98,14 @@ def test_a_run_trains_and_reports_on_the_test_set(tmp_path):
     assert q["selected_on"]["split"] == "select" and q["selected_on"]["images"] == 20
     assert q["split_images"] == 50
     assert q["fp32"]["top1"] * 50 / 100 == pytest.approx(round(q["fp32"]["top1"] * 50 / 100))
+
+
+def test_pruning_sensitivity_reads_the_training_holdout(tmp_path):
+    """Sensitivity drops rank the cuts (a choice): the probe measures them on data.selection,
+    the holdout, not on the test set; with eval_limit, on its first images."""
+    from distill.pruning.probe import Probe
+    d = load_data(_recipe(write_fashion(str(tmp_path / "fm"), n_train=100)).data)
+    probe = Probe(None, {}, "data", d, 1, 1, 32, str(tmp_path))
+    assert probe.val is d.select and probe.val is not d.val
+    short = Probe(None, {}, "data", d, 1, 1, 32, str(tmp_path), eval_limit=5)
+    np.testing.assert_array_equal(short.val.x, d.select.x[:5])

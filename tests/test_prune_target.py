@@ -145,6 +145,10 @@ class _Data:
         self.train = _Split(rs.normal(size=(n,) + SHAPE[1:]).astype("float32"), rs.randint(0, classes, n))
         self.val = _Split(rs.normal(size=(n,) + SHAPE[1:]).astype("float32"), rs.randint(0, classes, n))
 
+    @property
+    def selection(self):          # as DataBundle's, for data without a separate test set
+        return self.val
+
 
 def test_recipe_target_allocates_the_ratios_and_the_schedule_reaches_them(tmp_path):
     sym = _chain()

@@ -89,10 +89,13 @@ class Probe:
         self.tmp, self.backend, self.recover_steps = tmp, backend, recover_steps
         self.bn_batches = int(bn_batches)
         self.recipe, self.seed, self.symbol = recipe, seed, symbol
-        self.val = data.val
-        if eval_limit and len(data.val.x) > eval_limit:
-            self.val = SimpleNamespace(x=data.val.x[:eval_limit], y=None if data.val.y is None
-                                       else data.val.y[:eval_limit])
+        # sensitivity drops rank the cuts: a choice, so they read data.selection (a holdout of
+        # the training images when val is a test set, as fashion_mnist's is; else val)
+        sel = data.selection
+        self.val = sel
+        if eval_limit and len(sel.x) > eval_limit:
+            self.val = SimpleNamespace(x=sel.x[:eval_limit], y=None if sel.y is None
+                                       else sel.y[:eval_limit])
         self.n = 0
         self._teacher = None
         self._ncnn = {}
