@@ -63,29 +63,16 @@ _ND_DTYPES = tuple(np.dtype(t) for t in (np.float16, np.float32, np.float64, np.
 _TAGS = ("__array__", "__ndarray__", "__tuple__", "__items__", "__scalar__", "__bytes__")
 
 
-def atomic_write_bytes(path, data):
-    """Write ``data`` to ``path`` via a temporary file + fsync + rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def _atomic_replace(path, write, sync_folder=False):
+    """Create ``path`` via a temporary file in its folder: ``write(tmp_path)``, fsync, rename.
 
-
-def _atomic_save_arrays(path, arrays):
-    """``mx.nd.save(path, arrays)`` via a temporary file + fsync + rename (+ fsync of the folder)."""
+    A crash at any point leaves ``path`` as it was (and at most a ``.tmp-*`` file).
+    ``sync_folder``: also fsync the folder, so that the rename itself survives a power cut."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
     os.close(fd)
     try:
-        mx.nd.save(tmp, arrays)
+        write(tmp)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -96,7 +83,9 @@ def _atomic_save_arrays(path, arrays):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    try:                          # the rename itself survives a power cut once the folder is synced
+    if not sync_folder:
+        return
+    try:
         dfd = os.open(folder, os.O_RDONLY)
     except OSError:
         return
@@ -106,6 +95,14 @@ def _atomic_save_arrays(path, arrays):
         pass
     finally:
         os.close(dfd)
+
+
+def atomic_write_bytes(path, data):
+    """Write ``data`` to ``path`` via a temporary file + fsync + rename."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+    _atomic_replace(path, write)
 
 
 def net_state(net):
@@ -403,7 +400,7 @@ def save_checkpoint(folder, epoch, net, trainer, extra):
     text = json.dumps(meta, allow_nan=True, separators=(",", ":")).encode("utf-8")
     arrays[_META] = mx.nd.array(np.frombuffer(text, np.uint8), dtype=np.uint8)
     path = os.path.join(folder, f"epoch-{epoch:04d}.ckpt")
-    _atomic_save_arrays(path, arrays)
+    _atomic_replace(path, lambda tmp: mx.nd.save(tmp, arrays), sync_folder=True)
     for old in sorted(_list(folder))[:-KEEP]:
         os.unlink(old[1])
     return path

@@ -407,9 +407,9 @@ def reuse_check(run_dir, recipe_hash, recipe_dict=None):
     """
     folder = RunFolder(run_dir)
     path = folder.path
-    if not folder.is_complete():
+    m = folder.read_metrics() if folder.has_model() else {}
+    if not m.get("complete"):                  # what RunFolder.is_complete says, metrics read once
         return False, f"{path} holds no complete run"
-    m = folder.read_metrics()
     if m.get("recipe_hash") != recipe_hash:
         changes = _recipe_changes(folder, recipe_dict) if recipe_dict is not None else ""
         return False, (f"{path} was trained from another recipe (hash {m.get('recipe_hash')}, "

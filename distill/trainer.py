@@ -179,9 +179,9 @@ def fit(student, train_net, teacher_outputs, data, terms, cfg, checkpoints=None,
     trainer = _make_trainer(owner, cfg, cluster)
     history, start, prior_time = [], 0, 0.0
     labelled = data.train.y is not None
-    if any(t.block.needs_labels for t in terms) and not labelled:
-        raise UserError("distillation: a `ce` term needs labels but the data have none "
-                        "(`data.labels: false`): drop the `ce` term or provide labels.")
+    needy = [t for t in terms if t.block.needs_labels]
+    if needy and not labelled:      # the recipe refuses this first; a direct caller gets the same
+        raise UserError("distillation: " + needy[0].block.without_labels(needy[0].name))
     # parameters must exist (deferred init) before checkpoints, optimizer state or modifiers
     train_net(mx.nd.array(data.train.x[:1]))
     path = latest_checkpoint(checkpoints, clean=cluster.is_root) if resume and checkpoints else None

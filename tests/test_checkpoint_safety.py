@@ -133,6 +133,14 @@ MODIFIER_STATE = {
 }
 
 
+def _same_after_steps(a, ta, b, tb, n, seed):
+    """Resumed ≡ uninterrupted: ``n`` more identical steps leave the same weights, bit for bit."""
+    _steps(a, ta, n, seed=seed)
+    _steps(b, tb, n, seed=seed)
+    for k, v in _params(a).items():
+        np.testing.assert_array_equal(_params(b)[k], v, err_msg=k)
+
+
 def _same(a, b, where="state"):
     assert type(a) is type(b), (where, type(a), type(b))
     if isinstance(a, np.ndarray):
@@ -187,11 +195,7 @@ def test_round_trip_restores_params_optimizer_and_rng(tmp_path, optimizer):
     _same(MODIFIER_STATE, payload["modifiers"], "modifiers")
     _same(history, payload["history"], "history")
     assert payload["epoch"] == 0 and payload["recipe"] == {"trainer": {"lr": 0.1}}
-    # resumed ≡ uninterrupted: the same next steps give the same weights, bit for bit
-    _steps(a, ta, 3, seed=11)
-    _steps(b, tb, 3, seed=11)
-    for k, v in _params(a).items():
-        np.testing.assert_array_equal(_params(b)[k], v, err_msg=k)
+    _same_after_steps(a, ta, b, tb, 3, seed=11)
 
 
 def test_checkpoint_is_an_ndarray_file_read_without_pickle(tmp_path, monkeypatch):
@@ -270,10 +274,7 @@ def test_old_pickle_needs_trust_and_then_restores_exactly(tmp_path):
     C.load_checkpoint(path, b, tb, trust=True)
     for i, s in ta._updaters[0].states.items():
         np.testing.assert_array_equal(tb._updaters[0].states[i].asnumpy(), s.asnumpy())
-    _steps(a, ta, 2, seed=11)
-    _steps(b, tb, 2, seed=11)
-    for k, v in _params(a).items():
-        np.testing.assert_array_equal(_params(b)[k], v, err_msg=k)
+    _same_after_steps(a, ta, b, tb, 2, seed=11)
 
 
 def test_qat_resume_check_reads_json(tmp_path, monkeypatch):

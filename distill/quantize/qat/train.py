@@ -39,7 +39,7 @@ from mxnet import gluon
 from ...checkpoint import atomic_write_bytes, latest_checkpoint, read_checkpoint
 from ...errors import UserError
 from ...graphio import load_symbol_block, make_block, save_pair, symbol_file
-from ...losses import build_loss
+from ...losses import LOSSES, build_loss
 from ...modifier import Modifier
 from ...recipe import LossTerm
 from ...recorders import Checkpointer, EpochLog
@@ -157,15 +157,14 @@ def qat_terms(recipe, has_teacher, labelled, log=print):
     """
     kept, dropped = [], []
     for t in recipe.distillation:
+        cls = LOSSES.get(t.loss)
         if t.student_layer or t.teacher_layer:
             dropped.append(t.loss)
-        elif build_loss(t).needs_teacher and not has_teacher:
-            dropped.append(t.loss)
-        elif t.loss == "ce" and not labelled:
+        elif (cls.needs_teacher and not has_teacher) or (cls.needs_labels and not labelled):
             dropped.append(t.loss)
         else:
             kept.append(t)
-    if not any(build_loss(t).needs_teacher for t in kept) and has_teacher:
+    if not any(LOSSES.get(t.loss).needs_teacher for t in kept) and has_teacher:
         kept.append(LossTerm(loss="kd", weight=1.0, options={"temperature": 4.0}))
     if not kept:
         if not labelled:
@@ -178,7 +177,7 @@ def qat_terms(recipe, has_teacher, labelled, log=print):
             f"{', '.join(dropped)}")
     terms, counts = [], {}
     for t in kept:
-        if "warmup_epochs" in build_loss(t).OPTIONS:
+        if "warmup_epochs" in LOSSES.get(t.loss).OPTIONS:
             t = dataclasses.replace(t, options={**t.options, "warmup_epochs": 0.0})
         block = build_loss(t)
         block.initialize(mx.init.Xavier(), ctx=mx.cpu())
