@@ -44,7 +44,7 @@ from .errors import UserError
 from .graphio import pair_exists, pair_files
 
 __all__ = ["RunFolder", "LAYOUT", "RECIPE_FILE", "METRICS_FILE", "MODEL", "INT8_SUFFIX",
-           "PROVENANCE_KEY", "int8_prefix", "tool_provenance", "reuse_check"]
+           "PROVENANCE_KEY", "int8_prefix", "tool_provenance", "reuse_check", "source_hash"]
 _LOGGER = logging.getLogger(__name__)
 
 RECIPE_FILE = "recipe.yaml"
@@ -250,6 +250,9 @@ def merge_json(path, **sections):
 #: the tool's source, relative to its checkout: uncommitted changes here make a run's code differ
 #: from its commit (tests, benches, docs and recipes do not: the recipe hash covers the recipe)
 SOURCE_PATHS = ("distill", "students", "train.py")
+#: inside :data:`SOURCE_PATHS`, code that decides which runs to make and reports them but does
+#: not shape what a run holds: editing it keeps every run reusable
+REPORT_ONLY_PATHS = ("distill/compare",)
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -297,11 +300,44 @@ def source_state(package_dir=_PACKAGE_DIR, paths=SOURCE_PATHS):
     return head.decode().strip(), True, h.hexdigest()[:12]
 
 
+def source_hash(package_dir=_PACKAGE_DIR, paths=SOURCE_PATHS, report_only=REPORT_ONLY_PATHS):
+    """A short hash of the tool's source as it is on disk: every tracked or untracked
+    (not ignored) file under ``paths`` except ``report_only``, by path and git blob id. Equal
+    hashes mean the same code whatever the commit, so a commit that touches only docs, tests,
+    recipes or the comparison's reports keeps runs reusable. ``None`` outside a git checkout."""
+    root = os.path.dirname(package_dir)
+    init = os.path.join(os.path.basename(package_dir), "__init__.py")
+    if _git(root, "ls-files", "--error-unmatch", "--", init) is None:
+        return None
+    paths = [p for p in paths if os.path.exists(os.path.join(root, p))]
+    spec = paths + [f":(exclude){p}" for p in report_only]
+    listed = _git(root, "ls-files", "-z", "--cached", "--others", "--exclude-standard", "--", *spec)
+    if listed is None:
+        return None
+    files = sorted({f for f in listed.decode(errors="surrogateescape").split("\0")
+                    if f and os.path.isfile(os.path.join(root, f))})
+    if not files:
+        return None
+    try:
+        res = subprocess.run(("git", "-C", root, "hash-object", "--no-filters", "--stdin-paths"),
+                             input="\n".join(files).encode(errors="surrogateescape"),
+                             capture_output=True, timeout=60, env=dict(os.environ, GIT_OPTIONAL_LOCKS="0"))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    blobs = res.stdout.decode().split() if res.returncode == 0 else []
+    if len(blobs) != len(files):
+        return None
+    h = hashlib.sha256()
+    for f, b in zip(files, blobs):
+        h.update(f.encode(errors="surrogateescape") + b"\0" + b.encode() + b"\n")
+    return h.hexdigest()[:16]
+
+
 @functools.lru_cache(maxsize=1)
 def _tool_provenance():
     commit, dirty, source_diff = source_state()
     return (("version", __version__), ("commit", commit), ("dirty", dirty),
-            ("source_diff", source_diff))
+            ("source_diff", source_diff), ("source", source_hash()))
 
 
 def tool_provenance():
@@ -315,7 +351,8 @@ def tool_provenance():
     dict
         ``version`` (``distill.__version__``), ``commit`` (``git rev-parse HEAD`` of the
         checkout the package lives in, or ``None``), ``dirty`` (uncommitted changes to the
-        tool's source, :data:`SOURCE_PATHS`) and ``source_diff`` (a hash of those changes).
+        tool's source, :data:`SOURCE_PATHS`), ``source_diff`` (a hash of those changes) and
+        ``source`` (:func:`source_hash`, what reuse compares).
     """
     return dict(_tool_provenance())
 
@@ -335,9 +372,18 @@ def provenance_change(old, now):
     """How the tool that wrote a run (``old``) differs from ``now``: a clause, ``None`` when the
     same. A commit with uncommitted changes to the tool's source matches only the very same
     changes (same ``source_diff``): within one development session an unchanged tree reuses its
-    runs, an edit to the source does not."""
+    runs, an edit to the source does not.
+
+    Where both record ``source`` (:func:`source_hash`), it alone decides after the version: the
+    same code under another commit (a commit of docs, tests, recipes or reports) is the same
+    tool."""
     if old.get("version") != now.get("version"):
         return f"distill {old.get('version')} (now {now.get('version')})"
+    if old.get("source") and now.get("source"):
+        if old["source"] == now["source"]:
+            return None
+        return (f"{describe_provenance(old)} whose source differs from now's (source "
+                f"{old['source']}, now {now['source']}: {describe_provenance(now)})")
     if old.get("commit") != now.get("commit"):
         return f"commit {_short(old.get('commit'))} (now {_short(now.get('commit'))})"
     if bool(old.get("dirty")) != bool(now.get("dirty")) or old.get("source_diff") != now.get("source_diff"):

@@ -19,7 +19,7 @@ from distill.compare.spec import load_comparison
 from distill.graphio import pair_files
 from distill.run import teacher_recipe_prefix
 from distill.runfolder import (PROVENANCE_KEY, RunFolder, provenance_change, reuse_check,
-                               source_state, tool_provenance)
+                               source_hash, source_state, tool_provenance)
 
 OLD_COMMIT = "0" * 40
 
@@ -54,9 +54,10 @@ def _copy(trained, tmp_path, **trainer):
 
 
 def _set_commit(run, commit):
+    """As if another commit with other code had written the run."""
     folder = RunFolder(run)
     m = folder.read_metrics()
-    m[PROVENANCE_KEY]["commit"] = commit
+    m[PROVENANCE_KEY].update(commit=commit, source="0" * 16)
     folder.write_metrics(m)
 
 
@@ -81,7 +82,8 @@ def test_teacher_run_of_another_commit_is_trained_again(trained, tmp_path, caplo
     before = _stamps(run)
     with caplog.at_level(logging.INFO, logger="distill.run"):
         teacher_recipe_prefix(path)
-    assert "was written by commit 000000000000 (now " in caplog.text
+    assert "commit 000000000000" in caplog.text
+    assert "whose source differs from now's (source 0000000000000000, now " in caplog.text
     assert "training it from" in caplog.text
     assert _stamps(run) != before
     assert RunFolder(run).read_metrics()[PROVENANCE_KEY] == tool_provenance()
@@ -138,8 +140,8 @@ def test_compare_copies_and_reuses_only_runs_of_the_same_recipe_and_tool(trained
     lines.clear()
     run_comparison(comp, log=lines.append)
     (line,) = [l for l in lines if "training it again" in l]
-    assert f"{target} was written by commit 000000000000 (now " in line
-    assert f"{run} was written by commit 000000000000 (now " in line
+    assert f"{target} was written by distill " in line and "whose source differs" in line
+    assert f"{run} was written by distill " in line
     assert _stamps(target) != before
     assert RunFolder(target).read_metrics()[PROVENANCE_KEY] == tool_provenance()
 
@@ -182,11 +184,16 @@ def test_reuse_check_each_way_a_run_is_stale(tmp_path):
     assert ok and "same recipe, same tool" in why
     ok, why = reuse_check(run, "def", {"name": "x", "trainer": {"epochs": 2}})
     assert not ok and "another recipe (hash abc, now def): trainer.epochs 1 → 2" in why
+    run = _fake_run(tmp_path, provenance=dict(now, commit=OLD_COMMIT))
+    assert reuse_check(run, "abc")[0]                         # another commit, the same code
     for change, expected in ((dict(version="0.0.1"), f"distill 0.0.1 (now {now['version']})"),
-                             (dict(commit=OLD_COMMIT), "commit 000000000000 (now ")):
+                             (dict(commit=OLD_COMMIT, source=None), "commit 000000000000 (now "),
+                             (dict(commit=OLD_COMMIT, source="f" * 16),
+                              f"commit 000000000000")):
         run = _fake_run(tmp_path, provenance=dict(now, **change))
         ok, why = reuse_check(run, "abc")
-        assert not ok and f"{run} was written by {expected}" in why
+        assert not ok and f"{run} was written by " in why and expected in why
+    assert f"(source {'f' * 16}, now {now['source']}: " in why
     run = _fake_run(tmp_path, provenance=False)                # written before provenance
     ok, why = reuse_check(run, "abc")
     assert not ok and "records no provenance" in why
@@ -237,7 +244,39 @@ def test_source_state_of_a_checkout(tmp_path, monkeypatch):
     assert source_state(str(pkg)) == (None, None, None)
 
 
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_source_hash_follows_the_code_not_the_commit(tmp_path, monkeypatch):
+    repo = tmp_path / "repo"
+    pkg = repo / "distill"
+    (pkg / "compare").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("x = 1\n")
+    (pkg / "compare" / "table.py").write_text("t = 1\n")
+    (repo / "README.md").write_text("read me\n")
+    assert source_hash(str(pkg)) is None                         # not a checkout
+    _git(repo, "init", "-q")
+    _git(repo, "add", ".")
+    _git(repo, "commit", "-q", "-m", "one")
+    first = source_hash(str(pkg))
+    assert first and len(first) == 16
+    (repo / "README.md").write_text("edited\n")                  # docs, committed or not
+    (pkg / "compare" / "table.py").write_text("t = 2\n")         # report-only code
+    _git(repo, "commit", "-qam", "two")
+    assert source_hash(str(pkg)) == first
+    (pkg / "__init__.py").write_text("x = 2\n")                  # the tool's code, uncommitted
+    second = source_hash(str(pkg))
+    assert second not in (None, first)
+    _git(repo, "commit", "-qam", "three")                        # ... and committed: the same code
+    assert source_hash(str(pkg)) == second
+    (pkg / "new.py").write_text("")                              # an untracked module counts
+    assert source_hash(str(pkg)) not in (None, second)
+    (pkg / "new.py").unlink()
+    (pkg / "__init__.py").write_text("x = 1\n")                  # back to the first code
+    assert source_hash(str(pkg)) == first
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert source_hash(str(pkg)) is None
+
+
 def test_a_finished_run_records_its_provenance(trained):
     m = RunFolder(str(trained)).read_metrics()
     assert m["complete"] and m[PROVENANCE_KEY] == tool_provenance()
-    assert set(m[PROVENANCE_KEY]) == {"version", "commit", "dirty", "source_diff"}
+    assert set(m[PROVENANCE_KEY]) == {"version", "commit", "dirty", "source_diff", "source"}
