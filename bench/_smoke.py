@@ -11,15 +11,19 @@ hold). What a script leaves out at this scale it says, in a line starting ``smok
 Not a bench itself: ``run_all`` skips files whose name starts with ``_``.
 """
 import atexit
+import gzip
 import json
 import os
 import shutil
+import struct
 import tempfile
+
+import numpy as np
 
 import yaml
 
 __all__ = ["DATA", "REPEATS", "add_arguments", "workdir", "shrink_sets", "recipe_sets",
-           "teacher_recipe", "quickstart_sets", "cli_sets", "skipped"]
+           "teacher_recipe", "quickstart_sets", "cli_sets", "skipped", "write_fashion"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = os.path.join(ROOT, "recipes")
@@ -102,3 +106,24 @@ def cli_sets(sets):
 def skipped(what):
     """Say that the smoke mode leaves ``what`` out (never silently)."""
     print(f"smoke: skipped {what}", flush=True)
+
+
+def _idx(path, arr):
+    arr = np.asarray(arr, np.uint8)
+    head = struct.pack(">I", 0x800 + arr.ndim) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(head + arr.tobytes())
+
+
+def write_fashion(root, n_train=60, n_test=20, seed=0):
+    """Four idx files like Zalando's Fashion-MNIST in ``root``, ``n_train``/``n_test`` images of 10
+    balanced classes; the class is readable from the pixels (its index × 20 everywhere), so
+    training can learn it. ``root``."""
+    os.makedirs(root, exist_ok=True)
+    rng = np.random.RandomState(seed)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        y = np.arange(n) % 10
+        x = (y[:, None, None] * 20 + rng.randint(0, 20, size=(n, 28, 28))).astype(np.uint8)
+        _idx(os.path.join(root, f"{split}-images-idx3-ubyte.gz"), x)
+        _idx(os.path.join(root, f"{split}-labels-idx1-ubyte.gz"), y)
+    return root

@@ -1,15 +1,14 @@
 """Shared test helpers: tiny recipes that run in seconds, and the CLI in a subprocess."""
-import gzip
 import os
-import struct
 import subprocess
 import sys
 
-import numpy as np
 
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from bench._smoke import write_fashion  # noqa: E402,F401  (tiny idx files; the fashion bench's smoke uses them too)
 
 
 def tiny_teacher(tmp, name="tiny_teacher", epochs=2, **data):
@@ -65,21 +64,3 @@ def run_patched(patch, *args):
                           timeout=600, env=env, cwd=ROOT)
 
 
-def _idx(path, arr):
-    arr = np.asarray(arr, np.uint8)
-    head = struct.pack(">I", 0x800 + arr.ndim) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(head + arr.tobytes())
-
-
-def write_fashion(root, n_train=60, n_test=20, seed=0):
-    """Four idx files like Zalando's, ``n_train``/``n_test`` images of 10 balanced classes; the
-    class is readable from the pixels (its index × 20 everywhere), so training can learn it."""
-    os.makedirs(root, exist_ok=True)
-    rng = np.random.RandomState(seed)
-    for split, n in (("train", n_train), ("t10k", n_test)):
-        y = np.arange(n) % 10
-        x = (y[:, None, None] * 20 + rng.randint(0, 20, size=(n, 28, 28))).astype(np.uint8)
-        _idx(os.path.join(root, f"{split}-images-idx3-ubyte.gz"), x)
-        _idx(os.path.join(root, f"{split}-labels-idx1-ubyte.gz"), y)
-    return root

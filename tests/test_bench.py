@@ -96,3 +96,25 @@ def test_bench_script_smoke_runs_end_to_end(name, tmp_path):
             f"{name}.py: {r['figure']!r} measured nothing: {measured!r}")
         line = f"target: {r['figure']}: {r['target']}; measured {r['measured']}: "
         assert line in out, f"{name}.py recorded {r['figure']!r} without printing its line"
+
+
+def test_fashion_bench_without_the_data_fails_with_the_install_line(tmp_path, monkeypatch, capsys):
+    """``make bench`` without Debian's dataset-fashion-mnist: a failed line saying how to install
+    it and a target that does not hold, not a silent skip (and no training started)."""
+    import distill.data.fashion_mnist as fm
+    from bench import fashion
+    monkeypatch.setattr(fm, "DEFAULT_ROOT", str(tmp_path / "nowhere"))
+    results = tmp_path / "results.jsonl"
+    monkeypatch.setenv("BENCH_RESULTS", str(results))
+    assert fashion.main([]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "apt-get install dataset-fashion-mnist" in out
+    assert str(tmp_path / "nowhere") in out
+    (row,) = [json.loads(line) for line in results.read_text().splitlines()]
+    assert row["holds"] is False and "apt-get install dataset-fashion-mnist" in row["measured"]
+    # a damaged label file is caught too, not only a missing folder
+    root = fashion._smoke.write_fashion(str(tmp_path / "damaged"), n_train=20, n_test=10)
+    with open(os.path.join(root, fm.FILES["test_labels"]), "r+b") as f:
+        f.truncate(12)
+    assert "t10k-labels-idx1-ubyte.gz cannot be read" in fashion.data_missing(root)
+    assert fashion.data_missing(fashion._smoke.write_fashion(str(tmp_path / "ok"))) is None
