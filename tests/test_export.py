@@ -4,7 +4,7 @@ Two models, each exported once per module: a student briefly trained on the mnis
 (mobilenet0.25, ``data.limit``: seconds; the quickstart's own mobilenetv2_0.5 is the ``slow``
 test at the end), and a Module-API teacher built here with ``mx.sym`` (concat, grouped and
 depthwise convolutions, a residual add, FullyConnected + SoftmaxOutput). The files are then
-loaded with the runtimes' own APIs, as the README shows, not through the exporter's helpers.
+loaded with the runtimes' own APIs, as docs/export.md shows, not through the exporter's helpers.
 """
 import json
 import os

@@ -8,7 +8,7 @@ Small Module-API symbols of our own, each exported once per module (pnnx and ncn
   ``(x - 0.5) * 2`` (``_minus_scalar``, ``_mul_scalar``);
 * a planted crash of the runtime and a planted wrong layer: failed checks with a message.
 
-The files are loaded with the runtimes' own APIs, as the README shows.
+The files are loaded with the runtimes' own APIs, as docs/export.md shows.
 """
 import json
 import os
@@ -99,7 +99,7 @@ def _ort(path, x):
 
 
 def _ncnn_readme(param, bin_, x):
-    """ncnn as the README shows it: the Mat is cloned, so an in-place first layer writes ncnn's copy."""
+    """ncnn as docs/export.md shows it: the Mat is cloned, so an in-place first layer writes ncnn's copy."""
     import ncnn
     net = ncnn.Net()
     net.opt.use_vulkan_compute = False

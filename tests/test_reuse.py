@@ -252,6 +252,8 @@ def test_source_hash_follows_the_code_not_the_commit(tmp_path, monkeypatch):
     (pkg / "__init__.py").write_text("x = 1\n")
     (pkg / "compare" / "table.py").write_text("t = 1\n")
     (repo / "README.md").write_text("read me\n")
+    (repo / "docs").mkdir()
+    (repo / "docs" / "recipes.md").write_text("# Recipes\n")
     assert source_hash(str(pkg)) is None                         # not a checkout
     _git(repo, "init", "-q")
     _git(repo, "add", ".")
@@ -259,6 +261,7 @@ def test_source_hash_follows_the_code_not_the_commit(tmp_path, monkeypatch):
     first = source_hash(str(pkg))
     assert first and len(first) == 16
     (repo / "README.md").write_text("edited\n")                  # docs, committed or not
+    (repo / "docs" / "recipes.md").write_text("# Recipes, edited\n")
     (pkg / "compare" / "table.py").write_text("t = 2\n")         # report-only code
     _git(repo, "commit", "-qam", "two")
     assert source_hash(str(pkg)) == first

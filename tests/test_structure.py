@@ -1,5 +1,5 @@
-"""The house's structure: no import cycles, run-folder names owned by one module, the README's
-run-folder layout generated from the code, no oversized classes.
+"""The house's structure: no import cycles, run-folder names owned by one module, the run-folder
+layout in docs/run-folder.md generated from the code, no oversized classes.
 
 Parsed with ``ast`` (nothing is imported), imports inside functions included: a hidden import
 closes a cycle as surely as a top-level one.
@@ -135,12 +135,12 @@ def test_run_folder_names_spelled_only_by_their_owners():
         f"{ {k: v for k, v in spelled.items() if k not in OWNERS} }"
 
 
-def test_readme_layout_is_the_run_folders():
+def test_docs_layout_is_the_run_folders():
     from distill.runfolder import LAYOUT
-    with open(os.path.join(ROOT, "README.md")) as f:
-        readme = f.read()
-    m = re.search(r"<!-- run-folder-layout -->\n```\n(.*?)```", readme, re.S)
-    assert m, "README.md lacks the generated run-folder layout block"
+    with open(os.path.join(ROOT, "docs", "run-folder.md")) as f:
+        page = f.read()
+    m = re.search(r"<!-- run-folder-layout -->\n```\n(.*?)```", page, re.S)
+    assert m, "docs/run-folder.md lacks the generated run-folder layout block"
     listed = [line.split()[0] for line in m.group(1).splitlines() if line.strip()]
     assert listed == [name for name, _ in LAYOUT]
 
