@@ -5,7 +5,9 @@
 reused); ``distill compare RUN [RUN ...]`` collects finished run folders. Either way every
 latency is re-timed together (:mod:`~distill.compare.timing`) and the table is printed and
 written as ``compare.md``, ``compare.csv`` and a self-contained ``compare.html`` with plots
-(:mod:`~distill.compare.report`).
+(:mod:`~distill.compare.report`). A recipe's ``pairs`` add paired tests, over seeds and over
+per-image predictions (:mod:`~distill.compare.stats`, :mod:`~distill.compare.predictions`), as a
+second table in every form and ``compare-pairs.csv``.
 
 This module is the command line only (the CLI imports it to list subcommands; MXNet is
 imported when the command runs).
@@ -26,7 +28,7 @@ def add_arguments(p):
                         "runs/compare for run folders)")
     p.add_argument("--seeds", type=int, default=1, metavar="N",
                    help="comparison recipe: run each variant with trainer.seed 0..N-1 and report "
-                        "mean ± std (default 1)")
+                        "mean ± std, and for the recipe's `pairs` paired tests (default 1)")
     p.add_argument("--repeats", type=int, default=None, metavar="N",
                    help="latency: best of N repeats (default: the recipe's `repeats`, else 20)")
 
@@ -57,12 +59,15 @@ def compare(targets, out=None, seeds=1, repeats=None, log=print):
             raise UserError(f"distill compare takes one comparison recipe or run folders, not both "
                             f"(got {', '.join(targets)}): run the recipe, then collect its folders "
                             f"with the others.")
+        from .predictions import pair_comparisons
         from .runner import run_comparison
         from .spec import load_comparison
         comp = load_comparison(recipes[0], out)
         records = run_comparison(comp, seeds, log)
+        pairs = pair_comparisons(comp, records, log)
         title = f"{comp.name}: {len(comp.variants)} variants × {seeds} seed(s)"
-        return write_report(records, comp.out, title, repeats or comp.repeats or 20, log=log)
+        return write_report(records, comp.out, title, repeats or comp.repeats or 20, log=log,
+                            pairs=pairs)
     records = [read_run(t) for t in targets]
     return write_report(records, out or os.path.join("runs", "compare"),
                         f"comparison of {len(records)} runs", repeats or 20, log=log)

@@ -108,7 +108,7 @@ def _run_one(comp, variant, seed, log):
 def _teachers_first(comp, seeds, log):
     done = set()
     for v in comp.variants:
-        for s in range(seeds):
+        for s in v.seeds(seeds):
             recipe = v.run_recipe(s, comp.run_dir(v, s))
             key = (recipe.teacher.recipe, recipe_dir_of(recipe))
             if recipe.teacher.recipe and key not in done:
@@ -130,7 +130,7 @@ def run_comparison(comp, seeds=1, log=print):
     each run, in order (variant by variant)."""
     from tqdm import tqdm
     os.makedirs(comp.out, exist_ok=True)
-    plan = [(v, s) for v in comp.variants for s in range(seeds)]
+    plan = [(v, s) for v in comp.variants for s in v.seeds(seeds)]
     records = []
     with _bar_safe_output():
         _teachers_first(comp, seeds, log)
