@@ -267,6 +267,14 @@ def _git(root, *args):
     return res.stdout if res.returncode == 0 else None
 
 
+def _checkout_root(package_dir):
+    """The folder above ``package_dir`` when the package is tracked in a git checkout there (not
+    merely inside some checkout, as a virtualenv's site-packages in a repo), else ``None``."""
+    root = os.path.dirname(package_dir)
+    init = os.path.join(os.path.basename(package_dir), "__init__.py")
+    return root if _git(root, "ls-files", "--error-unmatch", "--", init) is not None else None
+
+
 def source_state(package_dir=_PACKAGE_DIR, paths=SOURCE_PATHS):
     """``(commit, dirty, source_diff)`` of the git checkout the package at ``package_dir`` lives in.
 
@@ -274,10 +282,8 @@ def source_state(package_dir=_PACKAGE_DIR, paths=SOURCE_PATHS):
     (edits or untracked files); ``source_diff``: a short hash of those differences (``None`` when
     clean). All three are ``None`` outside a git checkout (an installed package, no ``git``).
     """
-    root = os.path.dirname(package_dir)
-    init = os.path.join(os.path.basename(package_dir), "__init__.py")
-    # tracked there, not merely inside some checkout (a virtualenv's site-packages in a repo)
-    if _git(root, "ls-files", "--error-unmatch", "--", init) is None:
+    root = _checkout_root(package_dir)
+    if root is None:
         return None, None, None
     head = _git(root, "rev-parse", "--verify", "HEAD")
     if head is None:
@@ -305,9 +311,8 @@ def source_hash(package_dir=_PACKAGE_DIR, paths=SOURCE_PATHS, report_only=REPORT
     (not ignored) file under ``paths`` except ``report_only``, by path and git blob id. Equal
     hashes mean the same code whatever the commit, so a commit that touches only docs, tests,
     recipes or the comparison's reports keeps runs reusable. ``None`` outside a git checkout."""
-    root = os.path.dirname(package_dir)
-    init = os.path.join(os.path.basename(package_dir), "__init__.py")
-    if _git(root, "ls-files", "--error-unmatch", "--", init) is None:
+    root = _checkout_root(package_dir)
+    if root is None:
         return None
     paths = [p for p in paths if os.path.exists(os.path.join(root, p))]
     spec = paths + [f":(exclude){p}" for p in report_only]
