@@ -179,6 +179,20 @@ def train(recipe_path, log_path, fresh=False):
 
 # -- what the PyTorch side is handed ------------------------------------------------------------
 
+def _save_npz(path, batch=256, **arrays):
+    """``np.savez(path, **arrays)``, each array written ``batch`` rows at a time: an image split
+    may be a lazy array of streamed images (recordio, image folders), never read whole."""
+    import zipfile
+    with zipfile.ZipFile(path, "w", allowZip64=True) as zf:
+        for name, a in arrays.items():
+            shape, dtype = tuple(a.shape), np.dtype(getattr(a, "dtype", np.float32))
+            with zf.open(name + ".npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_2_0(
+                    f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
+                for i in range(0, shape[0], batch):
+                    f.write(np.ascontiguousarray(a[i:i + batch], dtype=dtype).tobytes())
+
+
 def prepare(model, recipe_path, out):
     """Write, once per dense network: the data (``data.npz``), the teacher's logits on the train
     images (``MODEL-teacher-logits.npy``: MXNet, computed once), and the dense pair with its val
@@ -195,8 +209,8 @@ def prepare(model, recipe_path, out):
     paths = {"data": os.path.join(out, "data.npz"),
              "teacher_logits": os.path.join(out, f"{model}-teacher-logits.npy"),
              "dense": os.path.join(out, f"{model}-dense.npz")}
-    np.savez(paths["data"], x_train=data.train.x, y_train=data.train.y.astype(np.int64),
-             x_val=data.val.x, y_val=data.val.y.astype(np.int64))
+    _save_npz(paths["data"], x_train=data.train.x, y_train=data.train.y.astype(np.int64),
+              x_val=data.val.x, y_val=data.val.y.astype(np.int64))
     net = load_symbol_block(prefix)
     np.save(paths["teacher_logits"], predict(net, data.train.x).astype(np.float32))
     sym, params = load_pair(prefix, input_shape=(1,) + INPUT_SHAPE)

@@ -43,12 +43,15 @@ import mxnet as mx
 import numpy as np
 
 from .errors import UserError
+from .replicas import first, set_all
 
 __all__ = ["atomic_write_bytes", "save_checkpoint", "load_checkpoint", "read_checkpoint",
            "latest_checkpoint", "is_legacy_checkpoint", "net_state", "load_net_state", "KEEP",
            "FORMAT_VERSION"]
 _LOGGER = logging.getLogger(__name__)
-_PATTERN = re.compile(r"epoch-(\d+)\.ckpt$")
+# epoch-NNNN.ckpt: epoch NNNN (0-based) done; epoch-NNNN-step-SSSSSS.ckpt: SSSSSS steps of
+# epoch NNNN done (trainer.checkpoint_every)
+_PATTERN = re.compile(r"epoch-(\d+)(?:-step-(\d+))?\.ckpt$")
 KEEP = 2
 FORMAT_VERSION = 1
 _FORMAT = "distill-checkpoint"
@@ -106,12 +109,19 @@ def atomic_write_bytes(path, data):
 
 
 def net_state(net):
-    """Parameters of a Gluon block by structural name (independent of name-scope counters)."""
-    return {k: v.data().asnumpy() for k, v in net._collect_params_with_prefix().items()}
+    """Parameters of a Gluon block by structural name (independent of name-scope counters).
+
+    On several devices, replica 0's values: the optimizer keeps the trained parameters identical
+    on every replica, and the loop averages the BatchNorm running statistics over the replicas
+    (:func:`distill.replicas.sync_running_stats`) before it checkpoints."""
+    return {k: first(v).asnumpy() for k, v in net._collect_params_with_prefix().items()}
 
 
 def load_net_state(net, state, where="checkpoint"):
-    """Load :func:`net_state` output back into ``net``; names and shapes must match."""
+    """Load :func:`net_state` output back into ``net``; names and shapes must match.
+
+    Every replica is set (:func:`distill.replicas.set_all`), whatever the device count the
+    state was saved from."""
     params = net._collect_params_with_prefix()
     missing = sorted(set(params) - set(state))
     extra = sorted(set(state) - set(params))
@@ -122,7 +132,7 @@ def load_net_state(net, state, where="checkpoint"):
         if tuple(p.shape) != tuple(state[k].shape):
             raise UserError(f"{where}: parameter {k!r} has shape {state[k].shape}, the network "
                             f"expects {p.shape}.")
-        p.set_data(mx.nd.array(state[k], dtype=state[k].dtype))
+        set_all(p, mx.nd.array(state[k], dtype=state[k].dtype))
 
 
 # -- JSON with arrays beside it --------------------------------------------------------------------
@@ -348,6 +358,25 @@ def _restore_optimizer(trainer, st, path):
     opt._all_index_update_counts = {d: dict(c) for d, c in counts.items()} or {0: {}}
     opt._index_update_count = opt._all_index_update_counts.setdefault(
         current if current is not None else 0, {})
+    _counts_for_every_device(trainer, opt)
+
+
+def _counts_for_every_device(trainer, opt):
+    """Give every device this trainer updates on the saved update counts.
+
+    MXNet's optimizer counts updates per device id (``Updater`` calls
+    ``_set_current_context(weight.context.device_id)``); a device id missing from the restored
+    counts starts from zero, so with another device list (one device saved, two loaded, or
+    ``gpu(1)`` saved and ``gpu(0)`` loaded) Adam's bias correction would differ between replicas
+    and from the uninterrupted run. Missing ids get a copy of the current device's counts (all
+    devices count the same updates); 0 is included for a KVStore that updates on ``cpu_pinned(0)``.
+    An empty entry counts as missing: the optimizer starts with ``{0: {}}`` whatever its devices."""
+    counts = opt._all_index_update_counts
+    ref = opt._index_update_count
+    ids = {c.device_id for c in getattr(trainer, "_contexts", [])} | {0}
+    for d in sorted(ids):
+        if not counts.get(d) and counts.get(d) is not ref:
+            counts[d] = dict(ref)
 
 
 def _copy_state(state):
@@ -362,7 +391,7 @@ def _copy_state(state):
 
 # -- writing and reading ---------------------------------------------------------------------------
 
-def save_checkpoint(folder, epoch, net, trainer, extra):
+def save_checkpoint(folder, epoch, net, trainer, extra, step=None):
     """Write ``epoch-NNNN.ckpt`` atomically and keep the newest :data:`KEEP` checkpoints.
 
     Parameters
@@ -370,7 +399,7 @@ def save_checkpoint(folder, epoch, net, trainer, extra):
     folder : str
         The checkpoints folder (created when missing).
     epoch : int
-        The 0-based epoch just finished.
+        The 0-based epoch just finished (-1: none yet, for a step checkpoint in the first).
     net : gluon.Block
         Whose parameters are saved by structural name.
     trainer : gluon.Trainer
@@ -378,6 +407,9 @@ def save_checkpoint(folder, epoch, net, trainer, extra):
     extra : dict
         More state to restore (history, recipe, modifiers' ``state_dict``, ...): plain data,
         NumPy or MXNet arrays (see :class:`_Packer`).
+    step : (int, int) or None
+        ``(epoch in progress, steps done)`` for a mid-epoch checkpoint
+        (``epoch-NNNN-step-SSSSSS.ckpt``, ``trainer.checkpoint_every``).
 
     Returns
     -------
@@ -386,7 +418,8 @@ def save_checkpoint(folder, epoch, net, trainer, extra):
     """
     os.makedirs(folder, exist_ok=True)
     packer = _Packer()
-    arrays = {f"params/{k}": p.data() for k, p in net._collect_params_with_prefix().items()}
+    # replica 0 of each parameter (see net_state): a checkpoint does not depend on the devices
+    arrays = {f"params/{k}": first(p) for k, p in net._collect_params_with_prefix().items()}
     meta = {"format": _FORMAT, "version": FORMAT_VERSION, "epoch": int(epoch),
             "optimizer": packer.pack(_optimizer_state(trainer), ("optimizer",)),
             "rng": packer.pack({"python": random.getstate(), "numpy": np.random.get_state()}, ("rng",))}
@@ -399,7 +432,8 @@ def save_checkpoint(folder, epoch, net, trainer, extra):
     arrays.update(packer.arrays)
     text = json.dumps(meta, allow_nan=True, separators=(",", ":")).encode("utf-8")
     arrays[_META] = mx.nd.array(np.frombuffer(text, np.uint8), dtype=np.uint8)
-    path = os.path.join(folder, f"epoch-{epoch:04d}.ckpt")
+    name = f"epoch-{epoch:04d}.ckpt" if step is None else f"epoch-{step[0]:04d}-step-{step[1]:06d}.ckpt"
+    path = os.path.join(folder, name)
     _atomic_replace(path, lambda tmp: mx.nd.save(tmp, arrays), sync_folder=True)
     for old in sorted(_list(folder))[:-KEEP]:
         os.unlink(old[1])
@@ -411,7 +445,9 @@ def _list(folder):
     for p in glob.glob(os.path.join(folder, "epoch-*.ckpt")):
         m = _PATTERN.search(p)
         if m and os.path.isfile(p):
-            out.append((int(m.group(1)), p))
+            # order: epoch e done comes after every step checkpoint of epoch e
+            key = (int(m.group(1)) + 1, 0) if m.group(2) is None else (int(m.group(1)), int(m.group(2)))
+            out.append((key, p))
     return out
 
 
@@ -560,3 +596,6 @@ def _load_pickled_states(trainer, states):
         trainer.load_states(tmp_states)
     finally:
         os.unlink(tmp_states)
+    updaters = _updaters(trainer)
+    if updaters:
+        _counts_for_every_device(trainer, updaters[0].optimizer)

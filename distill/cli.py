@@ -27,7 +27,11 @@ def _add_train_args(p):
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key, e.g. --set trainer.epochs=3 (repeatable)")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the last complete epoch in the run folder")
+                   help="continue from the last checkpoint in the run folder (the last complete "
+                        "epoch, or the last step checkpoint with trainer.checkpoint_every)")
+    p.add_argument("--devices", metavar="LIST",
+                   help="train on these devices, data parallel: cpu (default), gpu0,gpu1 or "
+                        "cpu0,cpu1 (sets trainer.devices; int8 calibration and export stay on the CPU)")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="with --resume: also load a checkpoint in the old pickle format (unpickling "
                         "runs any code the file holds: only for run folders you wrote yourself)")
@@ -37,7 +41,11 @@ def _add_train_args(p):
 def _cmd_train(args):
     from .recipe import load_recipe
     from .run import run_training
-    recipe = load_recipe(args.recipe, args.overrides)
+    overrides = list(args.overrides)
+    if getattr(args, "devices", None):
+        names = [d.strip() for d in args.devices.split(",") if d.strip()]
+        overrides.append(f"trainer.devices=[{', '.join(names)}]")
+    recipe = load_recipe(args.recipe, overrides)
     run_training(recipe, resume=args.resume, trust_checkpoint=args.trust_checkpoint)
     return 0
 

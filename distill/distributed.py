@@ -114,7 +114,7 @@ class Cluster:
         if not self.synchronous or not params:
             return
         names = sorted(params)
-        sums = self._sum([params[n].data().asnumpy() for n in names])
+        sums = self._sum([params[n].list_data()[0].asnumpy() for n in names])
         for n, s in zip(names, sums):
             p = params[n]
             p.set_data((s / self.num_workers).astype(p.dtype))
@@ -157,7 +157,7 @@ class Cluster:
         keys = [trainer._param2idx[p.name] for p in ready]
         # copies in the default layout: the KVStore cannot read an array oneDNN has reordered
         # ("We can't generate TBlob for MKLDNN data"), as a hybridized net's weights may be
-        values = [mx.nd.array(p.data().asnumpy(), dtype=p.dtype) for p in ready]
+        values = [mx.nd.array(p.list_data()[0].asnumpy(), dtype=p.dtype) for p in ready]
         for k, v in zip(keys, values):
             self.kv.init(k, v)
         self.barrier()                  # waits for rank 0's pushes first (waitall)
@@ -221,7 +221,7 @@ def dump_state(cluster, student, modifiers):
         return None
     os.makedirs(folder, exist_ok=True)
     structural = student._collect_params_with_prefix()
-    state = {f"param:{k}": v.data().asnumpy() for k, v in structural.items()}
+    state = {f"param:{k}": v.list_data()[0].asnumpy() for k, v in structural.items()}
     state["names"] = np.array([f"{k}={v.name}" for k, v in structural.items()])
     for m in modifiers:
         for k, v in (getattr(m, "masks", None) or {}).items():

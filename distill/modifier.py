@@ -14,7 +14,12 @@ modifier in list order; each hook is optional::
     state_dict() / load_state_dict(d)          saved in every checkpoint, restored on --resume
 
 Pruning schedules, mask keeping, tensorboard, checkpoints and the console log are modifiers
-(:mod:`distill.pruning.modifier`, :mod:`distill.loop_modifiers`).
+(:mod:`distill.pruning.modifier`, :mod:`distill.recorders`).
+
+On several devices every parameter has one replica per context and ``param.data()`` is only the
+current context's: a modifier reads weights through :func:`distill.replicas.first`, writes them
+through :func:`~distill.replicas.set_all` / :func:`~distill.replicas.apply_mask`, and takes
+gradients from :func:`~distill.replicas.grad_after_step`, so the replicas stay identical.
 """
 import logging
 
@@ -67,6 +72,10 @@ class Modifier:
 
     def after_step(self, epoch, step, steps_per_epoch):
         pass
+
+    def mid_epoch(self, epoch, steps_done, partial, loop):
+        """Every ``trainer.checkpoint_every`` steps inside an epoch (the checkpoint recorder
+        saves there); ``partial``: the epoch's running sums, to be restored on resume."""
 
     def epoch_end(self, epoch):
         return {}

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
@@ -40,6 +41,11 @@ __all__ = ["Recipe", "DataConfig", "TeacherConfig", "StudentConfig", "LossTerm",
            "QuantizationConfig", "QATConfig", "ExportConfig", "TrainerConfig", "OutputConfig", "load_recipe", "recipe_from_dict",
            "recipe_to_dict", "recipe_hash", "apply_overrides"]
 _LOGGER = logging.getLogger(__name__)
+
+
+# data.augment: crop/hflip (small images, whole batch) and GluonCV's ImageNet training set
+AUGMENTATIONS = ("crop", "hflip", "random_resized_crop", "color_jitter", "lighting")
+_DEVICE = re.compile(r"(cpu|gpu)\d*")
 
 
 def _check(cond, key, msg):
@@ -66,6 +72,12 @@ class DataConfig:
     std: Optional[List[float]] = None
     labels: bool = True
     augment: List[str] = field(default_factory=list)
+    min_random_area: float = 0.08
+    jitter: float = 0.4
+    pca_noise: float = 0.1
+    val_resize: Optional[int] = None
+    workers: Optional[int] = None
+    stream: Optional[bool] = None
     skip_corrupt: bool = True
     limit: Optional[int] = None
     num_samples: int = 2000
@@ -85,8 +97,16 @@ class DataConfig:
                    f"has {len(self.mean)} values but `{p}.std` has {len(self.std)}: give one per channel")
         _check(self.limit is None or self.limit >= 1, f"{p}.limit", "must be ≥ 1")
         for a in self.augment:
-            _check(a in ("crop", "hflip"), f"{p}.augment",
-                   f"unknown augmentation {a!r}; valid: crop, hflip")
+            _check(a in AUGMENTATIONS, f"{p}.augment",
+                   f"unknown augmentation {a!r}; valid: {', '.join(AUGMENTATIONS)}")
+        _check(0.0 < self.min_random_area <= 1.0, f"{p}.min_random_area",
+               f"must be in (0, 1], got {self.min_random_area}")
+        _check(self.jitter >= 0, f"{p}.jitter", f"must be ≥ 0, got {self.jitter}")
+        _check(self.pca_noise >= 0, f"{p}.pca_noise", f"must be ≥ 0, got {self.pca_noise}")
+        _check(self.val_resize is None or self.val_resize >= 4, f"{p}.val_resize",
+               f"must be an integer ≥ 4 (the shorter side before the centre crop), got {self.val_resize}")
+        _check(self.workers is None or self.workers >= 0, f"{p}.workers",
+               f"must be ≥ 0 (0: decode in the training thread), got {self.workers}")
         _check(self.num_samples >= 2, f"{p}.num_samples", "must be ≥ 2")
         _check(self.num_classes >= 2, f"{p}.num_classes", "must be ≥ 2")
         _check(self.channels in (1, 3), f"{p}.channels", "must be 1 or 3")
@@ -416,8 +436,17 @@ class TrainerConfig:
     teacher_cache: str = "auto"
     teacher_cache_max_mb: float = 2048.0
     kvstore: str = "local"
+    devices: List[str] = field(default_factory=lambda: ["cpu"])
+    checkpoint_every: Optional[int] = None
 
     def validate(self, p):
+        _check(isinstance(self.devices, list) and len(self.devices) >= 1
+               and all(isinstance(d, str) and _DEVICE.fullmatch(d) for d in self.devices),
+               f"{p}.devices", f"must be a list like [cpu], [gpu0, gpu1] or [cpu0, cpu1]; got {self.devices!r}")
+        _check(len(set(self.devices)) == len(self.devices), f"{p}.devices",
+               f"names a device twice: {self.devices}")
+        _check(self.checkpoint_every is None or self.checkpoint_every >= 1, f"{p}.checkpoint_every",
+               f"must be a number of steps ≥ 1, got {self.checkpoint_every}")
         _check(self.kvstore in ("local", "device", "dist_sync", "dist_async"), f"{p}.kvstore",
                f"must be one of local, device, dist_sync, dist_async; got {self.kvstore!r}")
         _check(self.teacher_cache in ("auto", "memory", "disk", "off"), f"{p}.teacher_cache",
@@ -635,6 +664,14 @@ def recipe_hash(recipe, sections=None):
     d.get("trainer", {}).pop("progress", None)  # do not change what is trained
     if d.get("trainer", {}).get("kvstore") == "local":
         d["trainer"].pop("kvstore")            # the default: runs made before the key stay fresh
+    for key in ("devices", "checkpoint_every"):  # where and how often to save: the same training
+        d.get("trainer", {}).pop(key, None)
+    data = d.get("data", {})
+    for key in ("workers",):                   # how many threads decode, not what
+        data.pop(key, None)
+    for key, default in (("min_random_area", 0.08), ("jitter", 0.4), ("pca_noise", 0.1)):
+        if data.get(key) == default:           # defaults: runs made before the keys stay fresh
+            data.pop(key)
     if not d.get("pruning", {}).get("enabled"):
         d.pop("pruning", None)                 # new pruning keys must not make old runs stale
     if sections:

@@ -41,8 +41,9 @@ class TensorboardLogger(Modifier):
 
 
 class Checkpointer(Modifier):
-    """An atomic checkpoint after every epoch: parameters, optimizer state, every modifier's
-    state, the history and the resolved recipe (:mod:`distill.checkpoint`)."""
+    """An atomic checkpoint after every epoch (and every ``trainer.checkpoint_every`` steps):
+    parameters, optimizer state, every modifier's state, the history and the resolved recipe
+    (:mod:`distill.checkpoint`)."""
 
     name = "checkpoint"
 
@@ -54,6 +55,15 @@ class Checkpointer(Modifier):
                         {"history": loop.history, "recipe": self.recipe_dict,
                          "modifiers": {m.name: m.state_dict() for m in loop.modifiers},
                          "train_time_s": loop.train_time_s()})
+
+    def mid_epoch(self, epoch, steps_done, partial, loop):
+        """``trainer.checkpoint_every``: the same checkpoint after ``steps_done`` steps of
+        ``epoch`` (``epoch-NNNN-step-SSSSSS.ckpt``), with the epoch's running sums."""
+        save_checkpoint(self.folder, epoch - 1, loop.owner, loop.trainer,
+                        {"history": loop.history, "recipe": self.recipe_dict,
+                         "modifiers": {m.name: m.state_dict() for m in loop.modifiers},
+                         "train_time_s": loop.train_time_s(), "partial": partial},
+                        step=(epoch, steps_done))
 
 
 class EpochLog(Modifier):

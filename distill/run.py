@@ -256,6 +256,9 @@ def run_training(recipe, resume=False, role="student", trust_checkpoint=False):
         if writer is not None:
             writer.close()
     dump_state(cluster, student, modifiers)
+    if recipe.trainer.devices != ["cpu"]:
+        log(f"trained on {', '.join(recipe.trainer.devices)}; the parameters are back on the CPU: "
+            f"int8 calibration, latency and export run there (oneDNN, ncnn)")
     if not root:
         log(f"rank {cluster.rank}: training done; rank 0 writes the run folder {run_dir}")
         return {"rank": cluster.rank, "history": result["history"]}

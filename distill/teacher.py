@@ -28,6 +28,7 @@ from students import STUDENTS, build_student
 from .errors import UserError
 from .graphio import SYMBOL_SUFFIX, check_params, load_pair, make_block, params_file, symbol_file
 from .graphnorm import format_values, input_normalisation
+from .replicas import first
 from .taps import resolve_tap
 
 __all__ = ["Teacher", "load_teacher", "warn_input_normalisation", "resolve_path"]
@@ -66,8 +67,14 @@ class Teacher:
                                             params=self.net.collect_params())
         self.tapped.hybridize(static_alloc=True)
 
+    def reset_ctx(self, ctx):
+        """Place the frozen parameters on ``ctx`` (a context or a list of them), so that a
+        data-parallel loop runs each slice's teacher pass on the slice's own device. The
+        teacher is never updated, so its replicas stay identical."""
+        self.net.collect_params().reset_ctx(ctx)        # ``tapped`` shares these parameters
+
     def outputs(self, x):
-        """``[logits] + taps`` for the batch ``x`` (always a list)."""
+        """``[logits] + taps`` for the batch ``x`` (always a list), on ``x``'s device."""
         out = self.tapped(x)
         return list(out) if isinstance(out, (list, tuple)) else [out]
 
@@ -169,5 +176,5 @@ def _teacher_from_model(cfg, data, recipe_dir):
                         f"{str(e).splitlines()[0]}") from None
     net.hybridize()
     sym = net(mx.sym.var(cfg.input_name))
-    params = {p.name: p.data() for p in net.collect_params().values()}
+    params = {p.name: first(p) for p in net.collect_params().values()}
     return sym, params, f"model {cfg.model} + {cfg.params}"

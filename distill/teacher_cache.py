@@ -28,8 +28,9 @@ class TeacherOutputs:
     ----------
     teacher : Teacher
         Its ``tapped`` block returns ``[logits] + taps``.
-    train_x : np.ndarray
-        ``(N, C, H, W)`` train images (un-augmented).
+    train_x : np.ndarray or array-like
+        ``(N, C, H, W)`` train images (un-augmented); a lazy array of streamed images is read
+        ``batch_size`` images at a time (``train_x[i:i + batch_size]``), never whole.
     mode : str
         ``auto``, ``memory``, ``disk`` or ``off``.
     augmented : bool

@@ -2,17 +2,29 @@
 
 Per step: the frozen teacher runs outside ``autograd.record()`` (inference only); inside it,
 the student's logits go through every loss term of the recipe, weighted and summed. After each
-epoch: evaluation, tensorboardX scalars, an atomic checkpoint. A killed run resumes from its
-last complete epoch with the same result as an uninterrupted one: the batch order and MXNet's
-RNG are derived from ``(seed, epoch)``, and parameters and optimizer state are checkpointed.
+epoch: evaluation, tensorboardX scalars, an atomic checkpoint (and every
+``trainer.checkpoint_every`` steps one mid-epoch). A killed run resumes from its last checkpoint
+with the same result as an uninterrupted one: the batch order, the augmentation and MXNet's RNG
+are derived from ``(seed, epoch)`` (and the step, with ``checkpoint_every``), and parameters,
+optimizer state and the epoch's running sums are checkpointed.
+
+The loop does not wait for the device at every step: loss values and the accuracy stay on the
+device and are read back every :data:`SYNC_EVERY` steps (and before a checkpoint), where a NaN
+or Inf stops the run naming the step it appeared at. Batches are gathered (or decoded) ahead on
+a background thread (:mod:`distill.feed`).
+
+On several devices (``trainer.devices``, :mod:`distill.devices`) each batch is cut into one
+slice per device; the student, its loss terms and a live teacher have a replica on each; each
+slice's loss is weighted by its share of the batch, so the summed gradients are those of the
+whole batch on one device; the replicas' BatchNorm statistics are averaged at every epoch end.
+The parameters go back to the CPU when training ends (int8 calibration, latency and export run
+there).
 
 With a ``dist_sync`` :class:`~distill.distributed.Cluster` the same loop runs on every worker
 over its own shard: the KVStore sums the gradients (averaged here), every worker applies the
 same update, BatchNorm statistics are averaged per epoch and pruning masks are rank 0's.
 """
-import itertools
 import logging
-import os
 import sys
 import time
 
@@ -21,54 +33,71 @@ import numpy as np
 from mxnet import autograd, gluon
 from tqdm import tqdm
 
+from . import devices as _devices
 from .checkpoint import latest_checkpoint, load_checkpoint
 from .distributed import Cluster
 from .errors import UserError
+from .feed import EpochFeed, augment_batch, epoch_seed
 from .modifier import LoopState, Modifier
+from .replicas import sync_running_stats
 from . import nag  # noqa: F401  (registers deterministicnag with MXNet)
 from .optim import lr_at, optimizer_spec
 
 __all__ = ["fit", "evaluate", "predict", "lr_at", "Modifier", "Term", "Trainable", "augment_batch",
-           "TrainingDiverged"]
+           "TrainingDiverged", "SYNC_EVERY"]
 _LOGGER = logging.getLogger(__name__)
+
+_AUG_DEFAULTS = {"min_random_area": 0.08, "jitter": 0.4, "pca_noise": 0.1}
+
+# Steps between two reads of the loss back from the device (the NaN check, the progress bar).
+SYNC_EVERY = 25
 
 
 class TrainingDiverged(UserError):
     """A NaN or Inf loss: the run stops, the last good checkpoint is kept."""
 
 
-def _batches(n, batch_size, rng=None, drop_last=False):
-    order = rng.permutation(n) if rng is not None else np.arange(n)
-    stop = n - n % batch_size if (drop_last and n > batch_size) else n
-    for i in range(0, stop, batch_size):
-        yield order[i:i + batch_size]
+def _batches(n, batch_size):
+    for i in range(0, n, batch_size):
+        yield np.arange(i, min(i + batch_size, n))
 
 
-def predict(net, x, batch_size=256):
-    """Logits of ``net`` on the numpy array ``x`` (N, C, H, W), as a numpy array (N, K)."""
+def predict(net, x, batch_size=256, ctx=None):
+    """Logits of ``net`` on the images ``x`` (N, C, H, W), as a numpy array (N, K).
+
+    ``x`` is a numpy array or a streamed split's images: read ``batch_size`` at a time.
+    ``ctx``: the device the net's parameters are on (default: the CPU)."""
     outs = []
     for idx in _batches(len(x), batch_size):
-        outs.append(net(mx.nd.array(x[idx])).asnumpy())
+        outs.append(net(mx.nd.array(x[idx], ctx=ctx or mx.cpu())).asnumpy())
     return np.concatenate(outs) if outs else np.zeros((0, 0), "float32")
 
 
-def evaluate(net, split, batch_size=256):
+def evaluate(net, split, batch_size=256, ctx=None):
     """Top-1 accuracy in percent of ``net`` on a labelled :class:`~distill.data.Split`."""
     if split.y is None or len(split.y) == 0:
         return float("nan")
-    logits = predict(net, split.x, batch_size)
+    logits = predict(net, split.x, batch_size, ctx)
     return float((logits.argmax(1) == split.y).mean() * 100.0)
 
 
-def _make_trainer(net, cfg, cluster):
+def _make_trainer(net, cfg, cluster, ctxs):
     for name, p in net.collect_params().items():
         if name.endswith(("gamma", "beta", "bias")):   # no weight decay on BN affine and biases
             p.wd_mult = 0.0
     opt, kw = optimizer_spec(cfg)
-    extra = {} if cluster.update_on_kvstore() is None else {"update_on_kvstore": cluster.update_on_kvstore()}
+    kv, update_on_kv = cluster.trainer_kvstore(), cluster.update_on_kvstore()
+    if kv in (None, "device") and len(ctxs) > 1:
+        # several devices in one process: the `device` kvstore sums the replicas' gradients;
+        # each device then applies the same update with its own copy of the optimizer state
+        # (identical on every replica, and checkpointed like a one-device run's). Not MXNet's
+        # default update_on_kvstore=True: the store's own weight copy would undo in-place mask
+        # writes, and set_data would reset its optimizer state (distill.replicas)
+        kv, update_on_kv = "device", False
+    extra = {} if update_on_kv is None else {"update_on_kvstore": update_on_kv}
     return gluon.Trainer(net.collect_params(), opt,
                          {"learning_rate": cfg.lr, "wd": cfg.weight_decay, **kw},
-                         kvstore=cluster.trainer_kvstore(), **extra)
+                         kvstore=kv, **extra)
 
 
 def _running_stats(net):
@@ -120,21 +149,6 @@ class Trainable(gluon.Block):
             self.register_child(t.block, f"term{i}")
 
 
-def augment_batch(x, ops, rng):
-    """Random ``crop`` (pad by 1/8 of the size, reflect, crop back) and ``hflip`` of (N, C, H, W)."""
-    if "crop" in ops:
-        n, _, h, w = x.shape
-        ph, pw = max(1, h // 8), max(1, w // 8)
-        padded = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), mode="reflect")
-        dy, dx = rng.randint(0, 2 * ph + 1, n), rng.randint(0, 2 * pw + 1, n)
-        x = np.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
-    if "hflip" in ops:
-        flip = rng.rand(len(x)) < 0.5
-        x = x.copy()
-        x[flip] = x[flip, :, :, ::-1]
-    return np.ascontiguousarray(x, dtype=np.float32)
-
-
 def fit(student, train_net, teacher_outputs, data, terms, cfg, checkpoints=None, resume=False,
         log=print, modifiers=(), augment=(), cluster=None, trust_checkpoint=False):
     """Train ``student`` on ``data`` with the weighted loss ``terms``.
@@ -149,17 +163,20 @@ def fit(student, train_net, teacher_outputs, data, terms, cfg, checkpoints=None,
         ``teacher_outputs(idx, x)`` → the frozen teacher's ``[logits] + taps`` for a batch,
         computed outside ``autograd.record()`` (live or cached).
     data : DataBundle
+        ``data.train.x`` a numpy array or streamed images (:mod:`distill.feed`).
     terms : list of Term
     cfg : TrainerConfig
+        ``devices`` (data parallel over those devices), ``checkpoint_every`` (steps), ...
     checkpoints : str or None
         The checkpoints folder (written by the :class:`~distill.recorders.Checkpointer` modifier).
     resume : bool
-        Continue from the newest complete checkpoint in ``checkpoints``, if any.
+        Continue from the newest complete checkpoint in ``checkpoints`` (an epoch's, or a
+        mid-epoch one), if any.
     modifiers : list of Modifier
         Hooks around each step and epoch: pruning, mask keeping, and the recorders (console
         log, tensorboard, checkpoint: :mod:`distill.recorders`), in that order.
     augment : list of str
-        Random train-batch augmentation (``crop``, ``hflip``), seeded by (seed, epoch).
+        ``data.augment``, seeded by (seed, epoch).
     cluster : Cluster or None
         The workers of a ``dist_*`` run (:mod:`distill.distributed`); None: this process alone.
         ``data.train`` is then this worker's shard; gradients are averaged over workers
@@ -175,15 +192,25 @@ def fit(student, train_net, teacher_outputs, data, terms, cfg, checkpoints=None,
         ``{"history": [...per-epoch metrics], "train_time_s": float}``.
     """
     cluster = cluster or Cluster()
+    ctxs = _devices.contexts(cfg.devices)
     owner = Trainable(student, terms)
-    trainer = _make_trainer(owner, cfg, cluster)
-    history, start, prior_time = [], 0, 0.0
+    history, start, start_step, partial, prior_time = [], 0, 0, None, 0.0
     labelled = data.train.y is not None
     needy = [t for t in terms if t.block.needs_labels]
     if needy and not labelled:      # the recipe refuses this first; a direct caller gets the same
         raise UserError("distillation: " + needy[0].block.without_labels(needy[0].name))
-    # parameters must exist (deferred init) before checkpoints, optimizer state or modifiers
+    # parameters must exist (deferred init) before the devices, checkpoints, optimizer state
+    # or modifiers
     train_net(mx.nd.array(data.train.x[:1]))
+    need_teacher = teacher_outputs is not None and any(t.block.needs_teacher for t in terms)
+    live_teacher = need_teacher and getattr(teacher_outputs, "arrays", None) is None
+    moved = [owner] + ([teacher_outputs.teacher.net] if live_teacher else [])
+    if not _devices.is_plain_cpu(ctxs):
+        for block in moved:
+            block.collect_params().reset_ctx(ctxs)
+        log(f"training on {_devices.describe(ctxs)} (data parallel: {cfg.batch_size} images "
+            f"per step cut into {len(ctxs)} slice(s)); evaluation on {ctxs[0]}")
+    trainer = _make_trainer(owner, cfg, cluster, ctxs)
     path = latest_checkpoint(checkpoints, clean=cluster.is_root) if resume and checkpoints else None
     init_kv = (lambda: cluster.init_trainer(trainer)) if cluster.distributed else None
     if path:
@@ -192,13 +219,16 @@ def fit(student, train_net, teacher_outputs, data, terms, cfg, checkpoints=None,
             m.load_state_dict(payload.get("modifiers", {}).get(m.name, {}))
         start, history = payload["epoch"] + 1, payload["history"]
         prior_time = payload.get("train_time_s", 0.0)
+        partial = payload.get("partial")
+        if partial:
+            start_step = int(partial["step"])
         if start < cfg.epochs:
-            log(f"resumed from {path}: continuing at epoch {start + 1}/{cfg.epochs}")
+            at = f", step {start_step + 1}" if start_step else ""
+            log(f"resumed from {path}: continuing at epoch {start + 1}/{cfg.epochs}{at}")
         else:
             log(f"resumed from {path}: all {cfg.epochs} epochs were already done")
     elif init_kv:
         init_kv()
-    need_teacher = teacher_outputs is not None and any(t.block.needs_teacher for t in terms)
     n = len(data.train.x)
     steps_per_epoch = max(1, len(range(0, n - n % cfg.batch_size if n > cfg.batch_size else n, cfg.batch_size)))
     steps_per_epoch = cluster.min_int(steps_per_epoch)   # a dist_sync step waits for every worker
@@ -208,38 +238,40 @@ def fit(student, train_net, teacher_outputs, data, terms, cfg, checkpoints=None,
     for m in modifiers:
         m.initialize(student, trainer, data)
     synced = {}
-    for epoch in range(start, cfg.epochs):
-        for m in modifiers:
-            m.epoch_start(epoch)
-        for t in terms:             # a term's own schedule (dkd's warm-up) follows the epoch
-            t.block.set_epoch(epoch)
-        _sync_masks(cluster, modifiers, synced)
-        rng = np.random.RandomState(cfg.seed * 100003 + epoch)
-        mx.random.seed(cfg.seed * 100003 + epoch)
-        t0 = time.time()
-        sums, seen, correct, lr = _train_epoch(train_net, trainer, teacher_outputs if need_teacher else None,
-                                               data, terms, cfg, epoch, steps_per_epoch, rng,
-                                               modifiers, augment, labelled, checkpoints,
-                                               cluster.num_workers if cluster.synchronous else 1)
-        elapsed = time.time() - t0
-        cluster.average(_running_stats(owner))
-        val_top1 = evaluate(student, data.val, cfg.eval_batch_size) if cluster.is_root else float("nan")
-        total_sum = sums.pop("__total__")
-        row = {"epoch": epoch + 1, "lr": lr, "loss": total_sum / seen,
-               "losses": {k: v / seen for k, v in sums.items()},
-               "train_top1": correct / seen * 100.0 if labelled else None,
-               "val_top1": val_top1, "images_per_s": seen / elapsed, "epoch_time_s": elapsed}
-        for m in modifiers:
-            row.update(m.epoch_end(epoch) or {})
-        history.append(row)
-        for m in modifiers:
-            m.record(epoch, row, loop)
+    try:
+        for epoch in range(start, cfg.epochs):
+            for m in modifiers:
+                m.epoch_start(epoch)
+            for t in terms:             # a term's own schedule (dkd's warm-up) follows the epoch
+                t.block.set_epoch(epoch)
+            _sync_masks(cluster, modifiers, synced)
+            mx.random.seed(epoch_seed(cfg.seed, epoch))
+            run = _Epoch(train_net, trainer, teacher_outputs if need_teacher else None, data, terms,
+                         cfg, epoch, steps_per_epoch, modifiers, augment, labelled, checkpoints,
+                         cluster.num_workers if cluster.synchronous else 1, ctxs, loop,
+                         partial if epoch == start else None)
+            run.run()
+            partial = None
+            sync_running_stats(owner)           # the replicas' BatchNorm statistics, averaged
+            cluster.average(_running_stats(owner))
+            val_top1 = evaluate(student, data.val, cfg.eval_batch_size, ctxs[0]) \
+                if cluster.is_root else float("nan")
+            row = run.row(val_top1)
+            for m in modifiers:
+                row.update(m.epoch_end(epoch) or {})
+            history.append(row)
+            for m in modifiers:
+                m.record(epoch, row, loop)
+    finally:
+        if not _devices.is_plain_cpu(ctxs):    # int8 calibration, latency and export: the CPU
+            for block in moved:
+                block.collect_params().reset_ctx(mx.cpu())
     return {"history": history, "train_time_s": prior_time + time.time() - t_start}
 
 
-def _train_epoch(train_net, trainer, teacher_outputs, data, terms, cfg, epoch, steps_per_epoch,
-                 rng, modifiers, augment, labelled, checkpoints, grad_divisor=1):
-    """One epoch of steps → (per-term loss sums incl. ``__total__``, images, correct, last lr).
+class _Epoch:
+    """One epoch of steps; its running sums (per-term loss, images, correct) survive a mid-epoch
+    checkpoint (``partial``) so a resumed epoch reports what an uninterrupted one would.
 
     ``grad_divisor``: the number of ``dist_sync`` workers, whose gradients the KVStore sums:
     dividing averages them, so ``trainer.lr`` means what it means for one process whose batch
@@ -248,51 +280,147 @@ def _train_epoch(train_net, trainer, teacher_outputs, data, terms, cfg, epoch, s
     The run hands in hybridized loss terms (one cached graph each instead of a handful of
     imperative ops per step): with the teacher's outputs cached, that is most of a KD step's cost.
     """
-    ckpt_hint = f"the last good checkpoint in {checkpoints} is kept" if checkpoints else \
-        "no checkpoint was written"
-    n = len(data.train.x)
-    sums = {t.name: 0.0 for t in terms}
-    total_sum, correct, seen, lr = 0.0, 0, 0, cfg.lr
-    # islice: a worker's shard may hold more batches than the steps every worker can take
-    bar = tqdm(itertools.islice(_batches(n, cfg.batch_size, rng, drop_last=True), steps_per_epoch),
-               total=steps_per_epoch,
-               desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr,
-               disable=None if cfg.progress else True, dynamic_ncols=True)  # None: off when not a TTY
-    for step, idx in enumerate(bar):
-        lr = lr_at(cfg, epoch + step / steps_per_epoch)
-        trainer.set_learning_rate(lr)
-        xb = data.train.x[idx]
-        if augment:
-            xb = augment_batch(xb, augment, rng)
-        x = mx.nd.array(xb)
-        y = mx.nd.array(data.train.y[idx]) if labelled else None
-        t_out = teacher_outputs(idx, x) if teacher_outputs is not None else None
+
+    def __init__(self, train_net, trainer, teacher_outputs, data, terms, cfg, epoch, steps,
+                 modifiers, augment, labelled, checkpoints, grad_divisor, ctxs, loop, partial):
+        self.net, self.trainer, self.teacher = train_net, trainer, teacher_outputs
+        self.data, self.terms, self.cfg, self.epoch, self.steps = data, terms, cfg, epoch, steps
+        self.modifiers, self.augment, self.labelled = modifiers, augment, labelled
+        self.grad_divisor, self.ctxs, self.loop = grad_divisor, ctxs, loop
+        self.ckpt_hint = f"the last good checkpoint in {checkpoints} is kept" if checkpoints else \
+            "no checkpoint was written"
+        p = partial or {}
+        self.start_step = int(p.get("step", 0))
+        self.sums = {t.name: float(p.get("sums", {}).get(t.name, 0.0)) for t in terms}
+        self.total = float(p.get("total", 0.0))
+        self.correct, self.seen = int(p.get("correct", 0)), int(p.get("seen", 0))
+        self.dropped = int(p.get("dropped", 0))
+        self.elapsed_before = float(p.get("elapsed", 0.0))
+        self.lr = cfg.lr
+        self.pending = []           # (step, [(n_k, [term values], total, correct)]) not yet read
+        self.last_loss = None
+
+    def partial(self):
+        """The epoch so far, as plain data for a mid-epoch checkpoint."""
+        return {"epoch": self.epoch, "step": self.step_done, "sums": dict(self.sums),
+                "total": self.total, "correct": self.correct, "seen": self.seen,
+                "dropped": self.dropped, "elapsed": self.elapsed_before + time.time() - self.t0}
+
+    def run(self):
+        cfg = self.cfg
+        self.t0 = time.time()
+        self.step_done = self.start_step
+        every = cfg.checkpoint_every
+        d = self.data
+        feed = EpochFeed(d.train, cfg.batch_size, self.steps, cfg.seed, self.epoch, self.augment,
+                         start_step=self.start_step, mean=d.mean, std=d.std,
+                         options=getattr(d, "augment_options", None) or _AUG_DEFAULTS)
+        bar = tqdm(total=self.steps * cfg.batch_size, initial=self.start_step * cfg.batch_size,
+                   unit="img", unit_scale=False, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+                   leave=False, file=sys.stderr, disable=None if cfg.progress else True,
+                   dynamic_ncols=True, smoothing=0.1)   # disable=None: off when not a TTY
+        try:
+            for batch in feed:
+                if every:       # MXNet's RNG at each step: a mid-epoch resume continues it exactly
+                    mx.random.seed(epoch_seed(cfg.seed, self.epoch) * 1000003 + batch.step)
+                self.dropped += batch.dropped
+                if len(batch.idx):
+                    self._step(batch)
+                self.step_done = batch.step + 1
+                for m in self.modifiers:
+                    m.after_step(self.epoch, batch.step, self.steps)
+                if len(self.pending) >= SYNC_EVERY:
+                    self._flush(bar)
+                bar.update(len(batch.idx) + batch.dropped)
+                if every and self.step_done % every == 0 and self.step_done < self.steps:
+                    self._flush(bar)
+                    # the replicas' BatchNorm statistics, averaged here too: a resumed run starts
+                    # every replica from the one copy a checkpoint holds
+                    sync_running_stats(self.loop.owner)
+                    for m in self.modifiers:
+                        m.mid_epoch(self.epoch, self.step_done, self.partial(), self.loop)
+            self._flush(bar)
+        finally:
+            feed.close()
+            bar.close()
+        self.elapsed = self.elapsed_before + time.time() - self.t0
+
+    def _step(self, batch):
+        cfg, ctxs = self.cfg, self.ctxs
+        self.lr = lr_at(cfg, self.epoch + batch.step / self.steps)
+        self.trainer.set_learning_rate(self.lr)
+        n = len(batch.idx)
+        cuts = _devices.slices(n, len(ctxs))
+        inputs = []
+        for ctx, sl in zip(ctxs, cuts):     # the teacher runs outside autograd.record()
+            x = mx.nd.array(batch.x[sl], ctx=ctx)
+            y = mx.nd.array(batch.y[sl], ctx=ctx) if self.labelled else None
+            t_out = None
+            if self.teacher is not None:
+                t_out = [o.as_in_context(ctx) for o in self.teacher(batch.idx[sl], x)]
+            inputs.append((x, y, t_out, sl.stop - sl.start))
+        results, losses = [], []
         with autograd.record():
-            outs = train_net(x)
-            outs = outs if isinstance(outs, (list, tuple)) else [outs]
-            parts = [(t, t.block(outs[t.s_idx], y, t_out[t.t_idx] if t_out else None).mean())
-                     for t in terms]
-            loss = mx.nd.add_n(*[t.weight * v for t, v in parts]) if len(parts) > 1 \
-                else parts[0][0].weight * parts[0][1]
-        loss.backward()
-        trainer.step(grad_divisor)
-        for m in modifiers:
-            m.after_step(epoch, step, steps_per_epoch)
-        values = {t.name: float(v.asscalar()) for t, v in parts}
-        total = float(loss.asscalar())
-        if not np.isfinite(total):
-            bad = [name for name, v in values.items() if not np.isfinite(v)] or ["total"]
-            raise TrainingDiverged(
-                f"loss became {total} at epoch {epoch + 1}, step {step + 1} (loss term "
-                f"{', '.join(bad)}). The run stopped; {ckpt_hint}. Lower `trainer.lr` (now "
-                f"{cfg.lr}) or add `trainer.warmup_epochs`.")
-        for name in sums:
-            sums[name] += values[name] * len(idx)
-        total_sum += total * len(idx)
-        if labelled:
-            correct += int((outs[0].argmax(axis=1) == y).sum().asscalar())
-        seen += len(idx)
-        bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.4f}")
-    bar.close()
-    sums["__total__"] = total_sum
-    return sums, seen, correct, lr
+            for x, y, t_out, n_k in inputs:
+                outs = self.net(x)
+                outs = outs if isinstance(outs, (list, tuple)) else [outs]
+                parts = [t.block(outs[t.s_idx], y, t_out[t.t_idx] if t_out else None).mean()
+                         for t in self.terms]
+                loss = mx.nd.add_n(*[t.weight * v for t, v in zip(self.terms, parts)]) \
+                    if len(parts) > 1 else self.terms[0].weight * parts[0]
+                # one device: the loss as always; several: each slice's share of the batch mean
+                losses.append(loss if len(inputs) == 1 else loss * (n_k / n))
+                results.append((n_k, parts, loss, outs[0], y))
+        autograd.backward(losses)
+        self.trainer.step(self.grad_divisor)
+        row = []
+        for n_k, parts, loss, logits, y in results:
+            correct = (logits.argmax(axis=1) == y.astype(logits.dtype)).sum() if self.labelled else None
+            row.append((n_k, parts, loss, correct))
+        self.pending.append((batch.step, row))
+
+    def _flush(self, bar):
+        """Read the pending steps' values back (one wait for the device), check them, sum them."""
+        if not self.pending:
+            return
+        flat = []
+        for _, row in self.pending:
+            for n_k, parts, loss, correct in row:
+                flat += parts + [loss] + ([correct] if correct is not None else [])
+        values = mx.nd.concat(*[v.reshape((1,)) for v in flat], dim=0).asnumpy().astype(np.float64)
+        pos = 0
+        for step, row in self.pending:
+            n = sum(r[0] for r in row)
+            for n_k, parts, loss, correct in row:
+                vals = values[pos:pos + len(parts)]
+                total = values[pos + len(parts)]
+                pos += len(parts) + 1
+                if not np.isfinite(total):
+                    bad = [t.name for t, v in zip(self.terms, vals) if not np.isfinite(v)] or ["total"]
+                    self.pending = []
+                    raise TrainingDiverged(
+                        f"loss became {total} at epoch {self.epoch + 1}, step {step + 1} (loss term "
+                        f"{', '.join(bad)}). The run stopped; {self.ckpt_hint}. Lower `trainer.lr` "
+                        f"(now {self.cfg.lr}) or add `trainer.warmup_epochs`.")
+                for t, v in zip(self.terms, vals):
+                    self.sums[t.name] += float(v) * n_k
+                self.total += float(total) * n_k
+                if correct is not None:
+                    self.correct += int(round(values[pos]))
+                    pos += 1
+                self.last_loss = float(total)
+            self.seen += n
+        self.pending = []
+        bar.set_postfix(loss=f"{self.last_loss:.3f}", lr=f"{self.lr:.4f}")
+
+    def row(self, val_top1):
+        """The epoch's history row."""
+        seen = max(self.seen, 1)
+        row = {"epoch": self.epoch + 1, "lr": self.lr, "loss": self.total / seen,
+               "losses": {k: v / seen for k, v in self.sums.items()},
+               "train_top1": self.correct / seen * 100.0 if self.labelled else None,
+               "val_top1": val_top1, "images_per_s": self.seen / max(self.elapsed, 1e-9),
+               "epoch_time_s": self.elapsed}
+        if self.dropped:
+            row["corrupt_skipped"] = self.dropped
+        return row

@@ -194,11 +194,14 @@ def test_load_data_refuses_empty_splits(monkeypatch):
 
 
 def test_recordio_without_idx(tmp_path):
+    # A missing .idx is no longer an error (the .rec is indexed by a scan, nothing written);
+    # a .rec whose records hold no image still is, naming the file.
     rec = mx.recordio.MXRecordIO(str(tmp_path / "train.rec"), "w")
     rec.write(mx.recordio.pack(mx.recordio.IRHeader(0, 0.0, 0, 0), b"x"))
     rec.close()
     _fails(run_cli(_recipe(tmp_path, {"data": {"name": "recordio", "train": str(tmp_path / "train.rec")}})),
-           "train.idx")
+           "train.rec", "could be decoded as an image")
+    assert not os.path.exists(tmp_path / "train.idx")
 
 
 # -- teacher vs data -----------------------------------------------------------------------------

@@ -118,3 +118,39 @@ def test_fashion_bench_without_the_data_fails_with_the_install_line(tmp_path, mo
         f.truncate(12)
     assert "t10k-labels-idx1-ubyte.gz cannot be read" in fashion.data_missing(root)
     assert fashion.data_missing(fashion._smoke.write_fashion(str(tmp_path / "ok"))) is None
+
+
+def test_scale_bench_smoke_writes_its_tables_and_results(tmp_path):
+    """``bench/scale.py --smoke``: the RSS/speed table per size, the ours-vs-bare table, decode
+    throughput for 0, 1 and 2 workers, and ``results.json`` with every figure and its three
+    targets (shapes only: no timing is asserted)."""
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    env.pop("BENCH_RESULTS", None)
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "scale.py"), "--smoke",
+                          "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+    out = res.stdout
+    assert res.returncode == 0, f"exit {res.returncode}\n{out[-3000:]}\n{res.stderr[-3000:]}"
+    assert re.search(r"(?m)^records +train images +\.rec MiB +peak RSS MiB +vs 200 ", out), out[-3000:]
+    assert re.search(r"(?m)^200 .*\n600 ", out)
+    assert re.search(r"(?m)^ours \(train\.py, whole epoch\) .* 1\.00×$", out) is None   # ours is a ratio
+    assert re.search(r"(?m)^bare Gluon \(\d+ batches after 2\) .* 1\.00×$", out), out[-3000:]
+    assert re.search(r"(?m)^decode workers +img/s +img/s per worker", out)
+    assert re.search(r"(?m)^scale: (PASS|FAIL) \(\d of 3 targets hold\)", out)
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert r["smoke"] is True and set(r["sizes"]) == {"200", "600"}
+    for n in ("200", "600"):
+        s = r["sizes"][n]
+        assert s["peak_rss_bytes"] > 50 * 2**20 and s["images_per_s"] > 0
+        assert 0 < s["train_images"] < int(n) and s["steps"] >= 1
+    assert r["bare"]["images_per_s"] > 0 and r["bare"]["timed_steps"] == r["sizes"]["600"]["steps"]
+    assert r["bare"]["warmup_steps"] == 2 and r["bare"]["data_source"]
+    assert r["speed_ratio"] == pytest.approx(r["sizes"]["600"]["images_per_s"] / r["bare"]["images_per_s"])
+    assert r["rss_ratio"] == pytest.approx(r["sizes"]["600"]["peak_rss_bytes"] / r["sizes"]["200"]["peak_rss_bytes"])
+    assert [d["workers"] for d in r["decode"]["rows"]] == [0, 1, 2]
+    assert all(d["images_per_s"] > 0 for d in r["decode"]["rows"])
+    assert [t["target"] for t in r["targets"]] == ["≤ 1.15×", "< 3 GiB each", "≥ 0.9×"]
+    for t in r["targets"]:
+        assert f"target: {t['figure']}: {t['target']}; measured {t['measured']}: " in out
+    # the work folder (records, teacher, recipes, run folders) is removed without --keep
+    assert sorted(os.listdir(tmp_path)) == ["results.json"]

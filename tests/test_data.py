@@ -93,11 +93,13 @@ def test_dataset_shapes_and_dtypes(name, tmp_path):
     b = load_data(make(tmp_path), seed=0)
     assert isinstance(b, DataBundle) and b.name == name
     for split in (b.train, b.val):
-        assert split.x.dtype == np.float32 and split.x.flags["C_CONTIGUOUS"]
-        assert split.x.shape[1:] == chw
+        # recordio/image_folder are streamed: x is array-like; np.asarray decodes (small sets)
+        x = np.asarray(split.x)
+        assert split.x.dtype == np.float32 and x.dtype == np.float32 and x.flags["C_CONTIGUOUS"]
+        assert split.x.shape[1:] == chw and x.shape == split.x.shape
         assert split.y.dtype == np.int32 and split.y.shape == (len(split.x),)
         assert 0 <= split.y.min() and split.y.max() < k
-        assert 0.0 <= split.x.min() and split.x.max() <= 1.0   # mean 0 / std 1 by default
+        assert 0.0 <= x.min() and x.max() <= 1.0   # mean 0 / std 1 by default
     assert (b.channels, *b.image_size) == chw
     assert b.num_classes == k == len(b.class_names)
     assert b.mean == [0.0] * chw[0] and b.std == [1.0] * chw[0]
@@ -393,9 +395,15 @@ def test_recordio_jpeg_rgb_auto_channels(tmp_path):
 
 
 def test_recordio_missing_idx(rec_root):
+    # Before: a UserError asking for rec2idx.py. Now the .rec is indexed by a scan, in memory.
+    ref = load_data(DataConfig(name="recordio", root=rec_root))
     os.remove(rec_root + ".idx")
-    with pytest.raises(UserError, match=r"no index file .*data\.idx.*rec2idx\.py"):
-        load_data(DataConfig(name="recordio", root=rec_root))
+    before = sorted(os.listdir(os.path.dirname(rec_root)))
+    for stream in (None, False):
+        b = load_data(DataConfig(name="recordio", root=rec_root, stream=stream))
+        np.testing.assert_array_equal(np.asarray(b.train.x), np.asarray(ref.train.x))
+        np.testing.assert_array_equal(b.val.y, ref.val.y)
+    assert sorted(os.listdir(os.path.dirname(rec_root))) == before     # nothing written there
 
 
 def test_recordio_missing_and_corrupt(tmp_path):
@@ -408,10 +416,20 @@ def test_recordio_missing_and_corrupt(tmp_path):
              mx.recordio.pack_img(mx.recordio.IRHeader(0, float(i % 2), i, 0), img, img_fmt=".png"))
         w.write_idx(i, s)
     w.close()
-    b = load_data(DataConfig(name="recordio", root=str(tmp_path / "c")))
+    # in memory (data.stream: false): decoded at load, the unreadable record left out
+    b = load_data(DataConfig(name="recordio", root=str(tmp_path / "c"), stream=False))
     assert b.skipped == 1 and len(b.train) + len(b.val) == 3
     with pytest.raises(UserError, match=r"c\.rec record 2"):
-        load_data(DataConfig(name="recordio", root=str(tmp_path / "c"), skip_corrupt=False))
+        load_data(DataConfig(name="recordio", root=str(tmp_path / "c"), skip_corrupt=False,
+                             stream=False))
+    # streamed (the default): found when read, a row of zeros, counted once
+    s = load_data(DataConfig(name="recordio", root=str(tmp_path / "c")))
+    assert s.skipped == 0 and len(s.train) + len(s.val) == 4
+    np.asarray(s.train.x), np.asarray(s.val.x), np.asarray(s.train.x)
+    assert s.skipped == 1 and s.skipped_count() == 1
+    s = load_data(DataConfig(name="recordio", root=str(tmp_path / "c"), skip_corrupt=False))
+    with pytest.raises(UserError, match=r"c\.rec record 2.*skip_corrupt"):
+        np.concatenate([s.train.x, s.val.x])
 
 
 def test_recordio_bad_label(tmp_path):

@@ -16,6 +16,14 @@ forward_mem_plan``). One image is enough for either split: the trainer trains a 
 smaller than ``trainer.batch_size`` as one smaller batch, and drops a last partial batch only
 when there is a full one.
 
+``recordio`` and ``image_folder`` are *streamed* (unless ``data.stream: false``): their
+``Split.x`` is a :class:`~distill.data.stream.StreamedImages` that decodes the rows it is
+indexed with, so the dataset is never held in memory; the steps above are then made on
+positions and labels (steps 1 and 3 are part of its decoding). Labels stay in memory. The
+bundled small sets (``mnist5k``, ``digits``, ``synthetic``, ``fashion_mnist``) are numpy arrays
+(``data.stream: true`` on them only logs a warning). ``bundle.skipped`` counts unreadable
+images, and for a streamed set it grows as images are read.
+
 In a ``dist_*`` run (``distill launch``) worker ``part_index`` of ``num_parts`` keeps its shard of
 the train split after step 2 (:func:`distill.distributed.shard_indices`: every ``num_parts``-th
 image, the same count on every worker; ``data.limit`` stays the total over all workers). A
@@ -34,11 +42,12 @@ from ..distributed import shard_indices
 from ..errors import UserError
 from .base import DATASETS, DataBundle, SourceData, Split, balanced_subset, stratified_split
 from .images import conform, parse_image_size
+from .stream import StreamedImages, decode_throughput
 # Importing the loader modules registers them on DATASETS.
 from . import digits, fashion_mnist, image_folder, mnist5k, recordio, synthetic  # noqa: F401  (registration)
 
 __all__ = ["load_data", "DATASETS", "DataBundle", "Split", "SourceData", "stratified_split",
-           "balanced_subset", "per_channel"]
+           "balanced_subset", "per_channel", "StreamedImages", "decode_throughput"]
 _LOGGER = logging.getLogger(__name__)
 
 
@@ -62,9 +71,16 @@ def per_channel(values, channels, key, default):
 
 
 def _normalize(x, mean, std):
+    if getattr(x, "is_streamed", False):
+        return x.with_spec(mean=tuple(mean), std=tuple(std))
     m = np.asarray(mean, np.float32).reshape(1, -1, 1, 1)
     s = np.asarray(std, np.float32).reshape(1, -1, 1, 1)
     return np.ascontiguousarray((x - m) / s, dtype=np.float32)
+
+
+def _take(x, idx):
+    """Rows ``idx`` of an array, or a view of them for a streamed split (no pixels read)."""
+    return x.subset(idx) if getattr(x, "is_streamed", False) else x[idx]
 
 
 def _check_split_sizes(cfg, n_train, n_val, src, limit, part_index, num_parts):
@@ -116,7 +132,8 @@ def load_data(cfg, seed=0, part_index=0, num_parts=1):
     Returns
     -------
     DataBundle
-        ``train.x``/``val.x`` float32 C-contiguous ``(N, C, H, W)``; ``train.y``/``val.y``
+        ``train.x``/``val.x`` float32 C-contiguous ``(N, C, H, W)`` (a
+        :class:`~distill.data.stream.StreamedImages` for a streamed set); ``train.y``/``val.y``
         int32 ``(N,)`` (``train.y`` is None when ``cfg.labels`` is false).
 
     Raises
@@ -127,6 +144,9 @@ def load_data(cfg, seed=0, part_index=0, num_parts=1):
     """
     cfg.validate("data")
     loader = DATASETS.get(cfg.name, where="data.name")
+    if cfg.stream and not getattr(loader, "streams", False):
+        _LOGGER.warning("data %s: `data.stream: true` has no effect here: %s is a small bundled "
+                        "set, held in memory anyway", cfg.name, cfg.name)
     if num_parts > 1 and getattr(loader, "reads_parts", False):
         src = loader(cfg, seed, part_index=part_index, num_parts=num_parts)
     else:
@@ -143,13 +163,13 @@ def load_data(cfg, seed=0, part_index=0, num_parts=1):
     limit = cfg.limit // num_parts if (cfg.limit is not None and src.sharded) else cfg.limit
     if limit is not None and limit < len(y_tr):
         keep = balanced_subset(y_tr, limit)
-        x_tr, y_tr = x_tr[keep], y_tr[keep]
+        x_tr, y_tr = _take(x_tr, keep), y_tr[keep]
         _LOGGER.info("%s: data.limit keeps %d of %d train images (class-balanced)",
                      cfg.name, len(keep), len(src.y_train))
         source += f", limited to {len(keep)} (class-balanced)"
     if num_parts > 1 and not src.sharded:
         keep = shard_indices(len(y_tr), part_index, num_parts)
-        x_tr, y_tr = x_tr[keep], y_tr[keep]
+        x_tr, y_tr = _take(x_tr, keep), y_tr[keep]
         source += f", shard {part_index + 1} of {num_parts} ({len(keep)} images)"
 
     _check_split_sizes(cfg, len(x_tr), len(x_va), src, limit, part_index, num_parts)
@@ -166,9 +186,13 @@ def load_data(cfg, seed=0, part_index=0, num_parts=1):
     bundle = DataBundle(name=cfg.name, train=train, val=val, num_classes=len(src.class_names),
                         channels=channels, image_size=tuple(int(s) for s in size),
                         class_names=list(src.class_names), mean=mean, std=std,
-                        calib_source=source, skipped=src.skipped, select=select)
+                        calib_source=source, skipped=src.skipped, select=select,
+                        augment_options={"min_random_area": cfg.min_random_area,
+                                         "jitter": cfg.jitter, "pca_noise": cfg.pca_noise})
     # debug: each command prints its own line on the split it uses (with the shard, the test set)
-    _LOGGER.debug("data %s: %d train / %d val images, %d classes, %d×%d×%d%s", cfg.name,
-                 len(train), len(val), bundle.num_classes, channels, size[0], size[1],
-                 f", {src.skipped} unreadable skipped" if src.skipped else "")
+    skipped = bundle.skipped_count()
+    _LOGGER.debug("data %s: %d train / %d val images, %d classes, %d×%d×%d%s%s", cfg.name,
+                  len(train), len(val), bundle.num_classes, channels, size[0], size[1],
+                  f", {skipped} unreadable skipped" if skipped else "",
+                  ", streamed" if getattr(train.x, "is_streamed", False) else "")
     return bundle

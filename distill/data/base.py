@@ -29,9 +29,11 @@ class Split:
 
     Attributes
     ----------
-    x : np.ndarray
+    x : np.ndarray or StreamedImages
         float32, C-contiguous, shape ``(N, C, H, W)``: pixels scaled to [0, 1], then
-        ``(x - mean) / std`` per channel.
+        ``(x - mean) / std`` per channel. For ``recordio``/``image_folder`` a
+        :class:`~distill.data.stream.StreamedImages` (``x.is_streamed``) that decodes the rows
+        it is indexed with (``x[idx]``, ``x.batch(idx, augment, seed)``).
     y : np.ndarray or None
         int32, shape ``(N,)``; ``None`` when labels are not used (label-free distillation).
     """
@@ -40,6 +42,25 @@ class Split:
 
     def __len__(self):
         return int(self.x.shape[0])
+
+
+class _SkippedCount:
+    """``DataBundle.skipped``: the count from loading plus what streamed splits found since.
+
+    A data descriptor as a dataclass default: ``__init__`` sets it through ``__set__``."""
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return 0                                   # the dataclass default
+        sources = {}
+        for split in (obj.__dict__.get("train"), obj.__dict__.get("val"), obj.__dict__.get("select")):
+            src = getattr(getattr(split, "x", None), "source", None)
+            if getattr(getattr(split, "x", None), "is_streamed", False):
+                sources[id(src)] = src
+        return obj.__dict__.get("_skipped_at_load", 0) + sum(len(s.bad) for s in sources.values())
+
+    def __set__(self, obj, value):
+        obj.__dict__["_skipped_at_load"] = int(value)
 
 
 @dataclass
@@ -65,10 +86,16 @@ class DataBundle:
         Index ``i`` is the name of label ``i``.
     mean, std : list of float
         What was applied, one value per channel.
+    augment_options : dict or None
+        ``min_random_area``, ``jitter``, ``pca_noise`` of the recipe: what the loop's per-image
+        augmentations of an in-memory set use (a streamed set carries them itself).
     calib_source : str
         Short human description of where the train images came from (for reports).
     skipped : int
-        Unreadable files or records skipped while loading (``data.skip_corrupt``).
+        Unreadable files or records skipped (``data.skip_corrupt``). For a streamed dataset
+        the count grows while images are read (each unreadable image counted once, by any
+        split or thread): reading the attribute (or :meth:`skipped_count`) gives the count so
+        far. Setting it sets the count found while loading.
     """
     name: str
     train: Split
@@ -80,8 +107,14 @@ class DataBundle:
     mean: List[float]
     std: List[float]
     calib_source: str
-    skipped: int = 0
+    skipped: int = _SkippedCount()
     select: Optional[Split] = None
+    augment_options: Optional[dict] = None
+
+    def skipped_count(self):
+        """Unreadable images so far: those left out while loading plus those the streamed
+        splits met since (each source counted once)."""
+        return self.skipped
 
     @property
     def selection(self):
@@ -97,8 +130,9 @@ class SourceData:
 
     ``x_train``/``x_val`` are float32 ``(N, C, H, W)`` in [0, 1]; they may already have the
     channels and size the config asks for (file loaders must resize while decoding, since their
-    images can differ in size); ``y_train``/``y_val`` are int32 ``(N,)``. ``sharded``: the
-    train side is already this worker's part (a loader that reads ``part_index``/``num_parts``).
+    images can differ in size), or be :class:`~distill.data.stream.StreamedImages` (a loader
+    marked ``streams``); ``y_train``/``y_val`` are int32 ``(N,)``. ``sharded``: the train side
+    is already this worker's part (a loader that reads ``part_index``/``num_parts``).
     """
     x_train: np.ndarray
     y_train: np.ndarray

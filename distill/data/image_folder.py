@@ -10,24 +10,36 @@ sorted subfolder names; files are found recursively and hidden files (``.DS_Stor
 ignored. Unreadable files are skipped and counted (``data.skip_corrupt: true``, the default)
 or rejected with the file named.
 
+Streamed (the default, ``data.stream`` unset or true): the splits are
+:class:`~distill.data.stream.StreamedImages` over the files, decoded when read. With
+``data.grayscale`` or ``data.image_size`` unset, every file's *header* is read at start (Pillow
+opens it without decoding the pixels): the channels are 1 when every file has a gray mode, as
+in memory, and the sizes must agree (else the error asks for ``data.image_size``). A file that
+cannot even be opened there is left out and counted. Unreadable pixels found later (a
+truncated file) read as zeros and are counted once. With both keys set nothing is read at
+start. ``data.stream: false`` decodes every file into memory as before.
+
 Recipe example::
 
     data: {name: image_folder, root: data/flowers, image_size: [64, 64], grayscale: false}
 """
 import logging
 import os
+import time
 
 import numpy as np
 
 from ..errors import UserError
 from .base import DATASETS, SourceData, stratified_split
-from .images import assemble, decode_all, parse_image_size
+from .images import assemble, decode_all, parse_image_size, target_channels
+from .stream import ImageSource, StreamedImages, TransformSpec
 
-__all__ = ["load_image_folder", "find_classes", "list_images"]
+__all__ = ["load_image_folder", "find_classes", "list_images", "FolderSource"]
 _LOGGER = logging.getLogger(__name__)
 
 _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "F")
 _VAL_NAMES = ("val", "test")
+_FIX = "Remove or replace the file."
 
 
 def _read_image(path):
@@ -127,14 +139,15 @@ def load_image_folder(cfg, seed):
     ----------
     cfg : DataConfig
         Uses ``root``/``train``/``val``, ``val_split``, ``grayscale``, ``image_size``,
-        ``skip_corrupt``.
+        ``skip_corrupt``, ``stream`` and the decoding keys (``val_resize``, ``workers``, ...).
     seed : int
         Seed of the stratified split when there is no val folder.
 
     Returns
     -------
     SourceData
-        Channels and size already as the config asks.
+        Channels and size already as the config asks; ``x_train``/``x_val`` are
+        :class:`~distill.data.stream.StreamedImages` unless ``data.stream`` is false.
     """
     what = "image_folder"
     train_dir, val_dir = _resolve(cfg)
@@ -146,23 +159,17 @@ def load_image_folder(cfg, seed):
         val_classes = find_classes(val_dir, what)
         _check_same_classes(train_dir, classes, val_dir, val_classes)
         items += [(p, lab, "val") for p, lab in list_images(val_dir, classes, what)]
+    if cfg.stream is not False:
+        return _load_streamed(cfg, seed, items, classes, train_dir, val_dir)
 
     images, names, tagged, bad = decode_all(
-        ((p, (lab, side), p) for p, lab, side in items), _read_image, cfg.skip_corrupt, what,
-        "Remove or replace the file.")
+        ((p, (lab, side), p) for p, lab, side in items), _read_image, cfg.skip_corrupt, what, _FIX)
     labels = np.array([lab for lab, _ in tagged], np.int32)
     is_val = np.array([side == "val" for _, side in tagged], bool)
-    for side, mask, folder in (("train", ~is_val, train_dir), ("val", is_val, val_dir)):
-        if side == "val" and not val_dir:
-            continue
-        present = set(labels[mask].tolist())
-        missing = [c for i, c in enumerate(classes) if i not in present]
-        if missing:
-            raise UserError(f"{what}: class folder {os.path.join(folder, missing[0])} has no "
-                            f"readable images ({len(bad)} unreadable file(s) were skipped). "
-                            f"Add images to it or remove the folder.")
+    _check_classes(labels, is_val, classes, train_dir, val_dir, len(bad))
 
-    x = assemble(images, names, cfg.grayscale, parse_image_size(cfg.image_size), what)
+    x = assemble(images, names, cfg.grayscale, parse_image_size(cfg.image_size), what,
+                 cfg.val_resize)
     if val_dir:
         tr, va = np.flatnonzero(~is_val), np.flatnonzero(is_val)
         where = train_dir
@@ -171,4 +178,104 @@ def load_image_folder(cfg, seed):
         where = f"{train_dir} (stratified split, seed {seed})"
     return SourceData(x_train=x[tr], y_train=labels[tr], x_val=x[va], y_val=labels[va],
                       class_names=list(classes), skipped=len(bad),
+                      source=f"image_folder: {len(tr)} images from {where}")
+
+
+# load_data leaves the images on disk (StreamedImages) unless data.stream is false
+load_image_folder.streams = True
+
+
+def _check_classes(labels, is_val, classes, train_dir, val_dir, n_bad):
+    """UserError naming the first class folder left without readable images."""
+    for side, mask, folder in (("train", ~is_val, train_dir), ("val", is_val, val_dir)):
+        if side == "val" and not val_dir:
+            continue
+        present = set(labels[mask].tolist())
+        missing = [c for i, c in enumerate(classes) if i not in present]
+        if missing:
+            raise UserError(f"image_folder: class folder {os.path.join(folder, missing[0])} has no "
+                            f"readable images ({n_bad} unreadable file(s) were skipped). "
+                            f"Add images to it or remove the folder.")
+
+
+def _header(path):
+    """``(mode, (H, W))`` from the file's header (Pillow reads no pixels here)."""
+    from PIL import Image
+    with Image.open(path) as im:
+        return im.mode, (im.size[1], im.size[0])
+
+
+class FolderSource(ImageSource):
+    """:class:`~distill.data.stream.ImageSource` over image files (decoded with Pillow)."""
+
+    def __init__(self, paths, ids, skip_corrupt=True):
+        super().__init__("image_folder", ids, skip_corrupt, _FIX)
+        self.paths = list(paths)
+
+    def name(self, i):
+        return self.paths[i]
+
+    def decode(self, i):
+        return _read_image(self.paths[i])
+
+
+def _load_streamed(cfg, seed, items, classes, train_dir, val_dir):
+    """The streamed dataset: paths and labels in memory, images decoded on demand."""
+    what = "image_folder"
+    ids = np.arange(len(items))                 # file order numbers, before anything is left out
+    size = parse_image_size(cfg.image_size)
+    channels = None if cfg.grayscale is None else (1 if cfg.grayscale else 3)
+    bad = {}
+    if channels is None or size is None:
+        t0, keep, modes, sizes = time.time(), [], [], []
+        for k, (path, _, _) in enumerate(items):
+            try:
+                mode, hw = _header(path)
+            except Exception as e:   # any failure to open means "unreadable"  # noqa: BLE001
+                err = f"{type(e).__name__}: {e}"
+                if not cfg.skip_corrupt:
+                    raise UserError(f"{what}: cannot read {path} as an image ({err}). {_FIX} Or "
+                                    f"set `data.skip_corrupt: true` to skip unreadable images.") from None
+                bad[path] = err
+                continue
+            keep.append(k)
+            modes.append(mode)
+            sizes.append(hw)
+        _LOGGER.info("%s: read the headers of %d files in %.1f s to choose the channels and check "
+                     "the sizes (`data.grayscale`/`data.image_size` unset)",
+                     what, len(items), time.time() - t0)
+        if bad:
+            shown = ", ".join(list(bad)[:3]) + (", ..." if len(bad) > 3 else "")
+            _LOGGER.warning("%s: skipped %d unreadable image(s) (data.skip_corrupt is true): %s",
+                            what, len(bad), shown)
+        ids = ids[keep]
+        items = [items[k] for k in keep]
+        if channels is None:
+            channels = target_channels(None, all(m in _GRAY_MODES for m in modes))
+        if size is None and sizes:
+            size = sizes[0]
+            for (path, _, _), hw in zip(items, sizes):
+                if hw != size:
+                    raise UserError(
+                        f"{what}: images have different sizes ({items[0][0]} is {size[0]}×{size[1]}, "
+                        f"{path} is {hw[0]}×{hw[1]}, height×width) and `data.image_size` is not "
+                        f"set: set `data.image_size` to an integer or [height, width] so every "
+                        f"image is resized to it.")
+    labels = np.array([lab for _, lab, _ in items], np.int32)
+    is_val = np.array([side == "val" for _, _, side in items], bool)
+    _check_classes(labels, is_val, classes, train_dir, val_dir, len(bad))
+    if val_dir:
+        tr, va = np.flatnonzero(~is_val), np.flatnonzero(is_val)
+        where = train_dir
+    else:
+        tr, va = stratified_split(labels, cfg.val_split, seed)
+        where = f"{train_dir} (stratified split, seed {seed})"
+    src = FolderSource([p for p, _, _ in items], ids, cfg.skip_corrupt)
+    src.bad.update(bad)
+    spec = TransformSpec(channels=channels, size=size, val_resize=cfg.val_resize,
+                         min_random_area=cfg.min_random_area, jitter=cfg.jitter,
+                         pca_noise=cfg.pca_noise, workers=cfg.workers)
+    return SourceData(x_train=StreamedImages(src, tr, spec), y_train=labels[tr],
+                      x_val=StreamedImages(src, va, spec), y_val=labels[va],
+                      class_names=list(classes), skipped=0,
                       source=f"image_folder: {len(tr)} images from {where}")

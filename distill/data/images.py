@@ -1,5 +1,7 @@
-"""Pixel helpers shared by the loaders: channel conversion, bilinear resize, and turning a list
-of decoded images of any size into one ``(N, C, H, W)`` float32 array.
+"""Pixel helpers shared by the loaders: channel conversion, bilinear resize, the evaluation
+geometry (``data.val_resize``), and turning a list of decoded images of any size into one
+``(N, C, H, W)`` float32 array. The streamed datasets (:mod:`distill.data.stream`) call the same
+functions per image, so their pixels are bit-identical to the in-memory path.
 """
 import logging
 
@@ -8,8 +10,8 @@ import numpy as np
 
 from ..errors import UserError
 
-__all__ = ["parse_image_size", "target_channels", "to_channels", "resize", "conform", "assemble",
-           "decode_all"]
+__all__ = ["parse_image_size", "target_channels", "to_channels", "resize", "eval_resize",
+           "as_unit", "conform", "assemble", "decode_all"]
 _LOGGER = logging.getLogger(__name__)
 
 # ITU-R 601-2 luma, the weights Pillow's ``convert("L")`` uses.
@@ -54,11 +56,33 @@ def resize(x, size):
     return out.transpose(2, 0, 1)
 
 
+def eval_resize(x, size, val_resize=None):
+    """The evaluation geometry of a float ``(C, H, W)`` image.
+
+    ``val_resize`` None: :func:`resize` to ``size``. Otherwise GluonCV's ImageNet evaluation
+    (``transforms.Resize(val_resize, keep_ratio=True)`` then ``CenterCrop(size)``): the shorter
+    side bilinear-resized to ``val_resize`` (``mx.image.resize_short``), then MXNet's centre crop
+    of ``size`` (scaled down to fit when the image is smaller, then resized to ``size``).
+    """
+    if val_resize is None or size is None:
+        return resize(x, size)
+    from .augment import center_crop_box
+    h, w = x.shape[1:]
+    short = (val_resize * h // w, val_resize) if h > w else (val_resize, val_resize * w // h)
+    x = resize(x, short)
+    y0, x0, ch, cw = center_crop_box(short[0], short[1], size)
+    return resize(np.ascontiguousarray(x[:, y0:y0 + ch, x0:x0 + cw]), size)
+
+
 def conform(x, channels, size):
     """Apply :func:`to_channels` and :func:`resize` to a batch ``(N, C, H, W)``.
 
-    Returns a new float32 C-contiguous array, or ``x`` itself when nothing changes.
+    Returns a new float32 C-contiguous array, or ``x`` itself when nothing changes. A streamed
+    ``x`` (:class:`~distill.data.stream.StreamedImages`) gets a view that converts while it
+    decodes.
     """
+    if getattr(x, "is_streamed", False):
+        return x.with_spec(channels=channels, size=tuple(size) if size is not None else None)
     n, c, h, w = x.shape
     size = tuple(size) if size is not None else (h, w)
     if c == channels and (h, w) == size:
@@ -69,19 +93,19 @@ def conform(x, channels, size):
     return out
 
 
-def _as_unit(img):
+def as_unit(img):
     """A decoded ``(H, W)`` or ``(H, W, C)`` integer/float image as float32 ``(C, H, W)`` in [0, 1]."""
-    if img.ndim == 2:
-        img = img[:, :, None]
+    # a contiguous (C, H, W) result makes every later step faster; one float32 pass
+    img = img[None] if img.ndim == 2 else img.transpose(2, 0, 1)
     if np.issubdtype(img.dtype, np.integer):
-        scale = float(np.iinfo(img.dtype).max)
-        out = img.astype(np.float32) / scale
+        out = np.empty(img.shape, np.float32)
+        np.divide(img, float(np.iinfo(img.dtype).max), out=out, dtype=np.float32)
     else:
         out = np.clip(img.astype(np.float32), 0.0, 1.0)
-    return out.transpose(2, 0, 1)
+    return out
 
 
-def assemble(images, names, grayscale, image_size, what):
+def assemble(images, names, grayscale, image_size, what, val_resize=None):
     """Stack decoded images into one float32 ``(N, C, H, W)`` array in [0, 1].
 
     Parameters
@@ -96,6 +120,9 @@ def assemble(images, names, grayscale, image_size, what):
         ``(H, W)`` to resize to; None requires every image to have the same size.
     what : str
         Dataset name for messages.
+    val_resize : int or None
+        ``data.val_resize``: the evaluation geometry of :func:`eval_resize` instead of a plain
+        resize (needs ``image_size``).
 
     Returns
     -------
@@ -117,7 +144,7 @@ def assemble(images, names, grayscale, image_size, what):
                     f"image is resized to it.")
     out = np.empty((len(images), channels) + tuple(size), np.float32)
     for i, im in enumerate(images):
-        out[i] = resize(to_channels(_as_unit(im), channels), size)
+        out[i] = eval_resize(to_channels(as_unit(im), channels), size, val_resize)
     return out
 
 

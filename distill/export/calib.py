@@ -11,14 +11,14 @@ import os
 
 import numpy as np
 
-__all__ = ["calibration_indices", "to_pixels", "write_calibration_images", "ncnn2table_args",
-           "ncnn_int8_commands"]
+__all__ = ["calibration_indices", "gather_images", "to_pixels", "write_calibration_images",
+           "ncnn2table_args", "ncnn_int8_commands"]
 _LOGGER = logging.getLogger(__name__)
 
 
 # One sample for every int8 path: the MXNet, onnxruntime and ncnn int8 models calibrate on the
 # same images (``quantization.calib_batches × calib_batch_size``, seeded by ``trainer.seed``).
-from ..quantize.calibrators import calibration_indices  # noqa: E402
+from ..quantize.calibrators import calibration_indices, gather_images  # noqa: E402
 
 
 def to_pixels(x, mean, std):
@@ -30,7 +30,8 @@ def to_pixels(x, mean, std):
 
 
 def write_calibration_images(x, indices, mean, std, folder, list_name="images.txt"):
-    """Write ``x[indices]`` as PNGs under ``folder`` and a list file, one path per line.
+    """Write ``x[indices]`` as PNGs under ``folder`` and a list file, one path per line
+    (``x`` is read 32 images at a time: it may be a lazy array of streamed images).
 
     Paths in the list are relative to the parent of ``folder`` (the export folder): run
     ``ncnn2table`` from there. Returns the list file's path.
@@ -42,13 +43,16 @@ def write_calibration_images(x, indices, mean, std, folder, list_name="images.tx
             os.unlink(os.path.join(folder, f))
     base = os.path.basename(os.path.normpath(folder))
     lines = []
-    for i in indices:
-        img = to_pixels(x[i], mean, std)
-        if img.ndim == 3:
-            img = img[:, :, ::-1]          # cv2 writes BGR: the file then holds true RGB
-        name = f"train_{int(i):06d}.png"
-        cv2.imwrite(os.path.join(folder, name), img)
-        lines.append(f"{base}/{name}")
+    indices = np.asarray(indices, np.int64)
+    for start in range(0, len(indices), 32):         # x may be streamed: a batch at a time
+        batch = indices[start:start + 32]
+        for i, xi in zip(batch, x[batch]):
+            img = to_pixels(xi, mean, std)
+            if img.ndim == 3:
+                img = img[:, :, ::-1]          # cv2 writes BGR: the file then holds true RGB
+            name = f"train_{int(i):06d}.png"
+            cv2.imwrite(os.path.join(folder, name), img)
+            lines.append(f"{base}/{name}")
     path = os.path.join(folder, list_name)
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -18,7 +18,7 @@ from ..modelinfo import measure_latency
 from ..recipe import recipe_from_dict
 from ..runfolder import MODEL, RunFolder, read_json
 from ..trainer import predict
-from .calib import calibration_indices, write_calibration_images
+from .calib import calibration_indices, gather_images, write_calibration_images
 from .card import build_card, write_card
 from .formats import FORMATS, check_result, files_bytes, ordered_formats
 from .options import ExportOptions
@@ -44,6 +44,10 @@ class ExportJob:
         The model being exported.
     prefix : str
         The clean inference pair (in ``work_dir``): what every format converts.
+    x_test, y_test : array-like, np.ndarray
+        The test split (``data.val``): its images, possibly a lazy array of streamed images,
+        are only ever read a batch (or a bounded chunk, :func:`~.ncnn_worker.run_on_images`)
+        at a time.
     ref : np.ndarray
         MXNet's logits of the clean pair on the test split, ``(N, K)``.
     out_dir, work_dir : str
@@ -69,6 +73,7 @@ class ExportJob:
         self.checks = {}          # format → its check, as the formats finish (ncnn reads onnx's)
         self._onnx = None
         self._calib = None
+        self._calib_x = None
         self._calib_list = None
 
     @property
@@ -89,6 +94,15 @@ class ExportJob:
             self._calib = calibration_indices(len(self.data.train.x), self.calib_size,
                                               self.recipe.trainer.seed)
         return self._calib
+
+    def calibration_images(self):
+        """The calibration sample's pixels ``(calib_size, C, H, W)`` float32, read from the train
+        split ``calib_batch_size`` images at a time, un-augmented (once; onnx-int8 and
+        ncnn-int8 share it)."""
+        if self._calib_x is None:
+            bs = getattr(self.recipe.quantization, "calib_batch_size", 32)
+            self._calib_x = gather_images(self.data.train.x, self.calibration(), bs)
+        return self._calib_x
 
     def int8_section(self):
         """``metrics.json``'s ``int8`` section for this model (``distill quantize``), or {}."""

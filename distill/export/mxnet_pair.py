@@ -12,6 +12,7 @@ import shutil
 import warnings
 
 import mxnet as mx
+import numpy as np
 
 from ..graphio import load_symbol_block, make_block, pair_files
 from ..runfolder import MODEL
@@ -24,14 +25,26 @@ _LOGGER = logging.getLogger(__name__)
 
 
 def module_predict(prefix, x, batch_size=256, epoch=0):
-    """Logits of ``PREFIX`` loaded with the Module API (``mx.model.load_checkpoint``), ``(N, K)``."""
+    """Logits of ``PREFIX`` loaded with the Module API (``mx.model.load_checkpoint``), ``(N, K)``.
+
+    ``x`` (N, C, H, W) is read ``batch_size`` images at a time (it may be a lazy array of
+    streamed images); the module is bound to one batch shape, so the last batch is padded with
+    zeros and their rows dropped, as ``NDArrayIter``'s ``pad`` does."""
     sym, arg, aux = mx.model.load_checkpoint(prefix, epoch)
-    bs = min(batch_size, len(x))
+    n = len(x)
+    bs = max(1, min(batch_size, n))
     mod = mx.mod.Module(sym, data_names=["data"], label_names=None, context=mx.cpu())
     mod.bind(data_shapes=[("data", (bs,) + tuple(x.shape[1:]))], for_training=False)
     mod.set_params(arg, aux, allow_missing=False, allow_extra=False)
-    it = mx.io.NDArrayIter(x, batch_size=bs, last_batch_handle="pad")
-    return mod.predict(it).asnumpy()
+    outs = []
+    for i in range(0, n, bs):
+        xb = np.asarray(x[i:i + bs], np.float32)
+        k = len(xb)
+        if k < bs:
+            xb = np.concatenate([xb, np.zeros((bs - k,) + xb.shape[1:], np.float32)])
+        mod.forward(mx.io.DataBatch([mx.nd.array(xb)]), is_train=False)
+        outs.append(mod.get_outputs()[0].asnumpy()[:k])
+    return np.concatenate(outs)
 
 
 @FORMATS.register("mxnet")

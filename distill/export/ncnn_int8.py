@@ -137,8 +137,7 @@ class _Calibrated:
         with open(src_bin, "rb") as f:
             write_int8(self.model, f.read(), {}, where=src_bin)    # walk it now: unknown types stop here
         self.cands = [l for l in self.model.layers if l.type in INT8_TYPES]
-        idx = job.calibration()
-        self.calib = np.ascontiguousarray(job.data.train.x[idx])
+        self.calib = job.calibration_images()
         self.mx_model, self.thresholds, self.mx_int8 = mxnet_int8_reference(job, self.calib, excluded_mxnet)
         probe = self.calib[:2]
         blobs = sorted({b for l in self.cands for b in (l.bottoms[0], l.tops[0])})
@@ -188,7 +187,7 @@ class _Calibrated:
 
     def run(self, param, bin_, latency=True, fp32_latency=False):
         """Top-1 logits on the test split (one thread) and batch-1 latency (job threads)."""
-        from .ncnn_worker import run_ncnn
+        from .ncnn_worker import run_on_images
         job = self.job
         int8 = {"param": param, "bin": bin_, "int8": True}
         tasks = [dict(int8, task="predict", x="test", threads=1)]
@@ -197,8 +196,9 @@ class _Calibrated:
         if fp32_latency:
             tasks.append({"param": self.src_param, "bin": self.src_bin, "int8": False, "task": "latency",
                           "x": "one", "threads": job.threads, "repeats": job.repeats})
-        res = run_ncnn(tasks, {"test": np.ascontiguousarray(job.x_test),
-                               "one": np.ascontiguousarray(job.x_test[:1])}, job.work_dir)
+        res = run_on_images(tasks, "test", job.x_test, job.work_dir,
+                            {"one": np.ascontiguousarray(job.x_test[:1], dtype=np.float32)},
+                            batch_size=job.options.eval_batch_size)
         lat = res[1]["meta"]["ms"] if latency else None
         lat32 = res[2]["meta"]["ms"] if fp32_latency else None
         return res[0]["arrays"]["logits"], lat, lat32

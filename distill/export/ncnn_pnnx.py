@@ -155,7 +155,7 @@ class NcnnFormat(ExportFormat):
         return None
 
     def export(self, job):
-        from .ncnn_worker import NcnnWorkerError, run_tasks
+        from .ncnn_worker import NcnnWorkerError, run_on_images
         fp16 = job.options.fp16
         param, bin_ = (os.path.join(job.out_dir, f) for f in self.files)
         onnx_to_ncnn(job.onnx_path(), job.input_shape, param, bin_, fp16=fp16, work_dir=job.work_dir)
@@ -181,9 +181,9 @@ class NcnnFormat(ExportFormat):
                   "parity": None, "latency_ms": None, "threads": job.threads,
                   "calibration_list": calib_list}
         try:
-            res = run_tasks(tasks, {"test": np.ascontiguousarray(job.x_test, dtype=np.float32),
-                                    "one": np.ascontiguousarray(job.x_test[:1], dtype=np.float32)},
-                            job.work_dir)
+            res = run_on_images(tasks, "test", job.x_test, job.work_dir,
+                                {"one": np.ascontiguousarray(job.x_test[:1], dtype=np.float32)},
+                                batch_size=job.options.eval_batch_size)
         except NcnnWorkerError as e:
             job.ncnn_fp32 = None                  # ncnn-int8 must not start from a model that crashes
             result["check"] = check_result(

@@ -40,8 +40,11 @@ import numpy as np
 
 from .runtimes import output_lines
 
-__all__ = ["NcnnWorkerError", "run_tasks", "run_ncnn"]
+__all__ = ["NcnnWorkerError", "run_tasks", "run_ncnn", "run_on_images", "CHUNK_BYTES"]
 _LOGGER = logging.getLogger(__name__)
+
+#: pixels of one split sent to a child process at once (:func:`run_on_images`)
+CHUNK_BYTES = 256 * 2**20
 
 
 class NcnnWorkerError(RuntimeError):
@@ -108,6 +111,46 @@ def run_tasks(tasks, arrays, work_dir, timeout=1800):
 
 # Kept for the ncnn-int8 callers and their tests: the route is the same for every runtime.
 run_ncnn = run_tasks
+
+
+def run_on_images(tasks, key, x, work_dir, arrays=None, batch_size=256, chunk_bytes=None):
+    """:func:`run_tasks` with ``arrays[key]`` = the images ``x`` ``(N, C, H, W)``, sent in chunks.
+
+    ``x`` may be a lazy array of streamed images (a recordio or image-folder test split): it is
+    read ``batch_size`` images at a time into chunks of at most ``chunk_bytes`` (default
+    :data:`CHUNK_BYTES`), so the whole split is never one array here or in the child. The first
+    chunk runs every task (a ``latency`` task on ``key`` times its first image); the later ones
+    run only the ``predict`` tasks on ``key``, whose ``logits`` are joined in order. An in-memory
+    test split of a few hundred MiB is one chunk: one child, as before.
+
+    Returns
+    -------
+    list of dict
+        As :func:`run_tasks`.
+    """
+    from ..quantize.calibrators import gather_images
+    arrays = dict(arrays or {})
+    per_image = max(1, int(np.prod(x.shape[1:])) * 4)
+    per = max(1, int(chunk_bytes or CHUNK_BYTES) // per_image)
+    n = len(x)
+    predicting = [i for i, t in enumerate(tasks) if t["task"] == "predict" and t.get("x") == key]
+    results, logits = None, {i: [] for i in predicting}
+    for start in range(0, max(n, 1), per):
+        chunk = gather_images(x, np.arange(start, min(n, start + per)), batch_size)
+        if results is None:
+            results = run_tasks(tasks, dict(arrays, **{key: chunk}), work_dir)
+            for i in predicting:
+                logits[i].append(results[i]["arrays"]["logits"])
+            if not predicting:
+                break
+            continue
+        more = run_tasks([tasks[i] for i in predicting], {key: chunk}, work_dir)
+        for i, r in zip(predicting, more):
+            logits[i].append(r["arrays"]["logits"])
+    for i, parts in logits.items():
+        if len(parts) > 1:
+            results[i]["arrays"]["logits"] = np.concatenate(parts)
+    return results
 
 
 # -- the child ----------------------------------------------------------------------------------

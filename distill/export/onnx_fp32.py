@@ -225,7 +225,7 @@ class OnnxFormat(ExportFormat):
 
     def export(self, job):
         import onnxruntime as ort
-        from .ncnn_worker import NcnnWorkerError, run_tasks
+        from .ncnn_worker import NcnnWorkerError, run_on_images
         dst = os.path.join(job.out_dir, "model.onnx")
         shutil.copyfile(job.onnx_path(), dst)
         atol, rtol = job.options.atol, job.options.rtol
@@ -240,7 +240,8 @@ class OnnxFormat(ExportFormat):
         if job.options.latency:
             tasks.append(dict(base, task="latency", x="test", threads=job.threads, repeats=job.repeats))
         try:
-            res = run_tasks(tasks, {"test": np.ascontiguousarray(job.x_test, dtype=np.float32)}, job.work_dir)
+            res = run_on_images(tasks, "test", job.x_test, job.work_dir,
+                                batch_size=job.options.eval_batch_size)
         except NcnnWorkerError as e:
             result["check"] = check_result(runtime_failure(str(e), dst), rule)
             return result

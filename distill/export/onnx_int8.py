@@ -189,7 +189,7 @@ class OnnxInt8Format(ExportFormat):
         import onnxruntime as ort
         from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
                                               quantize_static)
-        from .ncnn_worker import NcnnWorkerError, run_tasks
+        from .ncnn_worker import NcnnWorkerError, run_on_images
         from .onnx_fp32 import runtime_failure
         src = job.onnx_path()
         pre = os.path.join(job.work_dir, "model.pre.onnx")
@@ -205,7 +205,7 @@ class OnnxInt8Format(ExportFormat):
         if not_found:
             _LOGGER.warning("onnx-int8: no ONNX node for excluded layer(s) %s", ", ".join(not_found))
         idx = job.calibration()
-        calib = np.ascontiguousarray(job.data.train.x[idx])
+        calib = job.calibration_images()
         model, thresholds, mx_int8 = mxnet_int8_reference(job, calib, wanted)
         tensors = {t for n in onnx.load(pre).graph.node for t in list(n.input) + list(n.output)}
         ranges = {t: r for t, r in onnx_ranges(model, thresholds).items() if t in tensors}
@@ -238,7 +238,8 @@ class OnnxInt8Format(ExportFormat):
         if job.options.latency:
             tasks.append(dict(base, task="latency", x="test", repeats=job.repeats))
         try:
-            res = run_tasks(tasks, {"test": np.ascontiguousarray(job.x_test, dtype=np.float32)}, job.work_dir)
+            res = run_on_images(tasks, "test", job.x_test, job.work_dir,
+                                batch_size=job.options.eval_batch_size)
         except NcnnWorkerError as e:
             raise UserError(runtime_failure(str(e), dst)) from None
         logits = res[0]["arrays"]["logits"]

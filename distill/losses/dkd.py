@@ -1,6 +1,7 @@
 """Decoupled knowledge distillation (Zhao et al., 2022)."""
 import mxnet as mx
 
+from ..replicas import set_all
 from .base import LOSSES, LossTermBlock
 from .kd import standardize
 
@@ -107,7 +108,8 @@ class DKDLoss(LossTermBlock):
                                           grad_req="null", differentiable=False)
 
     def set_epoch(self, epoch):
-        self.warmup.set_data(mx.nd.array([warmup_factor(epoch, self.warmup_epochs)]))
+        # every replica, in place: set_data would reset an update-on-kvstore optimizer's state
+        set_all(self.warmup, mx.nd.array([warmup_factor(epoch, self.warmup_epochs)]))
 
     def hybrid_forward(self, F, student, label, teacher, warmup):
         """``student``, ``teacher``: (N, K) logits, ``label``: (N,) → (N,) loss."""

@@ -29,6 +29,7 @@ import numpy as np
 
 from ..graphio import AUX_SUFFIXES, count_param_dict
 from ..modelinfo import total_macs
+from ..replicas import contexts, first
 from ..runfolder import PLAN_FILE
 from .apply import channel_masks, first_divergence, param_keeps, shrink, shrunk_block
 from .base import PRUNERS
@@ -115,7 +116,7 @@ class ChannelPruningModifier(PruningModifier):
         for n, p in self.params.items():
             if n.endswith(AUX_SUFFIXES):
                 continue
-            size = float(np.prod(p.data().shape))
+            size = float(np.prod(first(p).shape))
             for _axis, keep in keeps.get(n, []):
                 size *= keep.mean()
             params += size
@@ -131,11 +132,12 @@ class ChannelPruningModifier(PruningModifier):
         if not self.removed:
             log(f"pruning: no channel was removed (plan: {path})")
             return student
-        params = {n: p.data() for n, p in student.collect_params().items()}
+        params = {n: first(p) for n, p in student.collect_params().items()}
         sym, new_params = shrink(self.graph, params, self.removed)
-        small = shrunk_block(sym, new_params, self.input_name)
+        small = shrunk_block(sym, new_params, self.input_name)      # on the CPU
         x = mx.nd.array(data.val.x[:32])
-        ref = student(x)
+        # the masked student on replica 0's device (the replicas are identical), compared on the CPU
+        ref = student(x.as_in_context(contexts(student)[0])).as_in_context(x.context)
         diff = float(mx.nd.abs(ref - small(x)).max().asscalar())
         scale = max(1.0, float(mx.nd.abs(ref).max().asscalar()))
         if not diff <= SHRINK_RTOL * scale:

@@ -7,7 +7,9 @@ import logging
 
 import mxnet as mx
 import numpy as np
-from mxnet import autograd
+from mxnet import autograd, gluon
+
+from ..replicas import contexts, grad_sum
 
 __all__ = ["accumulate_grads"]
 _LOGGER = logging.getLogger(__name__)
@@ -19,7 +21,8 @@ def accumulate_grads(net, x, y, acc, seed, teacher=None, batches=8, batch_size=3
     Batches are drawn from ``np.random.RandomState(seed).permutation(len(x))``. The loss is the
     cross-entropy with the labels, or, without labels, the KL divergence to the teacher's
     softmax. The forward pass runs with ``train_mode=False``: BatchNorm uses (and does not
-    update) its running statistics, dropout is off.
+    update) its running statistics, dropout is off. On several devices each batch is split
+    over the parameters' contexts and the replicas' gradients are summed (the whole batch's).
 
     Parameters
     ----------
@@ -30,7 +33,8 @@ def accumulate_grads(net, x, y, acc, seed, teacher=None, batches=8, batch_size=3
     y : ndarray or None
         ``(N,)`` labels; ``None`` needs ``teacher``.
     acc : dict
-        parameter name → NDArray shaped like the parameter: the gradients are added to it.
+        parameter name → NDArray shaped like the parameter (on replica 0's device): the
+        gradients are added to it.
     seed : int
     teacher : callable, optional
         ``teacher(x)`` → logits, for label-free data.
@@ -43,6 +47,7 @@ def accumulate_grads(net, x, y, acc, seed, teacher=None, batches=8, batch_size=3
     if y is None and teacher is None:
         raise ValueError("accumulate_grads needs labels or a teacher")
     params = net.collect_params()
+    ctx = contexts(params)
     order = np.random.RandomState(seed).permutation(len(x))
     ce = mx.gluon.loss.SoftmaxCrossEntropyLoss()
     kl = mx.gluon.loss.KLDivLoss(from_logits=False)
@@ -52,12 +57,16 @@ def accumulate_grads(net, x, y, acc, seed, teacher=None, batches=8, batch_size=3
         if len(idx) == 0:
             break
         xb = mx.nd.array(x[idx])
-        soft = mx.nd.softmax(teacher(xb)) if y is None else None
+        # each slice's target: its labels, or the teacher's softmax (the teacher runs on the
+        # default device; its outputs are split like the batch)
+        target = mx.nd.array(y[idx]) if y is not None else mx.nd.softmax(teacher(xb))
+        used = ctx[:min(len(ctx), len(idx))]       # a last batch smaller than the device count
+        xs = gluon.utils.split_and_load(xb, used, even_split=False)
+        ts = gluon.utils.split_and_load(target, used, even_split=False)
         with autograd.record(train_mode=False):   # no BatchNorm statistics update
-            out = net(xb)
-            loss = ce(out, mx.nd.array(y[idx])) if soft is None else kl(out, soft)
-        loss.backward()
+            losses = [(ce if y is not None else kl)(net(a), t) for a, t in zip(xs, ts)]
+        autograd.backward(losses)
         for name, a in acc.items():
-            a += params[name].grad()
+            a += grad_sum(params[name], used).as_in_context(a.context)
         n += 1
     return n

@@ -7,10 +7,10 @@ Recipe example::
 """
 import logging
 
-import mxnet as mx
 import numpy as np
 
 from ..modifier import Modifier
+from ..replicas import apply_mask, mask_arrays
 
 __all__ = ["MaskKeeper"]
 _LOGGER = logging.getLogger(__name__)
@@ -20,7 +20,9 @@ class MaskKeeper(Modifier):
     """Holds elementwise masks and multiplies them into the parameters after every step.
 
     Masks are bool arrays by parameter name; ``True`` keeps a weight. They are saved in every
-    checkpoint (``state_dict``), packed to bits, and re-applied on ``--resume``.
+    checkpoint (``state_dict``), packed to bits, and re-applied on ``--resume``. On several
+    devices every replica is masked (:func:`distill.replicas.apply_mask`), so the replicas stay
+    identical; the masks are copied to each device once per mask update, not per step.
 
     Recipe example::
 
@@ -36,6 +38,7 @@ class MaskKeeper(Modifier):
 
     def initialize(self, net, trainer, data):
         self.params = net.collect_params()
+        self._nd = {}
         self.apply()
 
     def set_masks(self, masks):
@@ -45,16 +48,16 @@ class MaskKeeper(Modifier):
         self.apply()
 
     def apply(self):
-        """Zero the masked weights (in place: a hybridized, static-alloc graph sees them)."""
+        """Zero the masked weights of every replica (in place: a hybridized, static-alloc graph
+        sees them)."""
         if self.params is None:
             return
         for name, m in self.masks.items():
             p = self.params[name]
-            nd = self._nd.get(name)
-            if nd is None:
-                nd = self._nd[name] = mx.nd.array(m, dtype=p.dtype)
-            d = p.data()
-            d *= nd
+            per_device = self._nd.get(name)
+            if per_device is None or [a.context for a in per_device] != list(p.list_ctx()):
+                per_device = self._nd[name] = mask_arrays(p, m)
+            apply_mask(p, per_device)
 
     def after_step(self, epoch, step, steps_per_epoch):
         self.apply()

@@ -27,6 +27,7 @@ import numpy as np
 from ..errors import UserError
 from ..graphio import make_block, pair_files
 from ..modelinfo import layer_table, measure_latency, total_macs
+from ..replicas import first
 from .apply import internal_outputs, shrink, shrunk_block
 from .latency_model import LayerLatencyModel, NcnnLayerTimer
 from .plan import choose_removed, removal_cache
@@ -94,7 +95,7 @@ class Probe:
         sel = data.selection
         self.val = sel
         if eval_limit and len(sel.x) > eval_limit:
-            self.val = SimpleNamespace(x=sel.x[:eval_limit], y=None if sel.y is None
+            self.val = SimpleNamespace(x=_rows(sel.x, np.arange(eval_limit)), y=None if sel.y is None
                                        else sel.y[:eval_limit])
         self.n = 0
         self._teacher = None
@@ -121,7 +122,9 @@ class Probe:
         if getattr(self, "_bn_x", None) is None:
             n = len(self.data.train.x)
             idx = np.random.RandomState(self.seed).choice(n, min(n, 64 * self.bn_batches), replace=False)
-            self._bn_idx, self._bn_x = idx, self.data.train.x[idx]
+            from ..quantize.calibrators import gather_images    # lazy: quantize imports the trainer
+            # one forward pass over all of them (recalibrate_bn), read 64 at a time
+            self._bn_idx, self._bn_x = idx, gather_images(self.data.train.x, idx, 64)
         return self._bn_x
 
     def _recover(self, net, temperature=4.0, batch=32, lr=1e-3):
@@ -183,7 +186,7 @@ class Probe:
             if len(rest) == 0:
                 rest = np.arange(len(x))
             rng = np.random.RandomState(self.seed + 1)
-            self._fid_x = x[np.sort(rng.choice(rest, min(len(rest), FIDELITY_IMAGES), replace=False))]
+            self._fid_x = _rows(x, np.sort(rng.choice(rest, min(len(rest), FIDELITY_IMAGES), replace=False)))
         return self._fid_x
 
     def fidelity(self, net):
@@ -223,6 +226,12 @@ class Probe:
             la.append(self.latency(a))
             lb.append(self.latency(b))
         return min(la), min(lb)
+
+
+def _rows(x, idx):
+    """The images ``idx`` of ``x``, to be read more than once: a lazy view of a streamed split
+    (each use reads it a batch at a time, so no variant holds them all), a copy of an array."""
+    return x.subset(idx) if getattr(x, "is_streamed", False) else x[idx]
 
 
 def recalibrate_bn(sym, params, input_name, x):
@@ -561,7 +570,7 @@ def target_ratios(pruner, ratios=(0.25, 0.5, 0.75, 0.875), eval_limit=1000, repe
         except (OSError, ValueError):
             pass
     graph = pruner.graph
-    params = {n: p.data() for n, p in pruner.params.items()}
+    params = {n: first(p) for n, p in pruner.params.items()}     # replica 0: all are identical
     # the allocation ranks channels as the schedule will; taylor's gradients are not at hand
     # before training, so it ranks them by their filters' L1 norm
     crit = pruner.criterion if not pruner.criterion.needs_grad else CRITERIA.get("l1")()

@@ -18,6 +18,7 @@ from ..errors import UserError, closest
 from ..graphio import AUX_SUFFIXES
 from ..modelinfo import layer_table
 from ..modifier import Modifier
+from ..replicas import first, grad_after_step
 from ..runfolder import RunFolder
 from .gradients import accumulate_grads
 
@@ -70,12 +71,12 @@ def fill_shapes(net):
     shapes unset, which :func:`distill.graphio.count_params` needs)."""
     for p in net.collect_params().values():
         if p.shape is None or 0 in p.shape:
-            p.shape = tuple(p.data().shape)
+            p.shape = tuple(first(p).shape)
 
 
 def nonzero_params(params):
     """Nonzero learnable values in a name → Parameter dict (BN running statistics excluded)."""
-    return sum(int(np.count_nonzero(p.data().asnumpy())) for n, p in params.items()
+    return sum(int(np.count_nonzero(first(p).asnumpy())) for n, p in params.items()
                if not n.endswith(AUX_SUFFIXES))
 
 
@@ -120,7 +121,7 @@ class PruningModifier(Modifier):
 
     # -- set-up ---------------------------------------------------------------------------------
     def initialize(self, net, trainer, data):
-        self.net, self.data = net, data
+        self.net, self.data, self.trainer = net, data, trainer
         self.params = net.collect_params()
         self.input_shape = (1,) + tuple(data.train.x.shape[1:])
         self.symbol = net(mx.sym.var(self.input_name))
@@ -140,13 +141,16 @@ class PruningModifier(Modifier):
         table = layer_table(self.symbol, self.input_shape, self.input_name)
         self.layer_macs = {r["name"]: r["macs"] for r in table}
         self.dense_macs = sum(self.layer_macs.values())
-        self.dense_params = sum(int(np.prod(p.data().shape)) for n, p in self.params.items()
+        self.dense_params = sum(int(np.prod(first(p).shape)) for n, p in self.params.items()
                                 if not n.endswith(AUX_SUFFIXES))
         self.weight_of = {l: w for l, w, _ in self.layers}
         self.tracked = self.setup()
-        if self.criterion.needs_grad:
-            self._grad = {n: mx.nd.array(self._grad_np[n]) if n in self._grad_np
-                          else mx.nd.zeros(self.params[n].data().shape) for n in self.tracked}
+        if self.criterion.needs_grad:         # accumulators on replica 0's device
+            self._grad = {}
+            for n in self.tracked:
+                w = first(self.params[n])
+                self._grad[n] = mx.nd.array(self._grad_np[n], ctx=w.context) if n in self._grad_np \
+                    else mx.nd.zeros(w.shape, ctx=w.context)
 
     def setup(self):
         """Granularity-specific set-up after the layer ratios are known; returns the names of
@@ -181,8 +185,10 @@ class PruningModifier(Modifier):
             return
         if self.done and len(self.done) == len(self.schedule.events()):
             return                              # no update left: nothing to accumulate for
+        # the whole batch's gradient: on several devices each replica may hold only its slice's
+        # (see distill.replicas.grad_after_step for what trainer.step leaves in each replica)
         for n, acc in self._grad.items():
-            acc += self.params[n].grad()
+            acc += grad_after_step(self.params[n], self.trainer)
         self._grad_steps += 1
 
     def epoch_end(self, epoch):
@@ -225,7 +231,7 @@ class PruningModifier(Modifier):
 
     # -- gradients for taylor -------------------------------------------------------------------------
     def _np_params(self, names):
-        return {n: self.params[n].data().asnumpy() for n in names}
+        return {n: first(self.params[n]).asnumpy() for n in names}
 
     def _reset_grads(self):
         for a in self._grad.values():
@@ -248,7 +254,7 @@ class PruningModifier(Modifier):
         """Weight sparsity (per layer and overall), MACs, params and nonzero params now."""
         layers, zeros, total = {}, 0, 0
         for l, w, _ in self.layers:
-            a = self.params[w].data().asnumpy()
+            a = first(self.params[w]).asnumpy()
             z = int((a == 0).sum())
             layers[l] = z / a.size
             zeros += z

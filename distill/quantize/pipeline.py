@@ -4,7 +4,8 @@ For each model (the run's student ``RUN_DIR/model``, and the dense teacher
 ``RUN_DIR/.teacher/model`` when the run has one):
 
 1. calibration images: ``calib_batches × calib_batch_size`` images of the recipe's train split,
-   chosen by ``trainer.seed`` (:func:`~distill.quantize.calibrators.calibration_indices`);
+   chosen by ``trainer.seed`` (:func:`~distill.quantize.calibrators.calibration_indices`), read
+   one calibration batch at a time, without augmentation;
 2. thresholds: one pass of the oneDNN-fused fp32 graph over them (``naive`` or ``entropy``);
 3. the exclusion policy picks the fp32 layers, scoring variants on the held-out split;
 4. export ``model-int8-symbol.json`` + ``model-int8-0000.params`` next to the fp32 model, reload
@@ -88,7 +89,8 @@ def prepare(model, data, qcfg, seed, batch_size=256):
         raise UserError(f"data `{data.name}`: the held-out split has no labels, so int8 top-1 "
                         f"cannot be measured; use data with a labelled val split.")
     idx = calibration_indices(len(data.train), qcfg.calib_batches * qcfg.calib_batch_size, seed)
-    thresholds = calibrate(model, data.train.x[idx], qcfg.calib_mode, qcfg.calib_batch_size)
+    # read calib_batch_size images at a time (un-augmented): a streamed train split is never whole
+    thresholds = calibrate(model, data.train.x, qcfg.calib_mode, qcfg.calib_batch_size, idx=idx)
     # choices (auto, first_last, sensitivity) read data.selection: a holdout of the training
     # images when val is a test set (fashion_mnist), else val; the figures are val's either way
     scorer = Scorer(model, thresholds, data.selection, qcfg.granularity, batch_size)

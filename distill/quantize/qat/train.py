@@ -43,6 +43,7 @@ from ...losses import LOSSES, build_loss
 from ...modifier import Modifier
 from ...recipe import LossTerm
 from ...recorders import Checkpointer, EpochLog
+from ...replicas import first, sync_running_stats
 from ...trainer import Term, TrainingDiverged, evaluate, fit, predict
 from ..graph import FloatModel, QuantizedGraph, inference_block, quantize
 from .fakequant import SCALE_SUFFIX, quant_plan, fake_quant_symbol
@@ -88,6 +89,10 @@ class FreezeBN(Modifier):
 
     def epoch_start(self, epoch):
         self.net.bn_frozen = epoch >= self.freeze_bn_epoch
+        if self.net.bn_frozen:
+            # frozen BatchNorm computes with the running statistics: on several devices they
+            # must be the same on every replica (a no-op when the loop has just averaged them)
+            sync_running_stats(self.net.live)
         mult = self.lr_mult if self.net.bn_frozen else 1.0
         for k, p in self.net.live.collect_params().items():
             p.lr_mult = self._base[k] * mult
@@ -108,8 +113,9 @@ class FiniteGuard(Modifier):
         self.net, self.lr, self.ckpt_dir = net, lr, ckpt_dir
 
     def epoch_end(self, epoch):
+        # every replica: a step that went wrong on one device must not pass unseen
         bad = [k for k, p in self.net.live.collect_params().items()
-               if not np.isfinite(p.data().asnumpy()).all()]
+               if not all(np.isfinite(d.asnumpy()).all() for d in p.list_data())]
         if bad:
             raise TrainingDiverged(
                 f"quantization-aware training diverged in epoch {epoch + 1}: {len(bad)} parameter(s) "
@@ -198,7 +204,12 @@ class _TeacherLogits:
         for p in self.net.collect_params().values():
             p.grad_req = "null"
         self.net.hybridize(static_alloc=True)
+        # (N, K) logits, the train split read batch_size images at a time (it may be streamed)
         self.cache = None if augmented else predict(self.net, train_x, batch_size)
+        # what the loop reads of a teacher-output cache (distill.teacher_cache.TeacherOutputs):
+        # no ``arrays`` means live, and then the loop moves ``teacher.net`` to its devices
+        self.arrays = None if self.cache is None else [self.cache]
+        self.teacher = self
 
     def __call__(self, idx, x):
         if self.cache is not None:
@@ -315,7 +326,7 @@ def run_qat(model, thresholds, excluded, data, recipe, work_dir, teacher_prefix=
                  modifiers=mods, augment=recipe.data.augment, trust_checkpoint=trust_checkpoint)
     net.bn_frozen = True
     # the fine-tuned fp32 weights and the learned steps → MXNet's own int8 graph
-    trained = {k: p.data() for k, p in net.live.collect_params().items()}
+    trained = {k: first(p) for k, p in net.live.collect_params().items()}   # replicas identical
     fp32 = {k: v for k, v in trained.items() if not k.endswith(SCALE_SUFFIX)}
     tuned = FloatModel(model.symbol, fp32, model.input_shape, model.input_name,
                        source=os.path.join(work_dir, "model"))
