@@ -80,7 +80,9 @@ class EpochLog(Modifier):
         val_txt = f"val {val:.2f}%  " if val == val else ""      # NaN: not evaluated on this rank
         self.log(f"epoch {epoch + 1}/{loop.cfg.epochs}  loss {row['loss']:.4f}  "
                  + "  ".join(f"{k} {v:.4f}" for k, v in row["losses"].items())
-                 + f"  {train_txt}{val_txt}{row['images_per_s']:.0f} img/s")
+                 + f"  {train_txt}{val_txt}{row['images_per_s']:.0f} img/s"
+                 + (f"  ({row['corrupt_skipped']} corrupt image(s) skipped, data.skip_corrupt)"
+                    if row.get("corrupt_skipped") else ""))
 
 
 def default_recorders(writer, checkpoints, recipe_dict, log=print, root=True):

@@ -290,6 +290,10 @@ def run_training(recipe, resume=False, role="student", trust_checkpoint=False):
     for m in modifiers:
         metrics["student"].update(m.metrics(student))
     metrics["history"] = result["history"]
+    skipped = data.skipped_count()
+    if skipped:
+        metrics["data"]["unreadable_skipped"] = skipped
+        log(f"data {data.name}: {skipped} unreadable image(s) skipped in all (data.skip_corrupt)")
     if cluster.distributed:
         metrics["distributed"] = {"kvstore": cluster.kind, "workers": cluster.num_workers,
                                   "batch_per_worker": recipe.trainer.batch_size,
