@@ -72,7 +72,8 @@ def _run(fn, args):
         print(f"\nerror: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted: the last complete epoch is checkpointed; rerun with --resume.", file=sys.stderr)
+        print("\ninterrupted: the last complete epoch (or, with trainer.checkpoint_every, the last "
+              "step checkpoint) is saved; rerun with --resume.", file=sys.stderr)
         return 130
 
 

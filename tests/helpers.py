@@ -64,3 +64,41 @@ def run_patched(patch, *args):
                           timeout=600, env=env, cwd=ROOT)
 
 
+
+
+def kill_when(recipe, path, after_s=0.0, timeout=300):
+    """Start ``train.py recipe``, wait until ``path`` exists (a checkpoint), wait ``after_s``
+    more, then SIGKILL it: a run cut off at a known point."""
+    import signal
+    import time
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="2")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), recipe],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        assert proc.poll() is None and time.time() < deadline, f"run ended before {path} existed"
+        time.sleep(0.02)
+    time.sleep(after_s)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def same_runs(ref_run, run, exact=False):
+    """Assert two run folders trained the same: history (val top-1, loss) and parameters
+    (bit for bit with ``exact``, else within 1e-5)."""
+    import json
+    import mxnet as mx
+    import numpy as np
+    import pytest
+    hist = [json.load(open(os.path.join(r, "metrics.json")))["history"] for r in (ref_run, run)]
+    assert [r["epoch"] for r in hist[1]] == [r["epoch"] for r in hist[0]]
+    for ra, rb in zip(*hist):
+        assert rb["val_top1"] == ra["val_top1"]
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5, abs=1e-6)
+    pa, pb = (mx.nd.load(os.path.join(r, "model-0000.params")) for r in (ref_run, run))
+    assert set(pa) == set(pb)
+    for k in pa:
+        if exact:
+            assert np.array_equal(pa[k].asnumpy(), pb[k].asnumpy()), k
+        else:
+            np.testing.assert_allclose(pa[k].asnumpy(), pb[k].asnumpy(), rtol=1e-5, atol=1e-6)

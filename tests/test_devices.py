@@ -3,10 +3,6 @@ cpu(1) as distinct devices; GPUs take the same path), and step checkpoints
 (``trainer.checkpoint_every``): SIGKILL mid-epoch → ``--resume`` equals the uninterrupted run."""
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import mxnet as mx
 import numpy as np
@@ -20,7 +16,7 @@ from distill.losses import build_loss
 from distill.modifier import Modifier
 from distill.recipe import DataConfig, LossTerm, TrainerConfig
 from distill.trainer import Term, fit
-from helpers import ROOT, run_cli, run_patched, tiny_student, tiny_teacher
+from helpers import kill_when, run_cli, run_patched, same_runs, tiny_student, tiny_teacher
 
 
 def test_device_names():
@@ -149,10 +145,6 @@ def test_train_py_devices_flag_and_channel_pruning_masks_on_both_replicas(tmp_pa
     assert metrics["student"]["top1"] > 0
 
 
-def _history(run):
-    return json.load(open(os.path.join(run, "metrics.json")))["history"]
-
-
 def test_sigkill_mid_epoch_then_resume_from_the_step_checkpoint(tmp_path):
     t = tiny_teacher(tmp_path, epochs=1)
     extra = dict(data={"num_samples": 1600, "augment": ["crop", "hflip"]},
@@ -162,28 +154,9 @@ def test_sigkill_mid_epoch_then_resume_from_the_step_checkpoint(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     killed = tiny_student(tmp_path, t, name="killed", epochs=2, **extra)
     run = os.path.join(tmp_path, "runs", "killed")
-    ckpts = os.path.join(run, "checkpoints")
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="2")
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), killed],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    target = os.path.join(ckpts, "epoch-0001-step-000010.ckpt")   # 10 steps into epoch 2
-    deadline = time.time() + 300
-    while not os.path.exists(target):
-        assert proc.poll() is None and time.time() < deadline, "run ended before the step checkpoint"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(killed, os.path.join(run, "checkpoints", "epoch-0001-step-000010.ckpt"))  # epoch 2
     assert not os.path.exists(os.path.join(run, "metrics.json"))
     res = run_cli(killed, "--resume")
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "continuing at epoch 2/2, step" in res.stdout
-    a, b = _history(os.path.join(tmp_path, "runs", "ref")), _history(run)
-    assert [r["epoch"] for r in b] == [1, 2]
-    for ra, rb in zip(a, b):
-        assert rb["val_top1"] == ra["val_top1"]
-        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5, abs=1e-6)
-    pa = mx.nd.load(os.path.join(tmp_path, "runs", "ref", "model-0000.params"))
-    pb = mx.nd.load(os.path.join(run, "model-0000.params"))
-    assert set(pa) == set(pb)
-    for k in pa:
-        assert np.array_equal(pa[k].asnumpy(), pb[k].asnumpy()), k
+    assert "continuing at epoch 2/2, step 11" in res.stdout
+    same_runs(os.path.join(tmp_path, "runs", "ref"), run, exact=True)

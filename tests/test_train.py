@@ -3,9 +3,6 @@ teacher cache, CLI errors, and SIGKILL → --resume giving the same result."""
 import json
 import os
 import re
-import signal
-import subprocess
-import sys
 import time
 
 import mxnet as mx
@@ -14,7 +11,7 @@ import pytest
 
 from distill.graphio import load_symbol_block
 from tbread import read_scalars
-from helpers import ROOT, run_cli, tiny_student, tiny_teacher
+from helpers import kill_when, run_cli, same_runs, tiny_student, tiny_teacher
 
 
 @pytest.fixture(scope="module")
@@ -113,32 +110,14 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     killed = tiny_student(tmp_path, t, name="killed", epochs=4, **base)
     run = os.path.join(tmp_path, "runs", "killed")
     ckpts = os.path.join(run, "checkpoints")
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="2")
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), killed],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     epoch_times = [e["epoch_time_s"] for e in _history(os.path.join(tmp_path, "runs", "ref"))]
-    deadline = time.time() + 300
-    while not os.path.exists(os.path.join(ckpts, "epoch-0001.ckpt")):
-        assert proc.poll() is None and time.time() < deadline, "run ended before epoch 2 finished"
-        time.sleep(0.05)
-    time.sleep(min(epoch_times) * 0.4)       # well inside epoch 3
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(killed, os.path.join(ckpts, "epoch-0001.ckpt"), min(epoch_times) * 0.4)  # in epoch 3
     assert not os.path.exists(os.path.join(run, "metrics.json"))
     assert sorted(os.listdir(ckpts))[-1] == "epoch-0001.ckpt"
     res = run_cli(killed, "--resume")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "continuing at epoch 3/4" in res.stdout
-    a, b = _history(os.path.join(tmp_path, "runs", "ref")), _history(run)
-    assert [r["epoch"] for r in b] == [1, 2, 3, 4]
-    for ra, rb in zip(a, b):
-        assert rb["val_top1"] == ra["val_top1"]
-        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5, abs=1e-6)
-    pa = mx.nd.load(os.path.join(tmp_path, "runs", "ref", "model-0000.params"))
-    pb = mx.nd.load(os.path.join(run, "model-0000.params"))
-    assert set(pa) == set(pb)
-    for k in pa:
-        np.testing.assert_allclose(pa[k].asnumpy(), pb[k].asnumpy(), rtol=1e-5, atol=1e-6)
+    same_runs(os.path.join(tmp_path, "runs", "ref"), run)
 
 
 def test_teacher_cache_modes_agree_and_augment_runs_live(tmp_path):

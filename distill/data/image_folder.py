@@ -170,12 +170,7 @@ def load_image_folder(cfg, seed):
 
     x = assemble(images, names, cfg.grayscale, parse_image_size(cfg.image_size), what,
                  cfg.val_resize)
-    if val_dir:
-        tr, va = np.flatnonzero(~is_val), np.flatnonzero(is_val)
-        where = train_dir
-    else:
-        tr, va = stratified_split(labels, cfg.val_split, seed)
-        where = f"{train_dir} (stratified split, seed {seed})"
+    tr, va, where = _sides(labels, is_val, val_dir, train_dir, cfg, seed)
     return SourceData(x_train=x[tr], y_train=labels[tr], x_val=x[va], y_val=labels[va],
                       class_names=list(classes), skipped=len(bad),
                       source=f"image_folder: {len(tr)} images from {where}")
@@ -183,6 +178,15 @@ def load_image_folder(cfg, seed):
 
 # load_data leaves the images on disk (StreamedImages) unless data.stream is false
 load_image_folder.streams = True
+
+
+def _sides(labels, is_val, val_dir, train_dir, cfg, seed):
+    """``(train positions, val positions, where)``: the val folder's files, or a stratified
+    ``data.val_split`` of the train folder."""
+    if val_dir:
+        return np.flatnonzero(~is_val), np.flatnonzero(is_val), train_dir
+    tr, va = stratified_split(labels, cfg.val_split, seed)
+    return tr, va, f"{train_dir} (stratified split, seed {seed})"
 
 
 def _check_classes(labels, is_val, classes, train_dir, val_dir, n_bad):
@@ -264,12 +268,7 @@ def _load_streamed(cfg, seed, items, classes, train_dir, val_dir):
     labels = np.array([lab for _, lab, _ in items], np.int32)
     is_val = np.array([side == "val" for _, _, side in items], bool)
     _check_classes(labels, is_val, classes, train_dir, val_dir, len(bad))
-    if val_dir:
-        tr, va = np.flatnonzero(~is_val), np.flatnonzero(is_val)
-        where = train_dir
-    else:
-        tr, va = stratified_split(labels, cfg.val_split, seed)
-        where = f"{train_dir} (stratified split, seed {seed})"
+    tr, va, where = _sides(labels, is_val, val_dir, train_dir, cfg, seed)
     src = FolderSource([p for p, _, _ in items], ids, cfg.skip_corrupt)
     src.bad.update(bad)
     spec = TransformSpec(channels=channels, size=size, val_resize=cfg.val_resize,
