@@ -191,6 +191,14 @@ def main(argv=None):
                              f"{os.environ.get('OMP_NUM_THREADS', 'unset')}"))
     for label, ratio in ratios.items():
         target(f"loop img/s vs bare Gluon loop, {label}", f"≥ {TARGET}×", f"{ratio:.2f}×", ratio >= TARGET)
+    out_dir = work if args.smoke else os.path.join(ROOT, "runs", "bench_loop_speed")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump({"smoke": bool(args.smoke), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+                   "rounds": args.rounds, "target": TARGET,
+                   "rows": [dict(zip(["case", "network", "batch", "steps_per_epoch", "ours_img_s",
+                                      "bare_img_s", "ratio", "verdict"], r)) for r in rows]}, f, indent=1)
+    print(f"results: {os.path.join(out_dir, 'results.json')}")
     if not args.smoke:
         import shutil
         shutil.rmtree(work, ignore_errors=True)

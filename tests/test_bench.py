@@ -68,10 +68,14 @@ PLACEHOLDERS = {"", "-", "?", "n/a", "na", "none", "null", "nan", "failed", "ski
                 "not measured"}
 
 
-@pytest.mark.parametrize("name", run_all.scripts())
-def test_bench_script_smoke_runs_end_to_end(name, tmp_path):
+#: scripts whose smoke run has its own test below (the generic checks run there too, once)
+DEDICATED = ("scale", "loop_speed")
+
+
+def smoke(name, tmp_path):
     """``bench/NAME.py --smoke``: exit 0, its table printed, and every target it checks recorded
-    (through ``BENCH_RESULTS``, as ``make bench`` collects them) with a measured value."""
+    (through ``BENCH_RESULTS``, as ``make bench`` collects them) with a measured value.
+    Returns the output and the work folder."""
     results, work = tmp_path / "results.jsonl", tmp_path / "work"
     env = dict(os.environ, BENCH_RESULTS=str(results), PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", name + ".py"), "--smoke",
@@ -96,6 +100,31 @@ def test_bench_script_smoke_runs_end_to_end(name, tmp_path):
             f"{name}.py: {r['figure']!r} measured nothing: {measured!r}")
         line = f"target: {r['figure']}: {r['target']}; measured {r['measured']}: "
         assert line in out, f"{name}.py recorded {r['figure']!r} without printing its line"
+    return out, work, rows
+
+
+@pytest.mark.parametrize("name", [n for n in run_all.scripts() if n not in DEDICATED])
+def test_bench_script_smoke_runs_end_to_end(name, tmp_path):
+    smoke(name, tmp_path)
+
+
+def test_dedicated_smoke_tests_exist():
+    assert set(DEDICATED) <= set(run_all.scripts())
+
+
+def test_loop_speed_smoke_prints_both_cases_and_their_targets(tmp_path):
+    """``bench/loop_speed.py --smoke``: both cases run through train.py and the bare loop, and
+    the table and targets come out in their shape (no timing is asserted)."""
+    out, _, rows = smoke("loop_speed", tmp_path)
+    assert "loop speed: train.py vs a bare hybridized Gluon loop" in out
+    for case in ("teacher (labels only)", "KD step (quickstart)"):
+        row = next(line for line in out.splitlines() if line.startswith(case))
+        ours, bare, ratio, verdict = row.split()[-4:]
+        assert float(ours) > 0 and float(bare) > 0
+        assert re.fullmatch(r"\d+\.\d\d×", ratio) and verdict in ("PASS", "FAIL")
+    assert [r["figure"] for r in rows] == ["loop img/s vs bare Gluon loop, teacher (labels only)",
+                                           "loop img/s vs bare Gluon loop, KD step (quickstart)"]
+    assert all(r["target"] == "≥ 0.9×" and r["measured"].endswith("×") for r in rows)
 
 
 def test_fashion_bench_without_the_data_fails_with_the_install_line(tmp_path, monkeypatch, capsys):
@@ -124,20 +153,14 @@ def test_scale_bench_smoke_writes_its_tables_and_results(tmp_path):
     """``bench/scale.py --smoke``: the RSS/speed table per size, the ours-vs-bare table, decode
     throughput for 0, 1 and 2 workers, and ``results.json`` with every figure and its three
     targets (shapes only: no timing is asserted)."""
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    env.pop("BENCH_RESULTS", None)
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "scale.py"), "--smoke",
-                          "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=600)
-    out = res.stdout
-    assert res.returncode == 0, f"exit {res.returncode}\n{out[-3000:]}\n{res.stderr[-3000:]}"
+    out, work, _ = smoke("scale", tmp_path)
     assert re.search(r"(?m)^records +train images +\.rec MiB +peak RSS MiB +vs 200 ", out), out[-3000:]
     assert re.search(r"(?m)^200 .*\n600 ", out)
     assert re.search(r"(?m)^ours \(train\.py, whole epoch\) .* 1\.00×$", out) is None   # ours is a ratio
     assert re.search(r"(?m)^bare Gluon \(\d+ batches after 2\) .* 1\.00×$", out), out[-3000:]
     assert re.search(r"(?m)^decode workers +img/s +img/s per worker", out)
     assert re.search(r"(?m)^scale: (PASS|FAIL) \(\d of 3 targets hold\)", out)
-    r = json.loads((tmp_path / "results.json").read_text())
+    r = json.loads((work / "results.json").read_text())
     assert r["smoke"] is True and set(r["sizes"]) == {"200", "600"}
     for n in ("200", "600"):
         s = r["sizes"][n]
@@ -153,4 +176,4 @@ def test_scale_bench_smoke_writes_its_tables_and_results(tmp_path):
     for t in r["targets"]:
         assert f"target: {t['figure']}: {t['target']}; measured {t['measured']}: " in out
     # the work folder (records, teacher, recipes, run folders) is removed without --keep
-    assert sorted(os.listdir(tmp_path)) == ["results.json"]
+    assert sorted(os.listdir(work)) == ["results.json"]
