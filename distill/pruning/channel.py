@@ -69,7 +69,8 @@ class ChannelPruningModifier(PruningModifier):
                  + (f" ({'; '.join(i['layer'] + ': ' + i['reason'] for i in g.intact[:4])}"
                     f"{' ...' if len(g.intact) > 4 else ''})" if g.intact else "")
                  + (f"; not pruned (excluded or ratio 0): {', '.join(frozen)}" if frozen else ""))
-        return sorted({s.param for s in g.slices if s.role in ("out", "scale")
+        roles = {"out", "scale"} | {r for level in self.criterion.channel_roles for r in level}
+        return sorted({s.param for s in g.slices if s.role in roles
                        and self.params[s.param].grad_req != "null"})
 
     def prunable(self, grp):

@@ -165,6 +165,8 @@ def unit_scores(graph, groups, criterion, params, grads=None, rng=None):
     dict
         unit id → score (higher = more important).
     """
+    if getattr(criterion, "group_reduction", None) == "sum":
+        return _group_scores(graph, groups, criterion, params, grads, rng)
     unit_ids = {int(u) for g in groups for u in g.unit_ids}
     per_role = [dict() for _ in criterion.channel_roles]
     for s in graph.slices:
@@ -192,6 +194,42 @@ def unit_scores(graph, groups, criterion, params, grads=None, rng=None):
         for u in g.unit_ids.tolist():
             vals = next((d[u] for d in per_role if u in d), None)
             out[u] = float(np.mean(vals)) if vals else 0.0
+    return out
+
+
+def _group_scores(graph, groups, criterion, params, grads, rng):
+    """:func:`unit_scores` of a group criterion (``group_l2``, ``group_taylor``): a unit's
+    row scores summed over every slice with one of the criterion's roles, ``criterion.finish``
+    of that sum, then divided by the mean over the unit's group (0 stays 0)."""
+    roles = {r for level in criterion.channel_roles for r in level}
+    unit_ids = np.array(sorted({int(u) for g in groups for u in g.unit_ids}), np.int64)
+    total = dict.fromkeys(unit_ids.tolist(), 0.0)
+    for s in graph.slices:
+        if s.role not in roles:
+            continue
+        mine = np.isin(s.classes, unit_ids)
+        if not mine.any():
+            continue
+        w = np.moveaxis(np.asarray(params[s.param]), s.axis, 0)
+        w = w.reshape(w.shape[0], -1)
+        gr = None
+        if criterion.needs_grad:
+            if grads is None or s.param not in grads:
+                continue
+            gr = np.moveaxis(np.asarray(grads[s.param]), s.axis, 0).reshape(w.shape[0], -1)
+        scores = np.asarray(criterion.row_scores(w, gr, rng=rng), dtype=np.float64)
+        units, inverse = np.unique(s.classes, return_inverse=True)
+        sums = np.bincount(inverse, weights=scores)
+        for c, v in zip(units.tolist(), sums.tolist()):
+            if c in total:
+                total[c] += v
+    out = {}
+    for g in groups:
+        ids = g.unit_ids.tolist()
+        vals = np.asarray(criterion.finish(np.array([total[u] for u in ids], np.float64)))
+        mean = float(vals.mean()) if len(vals) else 0.0
+        for u, v in zip(ids, vals.tolist()):
+            out[u] = v / mean if mean > 0 else 0.0
     return out
 
 
