@@ -274,7 +274,8 @@ class PruningConfig:
     end_epoch: Optional[int] = None
     frequency: int = 1
     final_sparsity: float = 0.5
-    round_to: int = 8
+    round_to: Union[int, str] = 8
+    round_mode: str = "up"
     exclude: List[str] = field(default_factory=lambda: ["first", "last"])
     overrides: List[LayerOverride] = field(default_factory=list)
     target: Optional[PruningTarget] = None
@@ -294,7 +295,10 @@ class PruningConfig:
         _check(self.frequency >= 1, f"{p}.frequency", f"must be ≥ 1 (epochs), got {self.frequency}")
         _check(0.0 <= self.final_sparsity < 1.0, f"{p}.final_sparsity",
                f"must be in [0, 1), got {self.final_sparsity}")
-        _check(self.round_to >= 1, f"{p}.round_to", f"must be ≥ 1, got {self.round_to}")
+        _check(self.round_to == "auto" or (isinstance(self.round_to, int) and self.round_to >= 1),
+               f"{p}.round_to", f"must be a number ≥ 1 or auto, got {self.round_to!r}")
+        _check(self.round_mode in ("up", "down", "nearest"), f"{p}.round_mode",
+               f"must be up, down or nearest, got {self.round_mode!r}")
 
     def check_epochs(self, epochs, p="pruning"):
         """Cross-check with ``trainer.epochs`` (called by :meth:`Recipe.validate`)."""
@@ -674,6 +678,8 @@ def recipe_hash(recipe, sections=None):
             data.pop(key)
     if not d.get("pruning", {}).get("enabled"):
         d.pop("pruning", None)                 # new pruning keys must not make old runs stale
+    elif d["pruning"].get("round_mode") == "up":
+        d["pruning"].pop("round_mode")         # the default: runs made before the key stay fresh
     if sections:
         d = {k: d[k] for k in sections}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]

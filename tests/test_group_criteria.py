@@ -105,3 +105,58 @@ def test_group_criteria_train_through_the_channel_pruner(name, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     m = json.load(open(tmp_path / "runs" / "grp" / "metrics.json"))
     assert m["student"]["top1"] > 0 and m["student"]["macs"] < m["teacher"]["macs"]
+
+
+# -- channel blocks: round_to auto, round_mode ----------------------------------------------------
+
+@pytest.mark.parametrize("mode,keep", [("up", 16), ("down", 8), ("nearest", 16)])
+def test_round_mode_rounds_the_kept_width(mode, keep):
+    from distill.pruning.blocks import Rounding
+    from distill.pruning.plan import round_keep
+    # 64 channels, 13 to keep (≈ 80% pruned), blocks of 8: up 16, down 8, nearest 16 (13/8=1.6)
+    assert round_keep(64, 13, 1, Rounding(8, mode)) == keep
+    assert round_keep(64, 11, 1, Rounding(8, "nearest")) == 8          # 11/8 = 1.4 → 1 block
+    assert round_keep(64, 3, 1, Rounding(8, "down")) == 8              # at least one block
+    assert round_keep(64, 13, 1, 8) == 16                              # a plain int: up, as before
+    assert round_keep(16, 15, 1, Rounding(8, "up")) == 16              # nothing below: unpruned
+
+
+def test_round_to_auto_picks_the_backends_block(monkeypatch):
+    from distill.pruning import blocks
+    from distill.recipe import PruningConfig, PruningTarget
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(blocks, "_cpu_flags", lambda: {"avx2", "avx512f"})
+    cfg = PruningConfig(enabled=True, round_to="auto", round_mode="down")
+    cfg.validate("pruning")
+    r = blocks.rounding(cfg)
+    assert (int(r), r.mode) == (16, "down") and "AVX-512" in r.why
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX2")
+    assert int(blocks.rounding(cfg)) == 8
+    monkeypatch.setattr(blocks, "_cpu_flags", lambda: {"avx2"})
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA")
+    assert int(blocks.rounding(cfg)) == 8
+    cfg.target = PruningTarget(latency=0.5, backend="ncnn")
+    assert int(blocks.rounding(cfg)) == blocks.NCNN_BLOCK and "ncnn" in blocks.rounding(cfg).why
+    assert int(blocks.rounding(PruningConfig(round_to=4))) == 4
+
+
+@pytest.mark.parametrize("key,value", [("round_to", "big"), ("round_to", 0), ("round_mode", "sideways")])
+def test_round_keys_are_checked(key, value):
+    from distill.errors import UserError
+    from distill.recipe import PruningConfig
+    with pytest.raises(UserError, match=f"pruning.{key}"):
+        PruningConfig(enabled=True, **{key: value}).validate("pruning")
+
+
+def test_choose_removed_follows_the_mode():
+    """c1's group has 4 channels; 30% of them is 1.2 → 1 removed, 3 kept = 1.5 blocks of 2:
+    rounded up that is 4 (nothing pruned, today's rule), down 2 (two removed), nearest 4."""
+    from distill.pruning.blocks import Rounding
+    from distill.pruning.plan import choose_removed
+    graph, params, _ = _graph()
+    _, scores = _scores(graph, params, "group_l2")
+    g = next(g for g in graph.groups if len(g.unit_ids) == 4)
+    cut = {m: choose_removed(graph, scores, {g.id: 0.3}, Rounding(2, m)) for m in ("up", "down", "nearest")}
+    assert (len(cut["up"]), len(cut["down"]), len(cut["nearest"])) == (0, 2, 0)
+    lowest = sorted(g.unit_ids.tolist(), key=lambda u: scores[u])[:2]
+    assert sorted(cut["down"]) == sorted(lowest)                  # the lowest group_l2 scores go

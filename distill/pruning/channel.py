@@ -33,6 +33,7 @@ from ..replicas import contexts, first
 from ..runfolder import PLAN_FILE
 from .apply import channel_masks, first_divergence, param_keeps, shrink, shrunk_block
 from .base import PRUNERS
+from .blocks import rounding
 from .graph import PruningGraphError, analyze
 from .plan import Plan, choose_removed, plan_from_removed, removed_units, unit_scores
 from .pruner import PruningModifier
@@ -57,6 +58,9 @@ class ChannelPruningModifier(PruningModifier):
 
     def setup(self):
         self.graph = analyze(self.symbol, self.input_shape, self.input_name)
+        self.block = rounding(self.cfg)
+        self.log(f"pruning: kept widths are multiples of {int(self.block)} channels, rounded "
+                 f"{self.block.mode} ({self.block.why})")
         self.group_ratio = {grp.id: self._group_ratio(grp) for grp in self.graph.groups}
         if self.cfg.target is not None:            # prune to a target: ratios allocated now
             from .probe import target_ratios        # lazy: timing and evaluation code
@@ -95,7 +99,7 @@ class ChannelPruningModifier(PruningModifier):
         names = sorted({s.param for s in g.slices})
         scores = unit_scores(g, groups, self.criterion, self._np_params(names), grads, rng)
         ratios = {grp.id: self.group_ratio[grp.id] * frac for grp in groups}
-        self.removed = choose_removed(g, scores, ratios, self.cfg.round_to, self.cfg.scope,
+        self.removed = choose_removed(g, scores, ratios, self.block, self.cfg.scope,
                                       already=self.removed)
         self.keeper.set_masks(channel_masks(g, self.removed))
 
@@ -126,7 +130,8 @@ class ChannelPruningModifier(PruningModifier):
     def finalize(self, student, data, log):
         """Return the physically smaller network, checked against the masked one."""
         student = super().finalize(student, data, log)
-        plan = plan_from_removed(self.graph, self.removed, round_to=self.cfg.round_to,
+        plan = plan_from_removed(self.graph, self.removed, round_to=int(self.block), round_mode=self.block.mode,
+                                 round_why=self.block.why,
                                  criterion=self.cfg.criterion, final_sparsity=self.cfg.final_sparsity)
         path = self.folder.plan_path
         plan.save(path, self.graph)

@@ -138,12 +138,18 @@ def plan_from_removed(graph, removed, **meta):
 
 
 def round_keep(n_units, n_keep, multiplicity, round_to):
-    """Round a kept unit count up so that ``n_keep * multiplicity`` is a multiple of ``round_to``.
+    """Round a kept unit count so that ``n_keep * multiplicity`` is a multiple of ``round_to``:
+    up (the default), or ``down`` / ``nearest`` when ``round_to`` is a
+    :class:`~distill.pruning.blocks.Rounding` with that mode. At least one block is kept.
 
     Returns ``n_units`` (no pruning) when no such count below ``n_units`` exists.
     """
     q = round_to // math.gcd(round_to, multiplicity) if round_to > 1 else 1
-    k = max(q, int(math.ceil(n_keep / q)) * q)
+    mode = getattr(round_to, "mode", "up")
+    blocks = n_keep / q
+    n = math.floor(blocks) if mode == "down" else \
+        math.floor(blocks + 0.5) if mode == "nearest" else math.ceil(blocks)
+    k = max(q, int(n) * q)
     return n_units if k >= n_units else k
 
 

@@ -29,6 +29,7 @@ from ..graphio import make_block, pair_files
 from ..modelinfo import layer_table, measure_latency, total_macs
 from ..replicas import first
 from .apply import internal_outputs, shrink, shrunk_block
+from .blocks import rounding
 from .latency_model import LayerLatencyModel, NcnnLayerTimer
 from .plan import choose_removed, removal_cache
 from .pruner import prunable_layers
@@ -557,7 +558,7 @@ def target_ratios(pruner, ratios=(0.25, 0.5, 0.75, 0.875), eval_limit=1000, repe
     what, fraction = ("latency", t.latency) if t.latency is not None else ("macs", t.macs)
     key = {"target": {what: fraction, "backend": t.backend, "batch": t.batch, "bn_batches": t.bn_batches,
                       "candidates": t.candidates},
-           "round_to": cfg.round_to, "exclude": list(cfg.exclude),
+           "round_to": int(rounding(cfg)), "round_mode": rounding(cfg).mode, "exclude": list(cfg.exclude),
            "groups": [g.id for g in pruner.graph.groups]}
     path = pruner.folder.target_path
     if os.path.isfile(path):
@@ -591,9 +592,9 @@ def target_ratios(pruner, ratios=(0.25, 0.5, 0.75, 0.875), eval_limit=1000, repe
         log(f"pruning: target {what} {fraction:g}× ({t.backend}, batch {batch}): measuring "
             f"{len(groups)} groups at ratios {list(ratios)} (top-1 {base['top1']:.2f}% on "
             f"{len(probe.val.x)} held-out images unpruned)")
-        rows = measure_curves(probe, graph, scores, groups, ratios, cfg.round_to, base["top1"],
+        rows = measure_curves(probe, graph, scores, groups, ratios, rounding(cfg), base["top1"],
                               log=_LOGGER.info, time=False)
-        res = search_target(probe, pruner.symbol, graph, scores, rows, cfg.round_to, what, fraction,
+        res = search_target(probe, pruner.symbol, graph, scores, rows, rounding(cfg), what, fraction,
                             base, names, excluded=pruner.excluded, max_ratio=max(ratios),
                             model_repeats=repeats, log=log, time_macs=False,
                             candidates=t.candidates)

@@ -50,6 +50,7 @@ from ..recipe import load_recipe
 from ..run import resolve_teacher
 from ..runfolder import RunFolder
 from .base import CRITERIA
+from .blocks import rounding
 from .gradients import accumulate_grads
 from .graph import analyze
 from .plan import choose_removed, unit_scores
@@ -236,7 +237,7 @@ def run_sensitivity(recipe, ratios=(0.25, 0.5, 0.75), budget=1.0, batch_size=32,
     scores = unit_scores(graph, graph.groups, criterion, np_params, grads,
                          rng=np.random.RandomState(recipe.trainer.seed))
     log(f"sensitivity of {desc}: {len(graph.groups)} coupled groups, ratios {list(ratios)}, "
-        f"criterion {cfg.criterion}, round_to {cfg.round_to}"
+        f"criterion {cfg.criterion}, round_to {int(rounding(cfg))} ({rounding(cfg).mode})"
         + (f", BatchNorm re-estimated on {64 * bn_batches} training images per variant" if bn_batches else "")
         + (f", {recover_steps} KD recovery steps per variant" if recover_steps else ""))
     tmp = tempfile.mkdtemp(prefix="sens-", dir=out)
@@ -252,7 +253,7 @@ def run_sensitivity(recipe, ratios=(0.25, 0.5, 0.75), budget=1.0, batch_size=32,
         if target is not None:
             return _run_target(recipe, probe, sym, graph, scores, base, ratios, target, names,
                                desc, out, log, candidates)
-        rows = measure_curves(probe, graph, scores, graph.groups, ratios, cfg.round_to,
+        rows = measure_curves(probe, graph, scores, graph.groups, ratios, rounding(cfg),
                               base["top1"], log)
         for row in rows:
             row["latency_saving"] = round(1 - row["latency_ms"] / base["latency_ms"], 4)
@@ -262,7 +263,7 @@ def run_sensitivity(recipe, ratios=(0.25, 0.5, 0.75), budget=1.0, batch_size=32,
         result = None
         # check the proposal by measuring it; drop the worst trade while it breaks the budget
         while True:
-            removed = choose_removed(graph, scores, choice, cfg.round_to) if choice else set()
+            removed = choose_removed(graph, scores, choice, rounding(cfg)) if choice else set()
             result = probe.measure(removed, keep_files=True) if removed else dict(base)
             if base["top1"] - result["top1"] <= budget or not choice:
                 break
@@ -285,7 +286,7 @@ def run_sensitivity(recipe, ratios=(0.25, 0.5, 0.75), budget=1.0, batch_size=32,
                 "latency_speedup": round(base["latency_ms"] / max(result["latency_ms"], 1e-9), 3),
                 "macs_ratio": round(base["macs"] / max(result["macs"], 1), 3)}
     section = _section(cfg, names, proposal["ratios"])
-    report = {"network": desc, "criterion": cfg.criterion, "round_to": cfg.round_to,
+    report = {"network": desc, "criterion": cfg.criterion, "round_to": int(rounding(cfg)),
               "batch_size": batch_size, "budget": budget, "base": base, "rows": rows,
               "proposal": proposal, "recipe_section": {"pruning": section},
               "groups": graph.summary()["groups"], "intact": graph.intact}
@@ -328,9 +329,9 @@ def _run_target(recipe, probe, sym, graph, scores, base, ratios, target, names, 
         f"{probe.batch_size}); {len(groups)} of {len(graph.groups)} groups may be pruned"
         + (f" (excluded: {', '.join(excluded)})" if excluded else ""))
     # the curves rank groups by loss; each variant's own latency is not needed (the model has it)
-    rows = measure_curves(probe, graph, scores, groups, ratios, cfg.round_to, base["top1"], log,
+    rows = measure_curves(probe, graph, scores, groups, ratios, rounding(cfg), base["top1"], log,
                           time=False)
-    res = search_target(probe, sym, graph, scores, rows, cfg.round_to, what, fraction, base, names,
+    res = search_target(probe, sym, graph, scores, rows, rounding(cfg), what, fraction, base, names,
                         excluded=excluded, max_ratio=max(ratios), model_repeats=probe.repeats,
                         log=log, candidates=candidates)
     res.pop("prefix", None)
@@ -342,7 +343,7 @@ def _run_target(recipe, probe, sym, graph, scores, base, ratios, target, names, 
     proposal = dict(res, ratios=chosen, drop=round(base["top1"] - res["top1"], 3),
                     macs_ratio=round(base["macs"] / max(res["macs"], 1), 3),
                     latency_speedup=round(res["base_ms"] / max(res["measured_ms"], 1e-9), 3))
-    report = {"network": desc, "criterion": cfg.criterion, "round_to": cfg.round_to,
+    report = {"network": desc, "criterion": cfg.criterion, "round_to": int(rounding(cfg)),
               "batch_size": probe.batch_size, "backend": probe.backend,
               "target": {what: fraction}, "recover_steps": probe.recover_steps,
               "bn_batches": probe.bn_batches, "candidates": candidates, "base": base,
