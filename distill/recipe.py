@@ -263,7 +263,9 @@ class PruningConfig:
     ``random``. ``schedule``: ``oneshot``, ``iterative``, ``agp``; masks are updated at the start
     of epochs ``start_epoch``, ``start_epoch + frequency``, ... up to ``end_epoch`` (0-based;
     default: the middle of training). ``exclude``: layer names or glob patterns left unpruned;
-    ``first`` and ``last`` name the first and the last conv/dense layer.
+    ``first`` and ``last`` name the first and the last conv/dense layer. An excluded layer keeps
+    its input and output widths (its whole coupled groups); a ``keep_outputs`` layer keeps only its
+    output width, its inputs may shrink (Torch-Pruning's ``ignored_layers``).
     """
     enabled: bool = False
     granularity: str = "channel"
@@ -277,6 +279,7 @@ class PruningConfig:
     round_to: Union[int, str] = 8
     round_mode: str = "up"
     exclude: List[str] = field(default_factory=lambda: ["first", "last"])
+    keep_outputs: List[str] = field(default_factory=list)
     overrides: List[LayerOverride] = field(default_factory=list)
     target: Optional[PruningTarget] = None
 
@@ -678,8 +681,10 @@ def recipe_hash(recipe, sections=None):
             data.pop(key)
     if not d.get("pruning", {}).get("enabled"):
         d.pop("pruning", None)                 # new pruning keys must not make old runs stale
-    elif d["pruning"].get("round_mode") == "up":
-        d["pruning"].pop("round_mode")         # the default: runs made before the key stay fresh
+    else:
+        for key, default in (("round_mode", "up"), ("keep_outputs", [])):
+            if d["pruning"].get(key) == default:  # defaults: runs made before the keys stay fresh
+                d["pruning"].pop(key)
     if sections:
         d = {k: d[k] for k in sections}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]

@@ -165,6 +165,17 @@ def test_excluded_layer_keeps_its_input_and_output_widths(tmp_path):
     assert [g["kept_channels"] for g in plan["groups"]] == [8, 16]
     shapes, _, _ = _prune_once(tmp_path / "all", sym, {**cfg, "exclude": []})
     assert shapes["fc_weight"] == (4, 8)                  # without `exclude`, it shrinks too
+    # keep_outputs (Torch-Pruning's ignored_layers): fc keeps its 4 outputs, its inputs shrink;
+    # a layer named there keeps its own output width, c0 the same with the group it produces
+    shapes, pruner, _ = _prune_once(tmp_path / "outs", sym, {**cfg, "exclude": [],
+                                                            "keep_outputs": ["last", "c0"]})
+    assert shapes["fc_weight"] == (4, 8) and shapes["c1_weight"] == (8, 16, 3, 3)
+    assert shapes["c0_weight"] == (16, 3, 3, 3) and pruner.outputs_kept == ["c0", "fc"]
+    # unstructured: single weights never change a width, so keep_outputs excludes the layer
+    _, pruner, _ = _prune_once(tmp_path / "unstr", sym, {"granularity": "unstructured",
+                                                         "final_sparsity": 0.5, "exclude": [],
+                                                         "keep_outputs": ["last"]})
+    assert pruner.excluded == ["fc"]
 
 
 # -- masks hold under SGD with momentum and weight decay -------------------------------------------

@@ -78,10 +78,12 @@ class ChannelPruningModifier(PruningModifier):
                        and self.params[s.param].grad_req != "null"})
 
     def prunable(self, grp):
-        """False for a group that no prunable layer produces, or that an excluded layer
-        produces or reads (an excluded layer keeps its input and output widths)."""
+        """False for a group that no prunable layer produces, that an excluded layer produces
+        or reads (an excluded layer keeps its input and output widths), or that a
+        ``keep_outputs`` layer produces (it keeps its output width; its inputs may shrink)."""
         prods = [p for p in grp.producers if p in self.layer_ratio]
-        return bool(prods) and not any(l in self.excluded for l in grp.layers)
+        return bool(prods) and not any(l in self.excluded for l in grp.layers) \
+            and not any(p in getattr(self, "outputs_kept", ()) for p in grp.producers)
 
     def _group_ratio(self, grp):
         """A coupled group is pruned as one: a group that any excluded layer produces or reads

@@ -130,6 +130,11 @@ class PruningModifier(Modifier):
         excluded = resolve_patterns(cfg.exclude, self.layers, "pruning.exclude")
         overrides = resolve_patterns([o.layers for o in cfg.overrides], self.layers, "pruning.overrides")
         self.excluded = sorted({l for hits in excluded.values() for l in hits})
+        kept = resolve_patterns(cfg.keep_outputs, self.layers, "pruning.keep_outputs")
+        self.outputs_kept = sorted({l for hits in kept.values() for l in hits} - set(self.excluded))
+        if cfg.granularity == "unstructured" and self.outputs_kept:
+            # single weights never change a width: there keep_outputs means exclude
+            self.excluded = sorted(set(self.excluded) | set(self.outputs_kept))
         self.override_of = {}
         for n, o in enumerate(cfg.overrides):          # later overrides win
             for l in overrides[o.layers]:

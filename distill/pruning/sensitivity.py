@@ -323,7 +323,7 @@ def _run_target(recipe, probe, sym, graph, scores, base, ratios, target, names, 
     """The ``--target-*`` half of :func:`run_sensitivity` (inside its scratch folder)."""
     cfg = recipe.pruning
     what, fraction = target
-    allowed, excluded = allowed_groups(graph, sym, cfg.exclude)
+    allowed, excluded = allowed_groups(graph, sym, cfg.exclude, cfg.keep_outputs)
     groups = [g for g in graph.groups if g.id in allowed]
     log(f"target: {what} {fraction:g}× the unpruned model's ({probe.backend}, batch "
         f"{probe.batch_size}); {len(groups)} of {len(graph.groups)} groups may be pruned"
@@ -366,15 +366,19 @@ def _run_target(recipe, probe, sym, graph, scores, base, ratios, target, names, 
     return report
 
 
-def allowed_groups(graph, symbol, exclude):
+def allowed_groups(graph, symbol, exclude, keep_outputs=()):
     """``(group ids that may be pruned, excluded layer names)``: a group that an excluded layer
-    produces or reads is kept whole, as the channel pruner does."""
+    produces or reads is kept whole, and one a ``keep_outputs`` layer produces, as the channel
+    pruner does."""
     layers = prunable_layers(symbol)
     hits = resolve_patterns(exclude, layers, "pruning.exclude")
     excluded = sorted({l for h in hits.values() for l in h})
+    kept = {l for h in resolve_patterns(list(keep_outputs), layers, "pruning.keep_outputs").values()
+            for l in h}
     prunable = {l for l, _, _ in layers}
     allowed = {g.id for g in graph.groups
-               if any(p in prunable for p in g.producers) and not any(l in excluded for l in g.layers)}
+               if any(p in prunable for p in g.producers) and not any(l in excluded for l in g.layers)
+               and not any(p in kept for p in g.producers)}
     return allowed, excluded
 
 
