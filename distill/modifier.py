@@ -73,6 +73,10 @@ class Modifier:
     def after_step(self, epoch, step, steps_per_epoch):
         pass
 
+    def before_step(self, epoch, step):
+        """After the backward pass, before the optimizer step (a penalty added to the
+        gradients: ``pruning.regularize``)."""
+
     def mid_epoch(self, epoch, steps_done, partial, loop):
         """Every ``trainer.checkpoint_every`` steps inside an epoch (the checkpoint recorder
         saves there); ``partial``: the epoch's running sums, to be restored on resume."""

@@ -38,7 +38,7 @@ from .quantize import CALIBRATORS, POLICIES         # the package face: registri
 
 __all__ = ["Recipe", "DataConfig", "TeacherConfig", "StudentConfig", "LossTerm", "PruningConfig",
            "LayerOverride", "PruningTarget",
-           "QuantizationConfig", "QATConfig", "ExportConfig", "TrainerConfig", "OutputConfig", "load_recipe", "recipe_from_dict",
+           "QuantizationConfig", "QATConfig", "PruningRegularize", "ExportConfig", "TrainerConfig", "OutputConfig", "load_recipe", "recipe_from_dict",
            "recipe_to_dict", "recipe_hash", "apply_overrides"]
 _LOGGER = logging.getLogger(__name__)
 
@@ -218,6 +218,31 @@ class LayerOverride:
 
 
 @dataclass
+class PruningRegularize:
+    """``pruning.regularize:`` sparse training before removal (channel pruning).
+
+    ``kind``: ``group_l2`` (the group lasso of each channel's coupled group: its filters, the
+    consumers' input columns and BatchNorm gamma, as Torch-Pruning's ``GroupNormPruner``) or
+    ``bn_l1`` (L1 on BatchNorm gamma, network slimming). ``strength`` λ at the first epoch, plus
+    ``growth`` per epoch (growing regularisation); active for the first ``epochs`` epochs (default:
+    up to the last pruning update). ``targeted``: only the channels the next pruning update would
+    remove are pushed down. Weight decay stays as the trainer sets it (the penalty is added to
+    the gradients, as those methods do).
+    """
+    kind: str = "group_l2"
+    strength: float = 1e-4
+    growth: float = 0.0
+    epochs: Optional[int] = None
+    targeted: bool = False
+
+    def validate(self, p):
+        _check(self.kind in ("group_l2", "bn_l1"), f"{p}.kind", f"must be group_l2 or bn_l1, got {self.kind!r}")
+        _check(self.strength > 0, f"{p}.strength", f"must be > 0, got {self.strength}")
+        _check(self.growth >= 0, f"{p}.growth", f"must be ≥ 0, got {self.growth}")
+        _check(self.epochs is None or self.epochs >= 1, f"{p}.epochs", f"must be ≥ 1, got {self.epochs}")
+
+
+@dataclass
 class PruningTarget:
     """``pruning.target:`` prune to a resource target instead of one ratio for every layer: the
     per-group ratios are allocated at the start of the run (``distill sensitivity --target-*``)
@@ -282,8 +307,11 @@ class PruningConfig:
     keep_outputs: List[str] = field(default_factory=list)
     overrides: List[LayerOverride] = field(default_factory=list)
     target: Optional[PruningTarget] = None
+    regularize: Optional[PruningRegularize] = None
 
     def validate(self, p):
+        _check(self.regularize is None or self.granularity == "channel", f"{p}.regularize",
+               "sparse training pushes whole channels down: it needs `granularity: channel`")
         _check(self.target is None or self.granularity == "channel", f"{p}.target",
                "a latency/MACs target needs `granularity: channel` (unstructured sparsity does not "
                "make a dense engine faster)")

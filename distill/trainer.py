@@ -372,6 +372,8 @@ class _Epoch:
                 losses.append(loss if len(inputs) == 1 else loss * (n_k / n))
                 results.append((n_k, parts, loss, outs[0], y))
         autograd.backward(losses)
+        for m in self.modifiers:
+            m.before_step(self.epoch, batch.step)
         self.trainer.step(self.grad_divisor)
         row = []
         for n_k, parts, loss, logits, y in results:

@@ -84,7 +84,8 @@ def test_group_taylor_is_the_absolute_sum_of_w_times_g_over_the_group():
 @pytest.mark.parametrize("name", ["group_taylor"])   # group_l2 shares the path, without gradients
 def test_group_criteria_train_through_the_channel_pruner(name, tmp_path):
     """A short channel-pruning run with the group criterion end to end (the pruner tracks the
-    consumers' gradients for group_taylor)."""
+    consumers' gradients for group_taylor), after a targeted group-lasso epoch, the classifier
+    keeping only its outputs."""
     import json
     import os
     from helpers import run_cli, tiny_teacher
@@ -94,8 +95,9 @@ def test_group_criteria_train_through_the_channel_pruner(name, tmp_path):
         r = yaml.safe_load(f)
     r.update(name="grp", student={"from": "teacher"}, teacher={"recipe": os.path.basename(t)},
              pruning={"enabled": True, "granularity": "channel", "criterion": name,
-                      "final_sparsity": 0.5, "start_epoch": 0, "end_epoch": 1, "round_to": 4,
-                      "scope": "global"},
+                      "final_sparsity": 0.5, "start_epoch": 1, "end_epoch": 1, "round_to": 4,
+                      "scope": "global", "keep_outputs": ["last"], "exclude": ["first"],
+                      "regularize": {"kind": "group_l2", "strength": 1e-3, "targeted": True}},
              distillation=[{"loss": "kd", "weight": 0.7, "temperature": 4.0}, {"loss": "ce", "weight": 0.3}])
     r["trainer"]["epochs"] = 2
     r["output"]["dir"] = str(tmp_path / "runs" / "grp")

@@ -368,3 +368,76 @@ def test_sensitivity_propose_is_a_knapsack():
     assert propose(rows, 1.0, 10.0) == {"g1": 0.5, "g2": 0.5}      # 3.5 ms saved for 0.6 points
     assert propose(rows, 1.2, 10.0) == {"g0": 0.5, "g1": 0.5, "g2": 0.5}
     assert propose(rows, 0.0, 10.0) == {}
+
+
+# -- sparse training before removal (pruning.regularize) -------------------------------------------
+
+def _regularized(tmp, kind, targeted=False, strength=0.01):
+    """The conv → BN → conv → FC net of the exclude test, a pruner with a regularize section,
+    zero gradients and one before_step: the gradients are then the penalty's alone."""
+    data = mx.sym.var("data")
+    x = mx.sym.Convolution(data, num_filter=8, kernel=(3, 3), pad=(1, 1), name="c0")
+    x = mx.sym.Activation(mx.sym.BatchNorm(x, fix_gamma=False, name="bn0"), act_type="relu")
+    x = mx.sym.Convolution(x, num_filter=8, kernel=(1, 1), name="c1")
+    x = mx.sym.Pooling(x, global_pool=True, kernel=(1, 1), pool_type="avg")
+    sym = mx.sym.FullyConnected(mx.sym.Flatten(x), num_hidden=4, name="fc")
+    os.makedirs(str(tmp), exist_ok=True)
+    r = recipe_from_dict({"pruning": {"enabled": True, "granularity": "channel", "criterion": "l1",
+                                      "schedule": "oneshot", "start_epoch": 1, "round_to": 1,
+                                      "final_sparsity": 0.5, "exclude": ["first"],
+                                      "keep_outputs": ["last"],
+                                      "regularize": {"kind": kind, "strength": strength,
+                                                     "growth": strength, "targeted": targeted}},
+                          "trainer": {"epochs": 3}, "output": {"dir": str(tmp)}})
+    rs = np.random.RandomState(0)
+    args, _, auxs = sym.infer_shape(data=(2, 3, 8, 8))
+    names = sym.list_arguments() + sym.list_auxiliary_states()
+    params = {n: mx.nd.array(rs.uniform(0.5, 1.5, s) if n.endswith(("gamma", "var")) else rs.normal(0, 0.3, s))
+              for n, s in zip(names, list(args) + list(auxs)) if n != "data"}
+    net = make_block(sym, params)
+    pruner, keeper = build_modifiers(r, log=lambda *a: None)
+    for m in (pruner, keeper):
+        m.initialize(net, None, _Data())
+    pruner.epoch_start(0)                     # no update yet (start_epoch 1): all channels live
+    for p in net.collect_params().values():
+        if p.grad_req != "null":
+            p.grad()[:] = 0
+    pruner.before_step(0, 0)
+    return {k: v.data().asnumpy() for k, v in net.collect_params().items()}, \
+        {k: p.grad().asnumpy() for k, p in net.collect_params().items() if p.grad_req != "null"}, pruner
+
+
+def _by_suffix(d, suffix):
+    return next(v for k, v in d.items() if k.endswith(suffix))
+
+
+def test_group_l2_penalty_is_lambda_w_over_the_group_norm(tmp_path):
+    w, g, pruner = _regularized(tmp_path, "group_l2")
+    c1, gam, fc_in = (_by_suffix(w, s) for s in ("c1_weight", "bn0_gamma", "fc_weight"))
+    c0 = _by_suffix(w, "c0_weight")
+    # c0's channels are excluded (first); c1's 8 channels form the group the classifier reads
+    norms = np.sqrt([(c1[k] ** 2).sum() + (fc_in[:, k] ** 2).sum() for k in range(8)])
+    lam = 0.01 + 0.01 * 0                      # strength + growth × epoch 0
+    assert np.allclose(_by_suffix(g, "c1_weight"), lam * c1 / norms[:, None, None, None], rtol=1e-5)
+    assert np.allclose(_by_suffix(g, "fc_weight"), lam * fc_in / norms[None, :], rtol=1e-5)
+    assert not _by_suffix(g, "c0_weight").any() and not _by_suffix(g, "bn0_gamma").any()
+    assert np.abs(c0).sum() > 0 and np.abs(gam).sum() > 0
+    assert pruner.state_dict()["regularize"]["strength"] == pytest.approx(0.01)
+
+
+def test_bn_l1_and_the_targeted_penalty(tmp_path):
+    # bn_l1 on the only prunable BN-free group: nothing to push (c1 has no BatchNorm) ...
+    _, g, _ = _regularized(tmp_path / "bn", "bn_l1")
+    assert not any(v.any() for v in g.values())
+    # ... targeted group_l2: only the 4 channels the one-shot update would remove (lowest l1)
+    w, g, pruner = _regularized(tmp_path / "t", "group_l2", targeted=True)
+    c1 = _by_suffix(w, "c1_weight")
+    pushed = np.flatnonzero(np.abs(_by_suffix(g, "c1_weight")).reshape(8, -1).sum(1) > 0)
+    l1 = np.abs(c1).reshape(8, -1).mean(1)
+    assert sorted(pushed.tolist()) == sorted(np.argsort(l1)[:4].tolist())
+
+
+def test_regularize_needs_channel_granularity():
+    with pytest.raises(UserError, match="pruning.regularize"):
+        recipe_from_dict({"pruning": {"enabled": True, "granularity": "unstructured",
+                                      "regularize": {"kind": "bn_l1"}}, "trainer": {"epochs": 3}})

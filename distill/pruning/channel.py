@@ -36,6 +36,7 @@ from .base import PRUNERS
 from .blocks import rounding
 from .graph import PruningGraphError, analyze
 from .plan import Plan, choose_removed, plan_from_removed, removed_units, unit_scores
+from .regularize import ChannelRegularizer
 from .pruner import PruningModifier
 
 __all__ = ["ChannelPruningModifier", "SHRINK_RTOL"]
@@ -55,6 +56,7 @@ class ChannelPruningModifier(PruningModifier):
         self.removed = set()           # removed unit ids
         self.graph = None
         self.shrink_diff = None        # max |Δlogit| shrunk vs masked, once rebuilt
+        self.regularizer = ChannelRegularizer(self.cfg.regularize, self) if self.cfg.regularize else None
 
     def setup(self):
         self.graph = analyze(self.symbol, self.input_shape, self.input_name)
@@ -94,6 +96,21 @@ class ChannelPruningModifier(PruningModifier):
             return 0.0
         hits = [self.override_of[p] for p in prods if p in self.override_of]
         return max(hits)[1] if hits else self.cfg.final_sparsity
+
+    def before_step(self, epoch, step):
+        if self.regularizer is not None:
+            self.regularizer.before_step(epoch, step)
+
+    def state_dict(self):
+        state = super().state_dict()
+        if self.regularizer is not None:
+            state["regularize"] = self.regularizer.state_dict()
+        return state
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        if self.regularizer is not None and state:
+            self.regularizer.load_state_dict(state.get("regularize"))
 
     def update(self, frac, grads, rng):
         g = self.graph
