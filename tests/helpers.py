@@ -102,3 +102,15 @@ def same_runs(ref_run, run, exact=False):
             assert np.array_equal(pa[k].asnumpy(), pb[k].asnumpy()), k
         else:
             np.testing.assert_allclose(pa[k].asnumpy(), pb[k].asnumpy(), rtol=1e-5, atol=1e-6)
+
+
+def random_params(sym, data_shape=(2, 3, 8, 8), seed=0):
+    """Random parameters for ``sym`` (gamma and running var in [0.5, 1.5], the rest N(0, 0.3)),
+    as a name → NDArray dict for :func:`distill.graphio.make_block`."""
+    import mxnet as mx
+    import numpy as np
+    rs = np.random.RandomState(seed)
+    args, _, auxs = sym.infer_shape(data=data_shape)
+    names = sym.list_arguments() + sym.list_auxiliary_states()
+    return {n: mx.nd.array(rs.uniform(0.5, 1.5, s) if n.endswith(("gamma", "var")) else rs.normal(0, 0.3, s))
+            for n, s in zip(names, list(args) + list(auxs)) if n != "data"}

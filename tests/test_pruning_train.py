@@ -24,7 +24,7 @@ from distill.pruning.plan import choose_removed
 from distill.recipe import recipe_from_dict, recipe_to_dict
 from tbread import read_scalars
 from distill.graphio import make_block
-from helpers import run_cli, tiny_teacher
+from helpers import random_params, run_cli, tiny_teacher
 
 
 # -- criteria and schedules: every registered one ---------------------------------------------
@@ -133,11 +133,7 @@ def _prune_once(tmp, sym, pruning):
     r = recipe_from_dict({"pruning": {"enabled": True, "schedule": "oneshot", "start_epoch": 0,
                                       "round_to": 1, **pruning},
                           "trainer": {"epochs": 2}, "output": {"dir": str(tmp)}})
-    rs = np.random.RandomState(0)
-    args, _, auxs = sym.infer_shape(data=(2, 3, 8, 8))
-    names = sym.list_arguments() + sym.list_auxiliary_states()
-    params = {n: mx.nd.array(rs.uniform(0.5, 1.5, s) if n.endswith(("gamma", "var")) else rs.normal(0, 0.3, s))
-              for n, s in zip(names, list(args) + list(auxs)) if n != "data"}
+    params = random_params(sym)
     net = make_block(sym, params)
     data, logs = _Data(), []
     pruner, keeper = build_modifiers(r, log=logs.append)
@@ -389,11 +385,7 @@ def _regularized(tmp, kind, targeted=False, strength=0.01):
                                       "regularize": {"kind": kind, "strength": strength,
                                                      "growth": strength, "targeted": targeted}},
                           "trainer": {"epochs": 3}, "output": {"dir": str(tmp)}})
-    rs = np.random.RandomState(0)
-    args, _, auxs = sym.infer_shape(data=(2, 3, 8, 8))
-    names = sym.list_arguments() + sym.list_auxiliary_states()
-    params = {n: mx.nd.array(rs.uniform(0.5, 1.5, s) if n.endswith(("gamma", "var")) else rs.normal(0, 0.3, s))
-              for n, s in zip(names, list(args) + list(auxs)) if n != "data"}
+    params = random_params(sym)
     net = make_block(sym, params)
     pruner, keeper = build_modifiers(r, log=lambda *a: None)
     for m in (pruner, keeper):

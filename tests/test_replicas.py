@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from mxnet import autograd, gluon
 
+from helpers import random_params
 from distill import replicas as R
 from distill import checkpoint as C
 from distill.graphio import make_block
@@ -152,11 +153,7 @@ def _graph(global_stats=False):
 
 def _sym_net(ctx, global_stats=False):
     sym = _graph(global_stats)
-    rs = np.random.RandomState(0)
-    args, _, auxs = sym.infer_shape(data=(2, 3, 8, 8))
-    names = sym.list_arguments() + sym.list_auxiliary_states()
-    params = {n: mx.nd.array(rs.uniform(0.5, 1.5, s) if n.endswith(("gamma", "var")) else rs.normal(0, 0.3, s))
-              for n, s in zip(names, list(args) + list(auxs)) if n != "data"}
+    params = random_params(sym)
     net = make_block(sym, params)
     net.collect_params().reset_ctx(ctx)
     net.hybridize(static_alloc=True, static_shape=True)

@@ -182,14 +182,9 @@ def unit_scores(graph, groups, criterion, params, grads=None, rng=None):
         mine = np.isin(s.classes, list(unit_ids))
         if not mine.any():
             continue
-        w = np.moveaxis(np.asarray(params[s.param]), s.axis, 0)
-        w = w.reshape(w.shape[0], -1)
-        gr = None
-        if criterion.needs_grad:
-            if grads is None or s.param not in grads:
-                continue
-            gr = np.moveaxis(np.asarray(grads[s.param]), s.axis, 0).reshape(w.shape[0], -1)
-        scores = np.asarray(criterion.row_scores(w, gr, rng=rng), dtype=np.float64)
+        scores = _slice_scores(s, criterion, params, grads, rng)
+        if scores is None:
+            continue
         units, inverse = np.unique(s.classes, return_inverse=True)
         means = np.bincount(inverse, weights=scores) / np.bincount(inverse)
         for c, v in zip(units.tolist(), means.tolist()):
@@ -201,6 +196,19 @@ def unit_scores(graph, groups, criterion, params, grads=None, rng=None):
             vals = next((d[u] for d in per_role if u in d), None)
             out[u] = float(np.mean(vals)) if vals else 0.0
     return out
+
+
+def _slice_scores(s, criterion, params, grads, rng):
+    """The criterion's per-row scores of slice ``s`` (its axis first, one row per index), or
+    None when the criterion needs a gradient the pass did not collect."""
+    w = np.moveaxis(np.asarray(params[s.param]), s.axis, 0)
+    w = w.reshape(w.shape[0], -1)
+    gr = None
+    if criterion.needs_grad:
+        if grads is None or s.param not in grads:
+            return None
+        gr = np.moveaxis(np.asarray(grads[s.param]), s.axis, 0).reshape(w.shape[0], -1)
+    return np.asarray(criterion.row_scores(w, gr, rng=rng), dtype=np.float64)
 
 
 def _group_scores(graph, groups, criterion, params, grads, rng):
@@ -216,14 +224,9 @@ def _group_scores(graph, groups, criterion, params, grads, rng):
         mine = np.isin(s.classes, unit_ids)
         if not mine.any():
             continue
-        w = np.moveaxis(np.asarray(params[s.param]), s.axis, 0)
-        w = w.reshape(w.shape[0], -1)
-        gr = None
-        if criterion.needs_grad:
-            if grads is None or s.param not in grads:
-                continue
-            gr = np.moveaxis(np.asarray(grads[s.param]), s.axis, 0).reshape(w.shape[0], -1)
-        scores = np.asarray(criterion.row_scores(w, gr, rng=rng), dtype=np.float64)
+        scores = _slice_scores(s, criterion, params, grads, rng)
+        if scores is None:
+            continue
         units, inverse = np.unique(s.classes, return_inverse=True)
         sums = np.bincount(inverse, weights=scores)
         for c, v in zip(units.tolist(), sums.tolist()):
