@@ -55,8 +55,8 @@ def contexts(names, where="trainer.devices"):
         if missing:
             raise UserError(
                 f"`{where}` asks for {', '.join(map(str, missing))} but this machine (or this "
-                f"MXNet build, {mx.__version__}) has {have} GPU(s). Install a CUDA build of MXNet "
-                f"(mxnet-cuXXX) on a GPU machine, or train on `[cpu]`.")
+                f"MXNet build, {mx.__version__}) has {have} GPU(s). Install the CUDA build of MXNet that "
+                f"matches your CUDA (e.g. mxnet-cu112) on a GPU machine, or train on `[cpu]`.")
     return out
 
 

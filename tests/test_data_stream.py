@@ -205,15 +205,7 @@ def _insightface_rec(prefix, idx=True):
     imgs[4] = (0, 1.0, b"\xff\xd8 not a jpeg at all")
     recs += imgs
     recs += [(2, [float(1 + 3 * k), float(4 + 3 * k)], b"") for k in range(3)]
-    # mx.recordio.pack takes the label list when flag > 0
-    prefix = str(prefix)
-    w = (mx.recordio.MXIndexedRecordIO(prefix + ".idx", prefix + ".rec", "w") if idx
-         else mx.recordio.MXRecordIO(prefix + ".rec", "w"))
-    for i, (flag, label, payload) in enumerate(recs):
-        s = mx.recordio.pack(mx.recordio.IRHeader(flag, label, i, 0), payload)
-        w.write_idx(i, s) if idx else w.write(s)
-    w.close()
-    return prefix
+    return write_rec(prefix, recs, idx)          # mx.recordio.pack takes the label list when flag > 0
 
 
 def test_insightface_metadata_and_corrupt_record(tmp_path, caplog):

@@ -42,12 +42,12 @@ from ..distributed import shard_indices
 from ..errors import UserError
 from .base import DATASETS, DataBundle, SourceData, Split, balanced_subset, stratified_split
 from .images import conform, parse_image_size
-from .stream import StreamedImages, decode_throughput
+from .stream import StreamedImages, decode_throughput, take
 # Importing the loader modules registers them on DATASETS.
 from . import digits, fashion_mnist, image_folder, mnist5k, recordio, synthetic  # noqa: F401  (registration)
 
 __all__ = ["load_data", "DATASETS", "DataBundle", "Split", "SourceData", "stratified_split",
-           "balanced_subset", "per_channel", "StreamedImages", "decode_throughput"]
+           "balanced_subset", "per_channel", "StreamedImages", "decode_throughput", "take"]
 _LOGGER = logging.getLogger(__name__)
 
 
@@ -76,11 +76,6 @@ def _normalize(x, mean, std):
     m = np.asarray(mean, np.float32).reshape(1, -1, 1, 1)
     s = np.asarray(std, np.float32).reshape(1, -1, 1, 1)
     return np.ascontiguousarray((x - m) / s, dtype=np.float32)
-
-
-def _take(x, idx):
-    """Rows ``idx`` of an array, or a view of them for a streamed split (no pixels read)."""
-    return x.subset(idx) if getattr(x, "is_streamed", False) else x[idx]
 
 
 def _check_split_sizes(cfg, n_train, n_val, src, limit, part_index, num_parts):
@@ -163,13 +158,13 @@ def load_data(cfg, seed=0, part_index=0, num_parts=1):
     limit = cfg.limit // num_parts if (cfg.limit is not None and src.sharded) else cfg.limit
     if limit is not None and limit < len(y_tr):
         keep = balanced_subset(y_tr, limit)
-        x_tr, y_tr = _take(x_tr, keep), y_tr[keep]
+        x_tr, y_tr = take(x_tr, keep), y_tr[keep]
         _LOGGER.info("%s: data.limit keeps %d of %d train images (class-balanced)",
                      cfg.name, len(keep), len(src.y_train))
         source += f", limited to {len(keep)} (class-balanced)"
     if num_parts > 1 and not src.sharded:
         keep = shard_indices(len(y_tr), part_index, num_parts)
-        x_tr, y_tr = _take(x_tr, keep), y_tr[keep]
+        x_tr, y_tr = take(x_tr, keep), y_tr[keep]
         source += f", shard {part_index + 1} of {num_parts} ({len(keep)} images)"
 
     _check_split_sizes(cfg, len(x_tr), len(x_va), src, limit, part_index, num_parts)

@@ -77,7 +77,7 @@ from ..errors import UserError
 from . import augment as aug
 from .images import as_unit, eval_resize, resize, to_channels
 
-__all__ = ["StreamedImages", "ImageSource", "TransformSpec", "decode_throughput", "default_workers",
+__all__ = ["StreamedImages", "ImageSource", "TransformSpec", "decode_throughput", "default_workers", "take",
            "MAX_IN_MEMORY"]
 _LOGGER = logging.getLogger(__name__)
 
@@ -411,6 +411,12 @@ class StreamedImages:
         np.subtract(x, self._m, out=out)
         out /= self._s
         return True
+
+
+def take(x, idx):
+    """Rows ``idx`` of ``x``: a view of them for a streamed split (no pixels read until it is
+    indexed, so it can be read again batch by batch), a copy for a numpy array."""
+    return x.subset(idx) if getattr(x, "is_streamed", False) else x[idx]
 
 
 def decode_throughput(x, workers, n=512):

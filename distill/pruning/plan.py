@@ -175,19 +175,10 @@ def unit_scores(graph, groups, criterion, params, grads=None, rng=None):
         return _group_scores(graph, groups, criterion, params, grads, rng)
     unit_ids = {int(u) for g in groups for u in g.unit_ids}
     per_role = [dict() for _ in criterion.channel_roles]
-    for s in graph.slices:
-        level = next((n for n, roles in enumerate(criterion.channel_roles) if s.role in roles), None)
-        if level is None:
-            continue
-        mine = np.isin(s.classes, list(unit_ids))
-        if not mine.any():
-            continue
-        scores = _slice_scores(s, criterion, params, grads, rng)
-        if scores is None:
-            continue
-        units, inverse = np.unique(s.classes, return_inverse=True)
-        means = np.bincount(inverse, weights=scores) / np.bincount(inverse)
-        for c, v in zip(units.tolist(), means.tolist()):
+    roles = {r for level in criterion.channel_roles for r in level}
+    for s, units, sums, counts in _unit_sums(graph, roles, unit_ids, criterion, params, grads, rng):
+        level = next(n for n, rs in enumerate(criterion.channel_roles) if s.role in rs)
+        for c, v in zip(units.tolist(), (sums / counts).tolist()):
             if c in unit_ids:
                 per_role[level].setdefault(c, []).append(v)
     out = {}
@@ -211,27 +202,38 @@ def _slice_scores(s, criterion, params, grads, rng):
     return np.asarray(criterion.row_scores(w, gr, rng=rng), dtype=np.float64)
 
 
-def _group_scores(graph, groups, criterion, params, grads, rng):
-    """:func:`unit_scores` of a group criterion (``group_l2``, ``group_taylor``): a unit's
-    row scores summed over every slice with one of the criterion's roles, ``criterion.finish``
-    of that sum, then divided by the mean over the unit's group (0 stays 0)."""
-    roles = {r for level in criterion.channel_roles for r in level}
-    unit_ids = np.array(sorted({int(u) for g in groups for u in g.unit_ids}), np.int64)
-    total = dict.fromkeys(unit_ids.tolist(), 0.0)
+def _unit_sums(graph, roles, unit_ids, criterion, params, grads, rng):
+    """Per slice with one of ``roles`` holding any of ``unit_ids``: ``(slice, units, sums of
+    the criterion's row scores per unit, rows per unit)``."""
+    wanted = list(unit_ids)
     for s in graph.slices:
-        if s.role not in roles:
-            continue
-        mine = np.isin(s.classes, unit_ids)
-        if not mine.any():
+        if s.role not in roles or not np.isin(s.classes, wanted).any():
             continue
         scores = _slice_scores(s, criterion, params, grads, rng)
         if scores is None:
             continue
         units, inverse = np.unique(s.classes, return_inverse=True)
-        sums = np.bincount(inverse, weights=scores)
+        yield s, units, np.bincount(inverse, weights=scores), np.bincount(inverse)
+
+
+def unit_totals(graph, roles, unit_ids, criterion, params, grads=None, rng=None):
+    """unit id → the criterion's row scores summed over every slice of the unit with one of
+    ``roles`` (``group_l2``: the unit's squared norm over its coupled group)."""
+    total = dict.fromkeys(unit_ids, 0.0)
+    for _, units, sums, _ in _unit_sums(graph, roles, unit_ids, criterion, params, grads, rng):
         for c, v in zip(units.tolist(), sums.tolist()):
             if c in total:
                 total[c] += v
+    return total
+
+
+def _group_scores(graph, groups, criterion, params, grads, rng):
+    """:func:`unit_scores` of a group criterion (``group_l2``, ``group_taylor``): a unit's
+    row scores summed over every slice with one of the criterion's roles, ``criterion.finish``
+    of that sum, then divided by the mean over the unit's group (0 stays 0)."""
+    roles = {r for level in criterion.channel_roles for r in level}
+    total = unit_totals(graph, roles, {int(u) for g in groups for u in g.unit_ids}, criterion,
+                        params, grads, rng)
     out = {}
     for g in groups:
         ids = g.unit_ids.tolist()

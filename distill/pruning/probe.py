@@ -24,6 +24,7 @@ from types import SimpleNamespace
 import mxnet as mx
 import numpy as np
 
+from ..data.stream import take as take_rows
 from ..errors import UserError
 from ..graphio import make_block, pair_files
 from ..modelinfo import layer_table, measure_latency, total_macs
@@ -96,7 +97,7 @@ class Probe:
         sel = data.selection
         self.val = sel
         if eval_limit and len(sel.x) > eval_limit:
-            self.val = SimpleNamespace(x=_rows(sel.x, np.arange(eval_limit)), y=None if sel.y is None
+            self.val = SimpleNamespace(x=take_rows(sel.x, np.arange(eval_limit)), y=None if sel.y is None
                                        else sel.y[:eval_limit])
         self.n = 0
         self._teacher = None
@@ -187,7 +188,7 @@ class Probe:
             if len(rest) == 0:
                 rest = np.arange(len(x))
             rng = np.random.RandomState(self.seed + 1)
-            self._fid_x = _rows(x, np.sort(rng.choice(rest, min(len(rest), FIDELITY_IMAGES), replace=False)))
+            self._fid_x = take_rows(x, np.sort(rng.choice(rest, min(len(rest), FIDELITY_IMAGES), replace=False)))
         return self._fid_x
 
     def fidelity(self, net):
@@ -227,12 +228,6 @@ class Probe:
             la.append(self.latency(a))
             lb.append(self.latency(b))
         return min(la), min(lb)
-
-
-def _rows(x, idx):
-    """The images ``idx`` of ``x``, to be read more than once: a lazy view of a streamed split
-    (each use reads it a batch at a time, so no variant holds them all), a copy of an array."""
-    return x.subset(idx) if getattr(x, "is_streamed", False) else x[idx]
 
 
 def recalibrate_bn(sym, params, input_name, x):

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..replicas import first
 from .base import CRITERIA
-from .plan import choose_removed, unit_scores
+from .plan import choose_removed, unit_scores, unit_totals
 
 __all__ = ["ChannelRegularizer", "REFRESH"]
 _LOGGER = logging.getLogger(__name__)
@@ -87,19 +87,13 @@ class ChannelRegularizer:
         pr, g = self.pruner, self.pruner.graph
         groups = [grp for grp in g.groups if pr.group_ratio.get(grp.id, 0) > 0]
         units = {int(u) for grp in groups for u in grp.unit_ids} - set(pr.removed)
-        names = sorted({s.param for s in g.slices if s.role in _ROLES[self.cfg.kind]})
-        params = {n: first(pr.params[n]).asnumpy() for n in names}
         if self.cfg.targeted:
             units &= self._next_removal(groups, epoch)
-        sq = dict.fromkeys(units, 0.0)
-        for s in g.slices:
-            if s.role not in _ROLES["group_l2"] or s.param not in params:
-                continue
-            w = np.moveaxis(params[s.param], s.axis, 0).reshape(len(s.classes), -1)
-            rows = np.square(w.astype(np.float64)).sum(axis=1)
-            for c, v in zip(s.classes.tolist(), rows.tolist()):
-                if c in sq:
-                    sq[c] += v
+        roles = _ROLES[self.cfg.kind]
+        # in float64, as the penalty's factors are computed (group_l2's row scores: sums of squares)
+        params = {s.param: first(pr.params[s.param]).asnumpy().astype(np.float64)
+                  for s in g.slices if s.role in roles}
+        sq = unit_totals(g, roles, units, CRITERIA.get("group_l2")(), params)
         self.norms = {u: float(np.sqrt(v)) for u, v in sq.items()}
         self.units = units
         self.strength = self.cfg.strength + self.cfg.growth * epoch
