@@ -46,6 +46,7 @@ from .errors import UserError
 from .replicas import first, set_all
 
 __all__ = ["atomic_write_bytes", "save_checkpoint", "load_checkpoint", "read_checkpoint",
+           "apply_checkpoint", "optimizer_state", "restore_optimizer",
            "latest_checkpoint", "is_legacy_checkpoint", "net_state", "load_net_state", "KEEP",
            "FORMAT_VERSION"]
 _LOGGER = logging.getLogger(__name__)
@@ -304,7 +305,7 @@ def _updaters(trainer):
     return list(trainer._updaters)
 
 
-def _optimizer_state(trainer):
+def optimizer_state(trainer):
     """What :meth:`Updater.get_states` pickles, as plain data: every updater's ``states``
     (param index → NDArray, tuple/list of NDArrays or None) and the optimizer's counters."""
     updaters = _updaters(trainer)
@@ -319,7 +320,7 @@ def _optimizer_state(trainer):
             "states": [u.states for u in updaters]}
 
 
-def _restore_optimizer(trainer, st, path):
+def restore_optimizer(trainer, st, path):
     updaters = _updaters(trainer)
     if updaters is None:
         _LOGGER.warning("%s: this run keeps the optimizer state on its parameter servers "
@@ -421,7 +422,7 @@ def save_checkpoint(folder, epoch, net, trainer, extra, step=None):
     # replica 0 of each parameter (see net_state): a checkpoint does not depend on the devices
     arrays = {f"params/{k}": first(p) for k, p in net._collect_params_with_prefix().items()}
     meta = {"format": _FORMAT, "version": FORMAT_VERSION, "epoch": int(epoch),
-            "optimizer": packer.pack(_optimizer_state(trainer), ("optimizer",)),
+            "optimizer": packer.pack(optimizer_state(trainer), ("optimizer",)),
             "rng": packer.pack({"python": random.getstate(), "numpy": np.random.get_state()}, ("rng",))}
     for k, v in extra.items():
         if k in meta or k == "params":
@@ -562,7 +563,13 @@ def load_checkpoint(path, net, trainer, before_states=None, trust=False):
     ``before_states()`` runs between the parameters and the optimizer state (a ``dist_*`` run
     puts the loaded parameters into its KVStore there: :meth:`Cluster.init_trainer`).
     ``trust``: also load the old pickle format (see :func:`read_checkpoint`)."""
-    payload = read_checkpoint(path, trust=trust)
+    return apply_checkpoint(read_checkpoint(path, trust=trust), path, net, trainer, before_states)
+
+
+def apply_checkpoint(payload, path, net, trainer, before_states=None):
+    """:func:`load_checkpoint` in two halves: restore ``net``, ``trainer`` and the RNGs from a
+    ``payload`` that :func:`read_checkpoint` read (the loop reads the modifiers' state first: a
+    student rebuilt smaller by channel pruning needs its shapes before its parameters)."""
     load_net_state(net, payload["params"], where=path)
     if before_states is not None:
         before_states()
@@ -574,7 +581,7 @@ def load_checkpoint(path, net, trainer, before_states=None, trust=False):
     elif legacy:
         _load_pickled_states(trainer, states)
     else:
-        _restore_optimizer(trainer, states, path)
+        restore_optimizer(trainer, states, path)
     try:
         py, npr = payload["rng"]["python"], payload["rng"]["numpy"]
         random.setstate(py)

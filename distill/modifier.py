@@ -9,6 +9,8 @@ modifier in list order; each hook is optional::
     epoch_end(epoch) -> dict                   entries to add to the epoch's history row
     scalars(epoch) -> dict                     tensorboard tag -> value for this epoch
     record(epoch, row, loop)                   the finished row: log, tensorboard, checkpoint
+    take_rebuild() -> Rebuild or None          after epoch_start: a smaller student to go on with
+    rebind(net, trainer)                       the loop swapped in that student (and a new trainer)
     finalize(net, data, log) -> net            after training: may replace the trained network
     metrics(net) -> dict                       entries for ``metrics.json``'s ``student`` section
     state_dict() / load_state_dict(d)          saved in every checkpoint, restored on --resume
@@ -80,6 +82,14 @@ class Modifier:
     def mid_epoch(self, epoch, steps_done, partial, loop):
         """Every ``trainer.checkpoint_every`` steps inside an epoch (the checkpoint recorder
         saves there); ``partial``: the epoch's running sums, to be restored on resume."""
+
+    def take_rebuild(self):
+        """A :class:`~distill.pruning.channel.Rebuild` to continue training with (channel
+        pruning with ``shrink: each_update``), handed over once; None: keep the network."""
+        return None
+
+    def rebind(self, net, trainer):
+        """The loop continues on ``net`` (a rebuilt student) with a new ``trainer``."""
 
     def epoch_end(self, epoch):
         return {}

@@ -58,6 +58,12 @@ class DeterministicNAG(mx.optimizer.Optimizer):
         if not isinstance(index, (list, tuple)):
             index, weight, grad, state = [index], [weight], [grad], [state]
         self._update_count(index)
+        # Wait for the backward pass to finish writing the gradients. Without it, the first
+        # steps after Trainer.load_states went one of two ways at random (tests/test_nag.py,
+        # ~1 run in 3: the same digest only with a wait on the gradients or the weights here);
+        # the engine should order these by itself, and the cause inside MXNet is not found.
+        for g in grad:
+            g.wait_to_read()
         lrs, wds = self._get_lrs(index), self._get_wds(index)
         slots, values = [], []                # one lr input per distinct lr (lr_mult groups)
         for lr in lrs:

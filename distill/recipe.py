@@ -308,8 +308,25 @@ class PruningConfig:
     overrides: List[LayerOverride] = field(default_factory=list)
     target: Optional[PruningTarget] = None
     regularize: Optional[PruningRegularize] = None
+    shrink: Optional[str] = None            # each_update (channel's default) | end
+    optimizer_state: Optional[str] = None   # slice (default) | reset, with shrink: each_update
+
+    def shrink_mode(self):
+        """``each_update`` or ``end`` for channel pruning (default ``each_update``), else None."""
+        if self.granularity != "channel":
+            return None
+        return self.shrink or "each_update"
 
     def validate(self, p):
+        _check(self.shrink is None or self.shrink in ("each_update", "end"), f"{p}.shrink",
+               f"must be each_update or end, got {self.shrink!r}")
+        _check(self.shrink is None or self.granularity == "channel", f"{p}.shrink",
+               "only channel pruning makes the network smaller (unstructured sparsity keeps the shapes)")
+        _check(self.optimizer_state is None or self.optimizer_state in ("slice", "reset"),
+               f"{p}.optimizer_state", f"must be slice or reset, got {self.optimizer_state!r}")
+        _check(self.optimizer_state is None or self.shrink_mode() == "each_update",
+               f"{p}.optimizer_state", "the optimizer state is sliced or reset when the student is "
+               "rebuilt during training: it needs `granularity: channel` with `shrink: each_update`")
         _check(self.regularize is None or self.granularity == "channel", f"{p}.regularize",
                "sparse training pushes whole channels down: it needs `granularity: channel`")
         _check(self.target is None or self.granularity == "channel", f"{p}.target",

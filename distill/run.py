@@ -255,6 +255,7 @@ def run_training(recipe, resume=False, role="student", trust_checkpoint=False):
     finally:
         if writer is not None:
             writer.close()
+    student = result["student"]   # channel pruning (shrink: each_update) trained a smaller one
     dump_state(cluster, student, modifiers)
     if recipe.trainer.devices != ["cpu"]:
         log(f"trained on {', '.join(recipe.trainer.devices)}; the parameters are back on the CPU: "

@@ -15,7 +15,7 @@ from mxnet import gluon
 
 from .errors import UserError, closest
 
-__all__ = ["graph_of", "tap_names", "tapped_block", "resolve_tap"]
+__all__ = ["graph_of", "tap_names", "tapped_block", "resolve_tap", "retap", "tap_nodes"]
 _LOGGER = logging.getLogger(__name__)
 
 # Ops whose output is a feature map worth distilling (not parameters, not shape bookkeeping).
@@ -71,5 +71,21 @@ def tapped_block(net, taps, input_name="data", where="student_layer"):
     outs = [sym] + [resolve_tap(sym, t, where) for t in taps]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return gluon.SymbolBlock(mx.sym.Group(outs), mx.sym.var(input_name),
-                                 params=net.collect_params())
+        block = gluon.SymbolBlock(mx.sym.Group(outs), mx.sym.var(input_name),
+                                  params=net.collect_params())
+    block.tap_spec = (list(taps), input_name, where)
+    block.tap_node_names = [o.name for o in outs[1:]]
+    return block
+
+
+def retap(train_net, net):
+    """The same taps as ``train_net`` (a :func:`tapped_block`) over another network ``net`` (the
+    student rebuilt smaller while it trains), hybridized like the first."""
+    block = tapped_block(net, *train_net.tap_spec)
+    block.hybridize(static_alloc=True, static_shape=True)
+    return block
+
+
+def tap_nodes(train_net):
+    """Graph node names of a :func:`tapped_block`'s taps, in output order (after the logits)."""
+    return list(getattr(train_net, "tap_node_names", []))

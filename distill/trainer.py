@@ -34,7 +34,7 @@ from mxnet import autograd, gluon
 from tqdm import tqdm
 
 from . import devices as _devices
-from .checkpoint import latest_checkpoint, load_checkpoint
+from .checkpoint import apply_checkpoint, latest_checkpoint, read_checkpoint
 from .distributed import Cluster
 from .errors import UserError
 from .feed import EpochFeed, augment_batch, epoch_seed
@@ -42,6 +42,7 @@ from .modifier import LoopState, Modifier
 from .replicas import sync_running_stats
 from . import nag  # noqa: F401  (registers deterministicnag with MXNet)
 from .optim import lr_at, optimizer_spec
+from .rebuild import param_keys, swap_parts, transplant_optimizer
 
 __all__ = ["fit", "evaluate", "predict", "lr_at", "Modifier", "Term", "Trainable", "augment_batch",
            "TrainingDiverged", "SYNC_EVERY"]
@@ -213,10 +214,49 @@ def fit(student, train_net, teacher_outputs, data, terms, cfg, checkpoints=None,
     trainer = _make_trainer(owner, cfg, cluster, ctxs)
     path = latest_checkpoint(checkpoints, clean=cluster.is_root) if resume and checkpoints else None
     init_kv = (lambda: cluster.init_trainer(trainer)) if cluster.distributed else None
-    if path:
-        payload = load_checkpoint(path, owner, trainer, before_states=init_kv, trust=trust_checkpoint)
+    loop = None
+
+    def swap(rb):
+        """Go on with the student a modifier rebuilt (smaller): :mod:`distill.rebuild`."""
+        nonlocal student, train_net, owner, trainer
+        old_keys = param_keys(owner, student)
+        student, train_net, keeps = swap_parts(rb, student, train_net, terms)
+        old_trainer, owner = trainer, Trainable(student, terms)
+        if not _devices.is_plain_cpu(ctxs):
+            owner.collect_params().reset_ctx(ctxs)
+        trainer = _make_trainer(owner, cfg, cluster, ctxs)
+        if not rb.resumed and rb.optimizer_state == "slice":
+            transplant_optimizer(old_trainer, old_keys, trainer, param_keys(owner, student), keeps)
+        moved[0] = owner
+        if loop is not None:
+            loop.owner, loop.trainer = owner, trainer
+        for m in modifiers:
+            m.rebind(student, trainer)
+
+    def rebuild_if_asked():
+        for m in modifiers:
+            rb = m.take_rebuild()
+            if rb is not None:
+                swap(rb)
+
+    if cluster.distributed:
+        for m in modifiers:
+            if getattr(m, "rebuilds", False):
+                m.rebuilds = False
+                log("pruning: `shrink: each_update` does not work with a dist_* kvstore (its servers "
+                    "hold every array at its first shape): the student trains masked and is rebuilt "
+                    "smaller at the end")
+    payload = read_checkpoint(path, trust=trust_checkpoint) if path else None
+    if payload is not None:
         for m in modifiers:
             m.load_state_dict(payload.get("modifiers", {}).get(m.name, {}))
+    elif init_kv:
+        init_kv()
+    for m in modifiers:     # on the starting network (a resumed run too: as the first run did)
+        m.initialize(student, trainer, data)
+    if payload is not None:
+        rebuild_if_asked()  # a student cut smaller before the checkpoint: its shapes first
+        apply_checkpoint(payload, path, owner, trainer, before_states=init_kv)
         start, history = payload["epoch"] + 1, payload["history"]
         prior_time = payload.get("train_time_s", 0.0)
         partial = payload.get("partial")
@@ -227,21 +267,18 @@ def fit(student, train_net, teacher_outputs, data, terms, cfg, checkpoints=None,
             log(f"resumed from {path}: continuing at epoch {start + 1}/{cfg.epochs}{at}")
         else:
             log(f"resumed from {path}: all {cfg.epochs} epochs were already done")
-    elif init_kv:
-        init_kv()
     n = len(data.train.x)
     steps_per_epoch = max(1, len(range(0, n - n % cfg.batch_size if n > cfg.batch_size else n, cfg.batch_size)))
     steps_per_epoch = cluster.min_int(steps_per_epoch)   # a dist_sync step waits for every worker
     t_start = time.time()
     loop = LoopState(owner, trainer, list(modifiers), history, cfg, labelled,
                      lambda: prior_time + time.time() - t_start)
-    for m in modifiers:
-        m.initialize(student, trainer, data)
     synced = {}
     try:
         for epoch in range(start, cfg.epochs):
             for m in modifiers:
                 m.epoch_start(epoch)
+            rebuild_if_asked()
             for t in terms:             # a term's own schedule (dkd's warm-up) follows the epoch
                 t.block.set_epoch(epoch)
             _sync_masks(cluster, modifiers, synced)
@@ -266,7 +303,8 @@ def fit(student, train_net, teacher_outputs, data, terms, cfg, checkpoints=None,
         if not _devices.is_plain_cpu(ctxs):    # int8 calibration, latency and export: the CPU
             for block in moved:
                 block.collect_params().reset_ctx(mx.cpu())
-    return {"history": history, "train_time_s": prior_time + time.time() - t_start}
+    return {"history": history, "train_time_s": prior_time + time.time() - t_start,
+            "student": student}
 
 
 class _Epoch:

@@ -177,7 +177,8 @@ class _Data:
 def test_pruning_masks_every_replica_alike(tmp_path, granularity, criterion, devices):
     r = recipe_from_dict({"pruning": {"enabled": True, "granularity": granularity, "criterion": criterion,
                                       "schedule": "oneshot", "start_epoch": 0, "round_to": 1,
-                                      "final_sparsity": 0.5, "exclude": ["last"]},
+                                      "final_sparsity": 0.5, "exclude": ["last"],
+                                      **({"shrink": "end"} if granularity == "channel" else {})},
                           "trainer": {"epochs": 2}, "output": {"dir": str(tmp_path)}})
     net, data = _sym_net(devices), _Data()
     trainer = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.1, "momentum": 0.9, "wd": 1e-3},

@@ -59,6 +59,14 @@ class LossTermBlock(gluon.HybridBlock):
     def set_epoch(self, epoch):
         """Called by the loop at the start of every epoch (0-based); most terms ignore it."""
 
+    def keep_student_channels(self, keep):
+        """The student's tapped layer lost channels (channel pruning rebuilt it smaller):
+        ``keep`` (1-D bool) says which of its current channels stay. A term whose own
+        parameters read those channels cuts them here and returns ``{structural name within
+        this block: [(axis, keep)]}`` so the optimizer state follows; the default does nothing
+        (a term that does not depend on the student's channel count)."""
+        return {}
+
     @classmethod
     def validate_term(cls, term, where):
         """:class:`UserError` for an option this loss does not take, a bad value, or layers it

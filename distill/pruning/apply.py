@@ -20,7 +20,8 @@ from .graph import PruningGraphError, _infer_shapes, _node_out_shapes
 from .ops import _parse
 
 __all__ = ["param_keeps", "channel_masks", "mask_params", "shrink", "tensor_new_shape",
-           "shrunk_block", "first_divergence"]
+           "shrunk_block", "first_divergence", "cut_array", "expand_array", "axis_keeps",
+           "relative_keeps"]
 _LOGGER = logging.getLogger(__name__)
 
 
@@ -37,6 +38,48 @@ def param_keeps(graph, removed):
     for s in graph.slices:
         keep = ~gone[s.classes]
         out.setdefault(s.param, []).append((s.axis, keep))
+    return out
+
+
+def axis_keeps(keeps):
+    """``[(axis, keep)]`` with one entry per axis (several slices on one axis: all must keep)."""
+    by_axis = {}
+    for axis, keep in keeps:
+        by_axis[axis] = keep if axis not in by_axis else by_axis[axis] & keep
+    return sorted(by_axis.items())
+
+
+def cut_array(a, keeps):
+    """``a`` (numpy) with the indices not kept cut out, axis by axis (``keeps``: ``[(axis,
+    keep 1-D bool)]``, each as long as ``a`` along its axis)."""
+    for axis, keep in axis_keeps(keeps):
+        a = np.compress(keep, a, axis=axis)
+    return a
+
+
+def expand_array(a, keeps, shape):
+    """The inverse of :func:`cut_array`: ``a`` scattered into zeros of the full ``shape``."""
+    out = np.zeros(shape, dtype=a.dtype)
+    index = [slice(None)] * len(shape)
+    for axis, keep in axis_keeps(keeps):
+        index[axis] = np.flatnonzero(keep)
+    out[np.ix_(*[np.arange(n) if isinstance(i, slice) else i for n, i in zip(shape, index)])] = a
+    return out
+
+
+def relative_keeps(old, new):
+    """Keeps of ``new`` (units removed now) relative to an array already cut by ``old``:
+    ``{param: [(axis, keep over the indices ``old`` kept)]}``, only where something goes."""
+    out = {}
+    for name, keeps in new.items():
+        before = dict(axis_keeps(old.get(name, [])))
+        rel = []
+        for axis, keep in axis_keeps(keeps):
+            r = keep[before[axis]] if axis in before else keep
+            if not r.all():
+                rel.append((axis, r))
+        if rel:
+            out[name] = rel
     return out
 
 
@@ -156,10 +199,7 @@ def shrink(graph, params, removed):
     for name in graph.param_shapes:
         if name not in params:
             raise PruningGraphError(f"parameter {name} is missing")
-        a = _np(params[name])
-        for axis, keep in keeps.get(name, []):
-            a = np.compress(keep, a, axis=axis)
-        new_params[name] = a
+        new_params[name] = cut_array(_np(params[name]), keeps.get(name, []))
     gj = copy.deepcopy(graph.json)
     nodes = gj["nodes"]
     expected = {key: tensor_new_shape(graph, t, removed) for key, t in graph.tensors.items()}

@@ -1,10 +1,17 @@
 """Channel pruning while training: whole channels of coupled groups, then a smaller network.
 
 At each of the schedule's epochs the criterion scores every prunable unit of the dependency
-analysis (:mod:`distill.pruning.graph`), :func:`~distill.pruning.plan.choose_removed` picks the
-units to remove and the keeper zeroes their slices. At the end the student is rebuilt physically
-smaller (:func:`distill.pruning.apply.shrink`), checked against the masked network, and the plan
-is written to the run folder.
+analysis (:mod:`distill.pruning.graph`) and :func:`~distill.pruning.plan.choose_removed` picks the
+units to remove. With ``pruning.shrink: each_update`` (the default) the student is then rebuilt
+physically smaller at once (:func:`distill.pruning.apply.shrink`), checked against the masked
+network at that step, and training goes on with the smaller one (the loop swaps it in:
+:meth:`ChannelPruningModifier.take_rebuild`, :mod:`distill.rebuild`), so a step costs what the
+current widths cost. With ``shrink: end`` the keeper zeroes the removed slices and the student is
+rebuilt once, at the end. Either way the plan is written to the run folder.
+
+The scores always read the parameters at the analysed (dense) shapes: a cut student's arrays are
+scattered back into zeros (:func:`~distill.pruning.apply.expand_array`), exactly what the masked
+student holds, so both modes choose the same channels from the same weights.
 
 Recipe example::
 
@@ -21,31 +28,30 @@ Recipe example::
       # or, instead of one final_sparsity: per-group ratios allocated at the start of the run
       # (distill.pruning.target) to meet a latency / MACs fraction, AGP toward them
       target: {latency: 0.4, backend: mxnet, batch: 32}
+      shrink: each_update         # rebuild smaller at every update (or: end)
+      optimizer_state: slice      # momentum of the kept channels carried over (or: reset)
 """
 import logging
 
 import mxnet as mx
 import numpy as np
 
-from ..graphio import AUX_SUFFIXES, count_param_dict
+from ..graphio import AUX_SUFFIXES, count_param_dict, count_params
 from ..modelinfo import total_macs
 from ..replicas import contexts, first
 from ..runfolder import PLAN_FILE
-from .apply import channel_masks, first_divergence, param_keeps, shrink, shrunk_block
+from .apply import (channel_masks, cut_array, expand_array, param_keeps, relative_keeps, shrink,
+                    shrunk_block)
 from .base import PRUNERS
 from .blocks import rounding
-from .graph import PruningGraphError, analyze
+from .graph import analyze
 from .plan import Plan, choose_removed, plan_from_removed, removed_units, unit_scores
 from .regularize import ChannelRegularizer
 from .pruner import PruningModifier
+from .shrinking import SHRINK_RTOL, Rebuild, checked_shrink, tensor_keeper
 
-__all__ = ["ChannelPruningModifier", "SHRINK_RTOL"]
+__all__ = ["ChannelPruningModifier", "Rebuild", "SHRINK_RTOL"]
 _LOGGER = logging.getLogger(__name__)
-
-# shrunk ≡ masked: max |Δlogit| ≤ SHRINK_RTOL · max(1, max |logit|). Relative, because float32
-# sums in another order differ by ~1e-7 of the logits' scale, and logits can be in the hundreds.
-SHRINK_RTOL = 1e-4
-
 
 @PRUNERS.register("channel")
 class ChannelPruningModifier(PruningModifier):
@@ -56,6 +62,13 @@ class ChannelPruningModifier(PruningModifier):
         self.removed = set()           # removed unit ids
         self.graph = None
         self.shrink_diff = None        # max |Δlogit| shrunk vs masked, once rebuilt
+        self.rebuilds = self.cfg.shrink_mode() == "each_update"
+        self.cut = set()               # units already cut out of the student (shrink: each_update)
+        self._cut_keeps = {}
+        self._cut_saved = False        # a resumed checkpoint holds a student cut to `removed`
+        self._rebuild = None
+        self._announce = None
+        self.rebuild_log = []          # [{"epoch", "macs", "max_diff"}] per rebuild
         self.regularizer = ChannelRegularizer(self.cfg.regularize, self) if self.cfg.regularize else None
 
     def setup(self):
@@ -69,6 +82,9 @@ class ChannelPruningModifier(PruningModifier):
             self.group_ratio = target_ratios(self)
         if self._plan_keep:                        # resumed: the channels removed so far
             self.removed = removed_units(self.graph, Plan(self._plan_keep))
+            if self._cut_saved and self.rebuilds and self.removed:
+                # the checkpoint's arrays have the cut shapes: rebuild them before it is loaded
+                self._rebuild = self._make_rebuild(resumed=True)
         g = self.graph
         frozen = [grp.name for grp in g.groups if self.group_ratio[grp.id] == 0]
         self.log(f"pruning: {len(g.groups)} coupled channel groups, {len(g.intact)} layers kept intact"
@@ -97,18 +113,92 @@ class ChannelPruningModifier(PruningModifier):
         hits = [self.override_of[p] for p in prods if p in self.override_of]
         return max(hits)[1] if hits else self.cfg.final_sparsity
 
+    # -- the student rebuilt smaller at every update ---------------------------------------------
+    def take_rebuild(self):
+        """The :class:`Rebuild` made by the last update (once), else None."""
+        rb, self._rebuild = self._rebuild, None
+        return rb
+
+    def rebind(self, net, trainer):
+        """Continue on the rebuilt ``net`` and its ``trainer``."""
+        self.net, self.trainer = net, trainer
+        self.params = net.collect_params()
+        if self._announce:
+            self.log(self._announce)
+            self._announce = None
+        for n in list(self._grad):
+            w = first(self.params[n])
+            self._grad[n] = mx.nd.zeros(w.shape, ctx=w.context)
+        if self.regularizer is not None:
+            self.regularizer.factors = {}
+
+    def dense_shape(self, name):
+        return tuple(self.graph.param_shapes.get(name) or first(self.params[name]).shape)
+
+    def _np_params(self, names):
+        """Current values at the analysed shapes (a cut student's arrays scattered into zeros)."""
+        out = super()._np_params(names)
+        return {n: self._dense(n, a) for n, a in out.items()}
+
+    def _dense(self, name, a):
+        keeps = self._cut_keeps.get(name)
+        return expand_array(a, keeps, self.graph.param_shapes[name]) if keeps else a
+
+    def to_current(self, name, a):
+        """A dense-shaped array ``a`` of parameter ``name`` cut to the student's current shape."""
+        return cut_array(a, self._cut_keeps.get(name, []))
+
+    def _mean_grads(self, *args, **kwargs):
+        return {n: self._dense(n, a) for n, a in super()._mean_grads(*args, **kwargs).items()}
+
+    def _make_rebuild(self, resumed=False):
+        """Cut ``removed`` out of the current student (checked ≡ the masked one unless
+        ``resumed``, whose values are placeholders until the checkpoint is loaded)."""
+        g = self.graph
+        dense = self._np_params(sorted(g.param_shapes))
+        if resumed:
+            sym, small_params = shrink(g, dense, self.removed)
+            small = shrunk_block(sym, small_params, self.input_name)
+            self.log(f"pruning: resumed with the student cut to the checkpoint's widths "
+                     f"({count_param_dict(small_params)} params)")
+        else:
+            x = mx.nd.array(self.data.val.x[:32])
+            small, sym, small_params, diff = checked_shrink(g, self.symbol, dense, self.removed,
+                                                            self.input_name, x, self.folder.plan_path)
+            self.shrink_diff = max(diff, self.shrink_diff or 0.0)
+            macs = total_macs(sym, self.input_shape, self.input_name)
+            self.rebuild_log.append({"update": len(self.done) + 1, "macs": int(macs), "max_diff": diff})
+            self._announce = (f"pruning: rebuilt smaller: {count_param_dict(small_params)} params; "
+                              f"shrunk ≡ masked (max diff {diff:.1e}); training goes on with it")
+            self.params = small.collect_params()     # what the update's log line reports
+        new = param_keeps(g, self.removed)
+        rb = Rebuild(small, {} if resumed else relative_keeps(self._cut_keeps, new),
+                     tensor_keeper(g, self.removed, self.cut), resumed,
+                     self.cfg.optimizer_state or "slice")
+        self.cut = set(self.removed)
+        self._cut_keeps = {n: k for n, k in new.items() if not all(kk.all() for _, kk in k)}
+        return rb
+
     def before_step(self, epoch, step):
         if self.regularizer is not None:
             self.regularizer.before_step(epoch, step)
 
     def state_dict(self):
         state = super().state_dict()
+        state["cut"] = bool(self.cut)
+        if self.rebuild_log:
+            state["rebuild_log"] = list(self.rebuild_log)
         if self.regularizer is not None:
             state["regularize"] = self.regularizer.state_dict()
         return state
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
+        if state:
+            self._cut_saved = bool(state.get("cut", False))
+            self.rebuild_log = list(state.get("rebuild_log", []))
+            diffs = [r["max_diff"] for r in self.rebuild_log]
+            self.shrink_diff = max(diffs) if diffs else None
         if self.regularizer is not None and state:
             self.regularizer.load_state_dict(state.get("regularize"))
 
@@ -120,7 +210,10 @@ class ChannelPruningModifier(PruningModifier):
         ratios = {grp.id: self.group_ratio[grp.id] * frac for grp in groups}
         self.removed = choose_removed(g, scores, ratios, self.block, self.cfg.scope,
                                       already=self.removed)
-        self.keeper.set_masks(channel_masks(g, self.removed))
+        if not self.rebuilds:
+            self.keeper.set_masks(channel_masks(g, self.removed))
+        elif self.removed != self.cut:       # nothing to mask: the removed channels are cut out
+            self._rebuild = self._make_rebuild()
 
     def plan_keep(self):
         if self.graph is not None:                 # the plan, not graph-internal unit ids
@@ -140,7 +233,7 @@ class ChannelPruningModifier(PruningModifier):
         for n, p in self.params.items():
             if n.endswith(AUX_SUFFIXES):
                 continue
-            size = float(np.prod(first(p).shape))
+            size = float(np.prod(self.dense_shape(n)))
             for _axis, keep in keeps.get(n, []):
                 size *= keep.mean()
             params += size
@@ -157,16 +250,23 @@ class ChannelPruningModifier(PruningModifier):
         if not self.removed:
             log(f"pruning: no channel was removed (plan: {path})")
             return student
+        pending = self.take_rebuild()          # made by an update no loop swapped in
+        if pending is not None:
+            student = pending.student
+        if self.cut == self.removed:           # rebuilt at every update: already the small one
+            macs = total_macs(student(mx.sym.var(self.input_name)), self.input_shape, self.input_name)
+            log(f"pruning: trained smaller since the last update: MACs {self.dense_macs / 1e6:.2f}M → "
+                f"{macs / 1e6:.2f}M ({self.dense_macs / max(macs, 1):.2f}× fewer), params "
+                f"{self.dense_params} → {count_params(student)}; shrunk ≡ masked "
+                f"at each of {len(self.rebuild_log)} rebuilds (max diff {self.shrink_diff or 0:.1e}); "
+                f"plan: {path}")
+            return student
         params = {n: first(p) for n, p in student.collect_params().items()}
-        sym, new_params = shrink(self.graph, params, self.removed)
-        small = shrunk_block(sym, new_params, self.input_name)      # on the CPU
         x = mx.nd.array(data.val.x[:32])
         # the masked student on replica 0's device (the replicas are identical), compared on the CPU
-        ref = student(x.as_in_context(contexts(student)[0])).as_in_context(x.context)
-        diff = float(mx.nd.abs(ref - small(x)).max().asscalar())
-        scale = max(1.0, float(mx.nd.abs(ref).max().asscalar()))
-        if not diff <= SHRINK_RTOL * scale:
-            raise self._mismatch(diff, scale, params, sym, new_params, x, path)
+        small, sym, new_params, diff = checked_shrink(
+            self.graph, self.symbol, params, self.removed, self.input_name, x, path,
+            reference=lambda x: student(x.as_in_context(contexts(student)[0])).as_in_context(x.context))
         self.shrink_diff = diff
         macs = total_macs(sym, self.input_shape, self.input_name)
         n_params = count_param_dict(new_params)
@@ -175,28 +275,6 @@ class ChannelPruningModifier(PruningModifier):
             f"shrunk ≡ masked (max diff {diff:.1e}); plan: {path}")
         return small
 
-    def _mismatch(self, diff, scale, params, sym, new_params, x, path):
-        """The one-paragraph error for a shrunk network that does not compute the masked one's
-        function, naming the first layer (and its group) that differs."""
-        where = ""
-        try:
-            found = first_divergence(self.graph, self.symbol, params, sym, new_params, x,
-                                     self.removed, SHRINK_RTOL)
-        except Exception as e:          # the diagnosis must not hide the error it explains
-            found, where = None, f" (locating the layer failed: {type(e).__name__}: {e})"
-        if found is not None:
-            layer, ldiff, lscale = found
-            groups = [grp.id for grp in self.graph.groups if layer in grp.layers]
-            where = (f" The first layer that differs is {layer}"
-                     + (f" (coupled group {', '.join(groups)})" if groups else "")
-                     + f", by {ldiff:.3g} at scale {lscale:.3g}: exclude it "
-                       f"(`pruning.exclude: [{layer}]`) to go on.")
-        return PruningGraphError(
-            f"pruning: the shrunk network differs from the masked one by {diff:.3g} on the logits "
-            f"(allowed {SHRINK_RTOL:g} × max(1, max |logit|) = {SHRINK_RTOL * scale:.3g}), so the "
-            f"dependency analysis got an operator wrong; the smaller network was not used and no "
-            f"model was written.{where} Please report it with the plan {path}.")
-
     def metrics(self, student):
         out = super().metrics(student)
         out["pruning"].update(physically_smaller=bool(self.removed), plan=PLAN_FILE,
@@ -204,4 +282,7 @@ class ChannelPruningModifier(PruningModifier):
                               removed_units=len(self.removed))
         if self.shrink_diff is not None:
             out["pruning"]["shrink_vs_mask_max_diff"] = self.shrink_diff
+        out["pruning"]["shrink"] = self.cfg.shrink_mode()
+        if self.rebuild_log:
+            out["pruning"]["rebuilds"] = self.rebuild_log
         return out

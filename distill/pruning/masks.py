@@ -41,6 +41,10 @@ class MaskKeeper(Modifier):
         self._nd = {}
         self.apply()
 
+    def rebind(self, net, trainer):
+        self.params = net.collect_params()
+        self._nd = {}
+
     def set_masks(self, masks):
         """Replace the masks (``{param: bool array}``) and apply them at once."""
         self.masks = {k: np.asarray(v, dtype=bool) for k, v in masks.items()}

@@ -256,18 +256,24 @@ class PruningModifier(Modifier):
 
     # -- reporting -------------------------------------------------------------------------------------
     def stats(self):
-        """Weight sparsity (per layer and overall), MACs, params and nonzero params now."""
+        """Weight sparsity (per layer and overall), MACs, params and nonzero params now (a weight
+        cut out of a rebuilt student counts as zero: sparsity is over the starting shapes)."""
         layers, zeros, total = {}, 0, 0
         for l, w, _ in self.layers:
             a = first(self.params[w]).asnumpy()
-            z = int((a == 0).sum())
-            layers[l] = z / a.size
+            size = int(np.prod(self.dense_shape(w)))
+            z = int((a == 0).sum()) + size - a.size
+            layers[l] = z / size
             zeros += z
-            total += a.size
+            total += size
         nonzero = nonzero_params(self.params)
         macs, params = self.cost()
         return {"sparsity": zeros / max(total, 1), "layers": layers, "macs": macs,
                 "params": params, "nonzero_params": nonzero}
+
+    def dense_shape(self, name):
+        """The shape parameter ``name`` had when pruning started."""
+        return tuple(first(self.params[name]).shape)
 
     def cost(self):
         """``(MACs, parameters)`` of the network as deployed now."""

@@ -23,7 +23,6 @@ import logging
 import mxnet as mx
 import numpy as np
 
-from ..replicas import first
 from .base import CRITERIA
 from .plan import choose_removed, unit_scores, unit_totals
 
@@ -91,8 +90,8 @@ class ChannelRegularizer:
             units &= self._next_removal(groups, epoch)
         roles = _ROLES[self.cfg.kind]
         # in float64, as the penalty's factors are computed (group_l2's row scores: sums of squares)
-        params = {s.param: first(pr.params[s.param]).asnumpy().astype(np.float64)
-                  for s in g.slices if s.role in roles}
+        names = sorted({s.param for s in g.slices if s.role in roles})
+        params = {n: a.astype(np.float64) for n, a in pr._np_params(names).items()}
         sq = unit_totals(g, roles, units, CRITERIA.get("group_l2")(), params)
         self.norms = {u: float(np.sqrt(v)) for u, v in sq.items()}
         self.units = units
@@ -130,13 +129,14 @@ class ChannelRegularizer:
             inv = np.array([(1.0 if self.cfg.kind == "bn_l1" else
                              (1.0 / self.norms[c] if self.norms.get(c, 0.0) > 0 else 0.0))
                             if c in self.units else 0.0 for c in s.classes.tolist()], np.float64)
-            shape = first(p).shape
+            shape = pr.dense_shape(s.param)       # a rebuilt student's arrays are cut below
             b = [1] * len(shape)
             b[s.axis] = -1
             f = host.setdefault(s.param, np.zeros(shape, np.float64))
             f += np.broadcast_to(inv.reshape(b), shape) if len(inv) == shape[s.axis] else 0.0
         self.factors = {}
         for name, f in host.items():
+            f = pr.to_current(name, f)
             p = pr.params[name]
             n = len(p.list_ctx())
             scaled = (f * self.strength / n).astype(np.float32)
