@@ -27,7 +27,6 @@ runs), ``--rounds`` times. Target: ours ≥ 0.9× bare in both cases.
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench import _smoke  # noqa: E402
+from bench._train import train  # noqa: E402
 from bench.targets import target  # noqa: E402
 from distill.report import format_table  # noqa: E402
 
@@ -49,15 +49,7 @@ WARMUP = 3
 
 
 def _train(recipe, sets, run_dir):
-    """``train.py RECIPE --set ...`` with its run folder ``run_dir``; its metrics."""
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), recipe,
-           *_smoke.cli_sets(list(sets) + [f"output.dir={json.dumps(run_dir)}"])]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"bench/loop_speed.py: {' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n"
-                         f"{proc.stderr[-3000:]}")
-    with open(os.path.join(run_dir, "metrics.json")) as f:
-        return json.load(f)
+    return train(recipe, sets, run_dir, "loop_speed.py")
 
 
 def _resolved(run_dir):

@@ -284,7 +284,8 @@ class PruningConfig:
     """``pruning:`` prune the student while it trains (see ``distill.pruning``).
 
     ``granularity``: ``unstructured`` (single weights, masked) or ``channel`` (whole channels,
-    physically removed at the end). ``criterion``: ``l1``, ``l2``, ``bn_scale``, ``taylor``,
+    physically removed: ``shrink``). ``criterion``: ``group_l2`` (default), ``group_taylor``,
+    ``l1``, ``l2``, ``bn_scale``, ``taylor``,
     ``random``. ``schedule``: ``oneshot``, ``iterative``, ``agp``; masks are updated at the start
     of epochs ``start_epoch``, ``start_epoch + frequency``, ... up to ``end_epoch`` (0-based;
     default: the middle of training). ``exclude``: layer names or glob patterns left unpruned;
@@ -294,7 +295,7 @@ class PruningConfig:
     """
     enabled: bool = False
     granularity: str = "channel"
-    criterion: str = "l1"
+    criterion: str = "group_l2"
     scope: str = "layer"
     schedule: str = "agp"
     start_epoch: int = 0
@@ -303,8 +304,8 @@ class PruningConfig:
     final_sparsity: float = 0.5
     round_to: Union[int, str] = 8
     round_mode: str = "up"
-    exclude: List[str] = field(default_factory=lambda: ["first", "last"])
-    keep_outputs: List[str] = field(default_factory=list)
+    exclude: List[str] = field(default_factory=lambda: ["first"])
+    keep_outputs: List[str] = field(default_factory=lambda: ["last"])
     overrides: List[LayerOverride] = field(default_factory=list)
     target: Optional[PruningTarget] = None
     regularize: Optional[PruningRegularize] = None

@@ -22,7 +22,8 @@ Recipe example::
       frequency: 1
       final_sparsity: 0.5
       round_to: 8
-      exclude: [first, last]
+      exclude: [first]
+      keep_outputs: [last]
       overrides:
         - {layers: "*stage3*", final_sparsity: 0.3}
 """
