@@ -38,7 +38,7 @@ from .quantize import CALIBRATORS, POLICIES         # the package face: registri
 
 __all__ = ["Recipe", "DataConfig", "TeacherConfig", "StudentConfig", "LossTerm", "PruningConfig",
            "LayerOverride", "PruningTarget",
-           "QuantizationConfig", "QATConfig", "PruningRegularize", "ExportConfig", "TrainerConfig", "OutputConfig", "load_recipe", "recipe_from_dict",
+           "QuantizationConfig", "QATConfig", "PruningRegularize", "PruningGroupSlices", "ExportConfig", "TrainerConfig", "OutputConfig", "load_recipe", "recipe_from_dict",
            "recipe_to_dict", "recipe_hash", "apply_overrides"]
 _LOGGER = logging.getLogger(__name__)
 
@@ -243,6 +243,17 @@ class PruningRegularize:
 
 
 @dataclass
+class PruningGroupSlices:
+    """``pruning.group_slices:`` which slices of a channel's coupled group the ``group_l2`` and
+    ``group_taylor`` criteria read, besides the producing filters, the consumers' input columns
+    and BatchNorm gamma: ``beta`` (BatchNorm's shift, off by default: Torch-Pruning reads gamma
+    only) and ``depthwise`` (the depthwise filters of a MobileNet block, on by default).
+    """
+    beta: bool = False
+    depthwise: bool = True
+
+
+@dataclass
 class PruningTarget:
     """``pruning.target:`` prune to a resource target instead of one ratio for every layer: the
     per-group ratios are allocated at the start of the run (``distill sensitivity --target-*``)
@@ -309,8 +320,15 @@ class PruningConfig:
     overrides: List[LayerOverride] = field(default_factory=list)
     target: Optional[PruningTarget] = None
     regularize: Optional[PruningRegularize] = None
+    group_slices: Optional[PruningGroupSlices] = None
     shrink: Optional[str] = None            # each_update (channel's default) | end
     optimizer_state: Optional[str] = None   # slice (default) | reset, with shrink: each_update
+
+    def criterion_options(self):
+        """Keyword arguments of the criterion's constructor (``group_slices``)."""
+        if self.group_slices is None:
+            return {}
+        return {"beta": self.group_slices.beta, "depthwise": self.group_slices.depthwise}
 
     def shrink_mode(self):
         """``each_update`` or ``end`` for channel pruning (default ``each_update``), else None."""
@@ -319,6 +337,9 @@ class PruningConfig:
         return self.shrink or "each_update"
 
     def validate(self, p):
+        _check(self.group_slices is None or self.criterion in ("group_l2", "group_taylor"),
+               f"{p}.group_slices", f"chooses the slices of `group_l2` / `group_taylor`; the "
+               f"criterion is {self.criterion}")
         _check(self.shrink is None or self.shrink in ("each_update", "end"), f"{p}.shrink",
                f"must be each_update or end, got {self.shrink!r}")
         _check(self.shrink is None or self.granularity == "channel", f"{p}.shrink",

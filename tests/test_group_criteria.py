@@ -162,3 +162,42 @@ def test_choose_removed_follows_the_mode():
     assert (len(cut["up"]), len(cut["down"]), len(cut["nearest"])) == (0, 2, 0)
     lowest = sorted(g.unit_ids.tolist(), key=lambda u: scores[u])[:2]
     assert sorted(cut["down"]) == sorted(lowest)                  # the lowest group_l2 scores go
+
+
+def test_group_slices_options_add_beta_and_drop_depthwise_filters():
+    """``pruning.group_slices``: ``beta: true`` adds BatchNorm's shift to the hand sum;
+    ``depthwise: false`` leaves a depthwise conv's filters out of it."""
+    graph, params, _ = _graph()
+    crit = CRITERIA.get("group_l2")(beta=True)
+    scores = unit_scores(graph, graph.groups, crit, params, None, np.random.RandomState(0))
+    units = _units_of(graph, "c1_weight", 0)
+    w1, g, b, w2 = params["c1_weight"], params["b1_gamma"], params["b1_beta"], params["c2_weight"]
+    raw = np.array([(w1[c] ** 2).sum() + g[c] ** 2 + b[c] ** 2 + (w2[:, c] ** 2).sum() for c in range(4)])
+    assert np.allclose([scores[int(u)] for u in units], raw / raw.mean(), rtol=1e-12)
+    # a depthwise conv inside the group: its filters count unless depthwise: false
+    x = mx.sym.var("data")
+    c1 = mx.sym.Convolution(x, num_filter=4, kernel=(1, 1), no_bias=True, name="c1")
+    dw = mx.sym.Convolution(c1, num_filter=4, num_group=4, kernel=(3, 3), pad=(1, 1), no_bias=True, name="dw")
+    c2 = mx.sym.Convolution(dw, num_filter=3, kernel=(1, 1), no_bias=True, name="c2")
+    p = mx.sym.Pooling(c2, global_pool=True, pool_type="avg", kernel=(1, 1))
+    fc = mx.sym.FullyConnected(mx.sym.Flatten(p), num_hidden=2, name="fc")
+    rng = np.random.RandomState(1)
+    ps = {"c1_weight": rng.randn(4, 1, 1, 1), "dw_weight": rng.randn(4, 1, 3, 3),
+          "c2_weight": rng.randn(3, 4, 1, 1), "fc_weight": rng.randn(2, 3), "fc_bias": rng.randn(2)}
+    g2 = analyze(fc, (1, 1, 6, 6))
+    u = _units_of(g2, "c1_weight", 0)
+    for depthwise in (True, False):
+        crit = CRITERIA.get("group_l2")(depthwise=depthwise)
+        sc = unit_scores(g2, g2.groups, crit, ps, None, np.random.RandomState(0))
+        raw = np.array([(ps["c1_weight"][c] ** 2).sum() + (ps["c2_weight"][:, c] ** 2).sum()
+                        + (ps["dw_weight"][c] ** 2).sum() * depthwise for c in range(4)])
+        assert np.allclose([sc[int(k)] for k in u], raw / raw.mean(), rtol=1e-12), depthwise
+
+
+def test_group_slices_key_needs_a_group_criterion():
+    from distill.errors import UserError
+    from distill.recipe import recipe_from_dict
+    r = recipe_from_dict({"pruning": {"enabled": True, "group_slices": {"beta": True, "depthwise": False}}})
+    assert r.pruning.criterion_options() == {"beta": True, "depthwise": False}
+    with pytest.raises(UserError, match="pruning.group_slices"):
+        recipe_from_dict({"pruning": {"enabled": True, "criterion": "l1", "group_slices": {"beta": True}}})

@@ -27,6 +27,7 @@ class Criterion:
     name = "criterion"
     needs_grad = False
     channel_roles = (("out",),)
+    skip_kinds = ()            # layer kinds whose slices a channel score leaves out ("depthwise")
 
     def element_scores(self, w, grad=None, rng=None):
         """Per-weight importance of ``w`` (any shape) → same shape."""

@@ -44,7 +44,7 @@ def build_modifiers(recipe, teacher=None, log=print):
     """``[pruner, MaskKeeper]`` for ``recipe.pruning`` (the pruner by ``granularity``)."""
     cfg = recipe.pruning
     epochs = recipe.trainer.epochs
-    criterion = CRITERIA.get(cfg.criterion, where="pruning.criterion")()
+    criterion = CRITERIA.get(cfg.criterion, where="pruning.criterion")(**cfg.criterion_options())
     if cfg.end_epoch is not None:
         end = cfg.end_epoch
     else:

@@ -206,8 +206,12 @@ def _unit_sums(graph, roles, unit_ids, criterion, params, grads, rng):
     """Per slice with one of ``roles`` holding any of ``unit_ids``: ``(slice, units, sums of
     the criterion's row scores per unit, rows per unit)``."""
     wanted = list(unit_ids)
+    skip = getattr(criterion, "skip_kinds", ())
+    kinds = {graph.nodes[i]["name"]: k for i, k in graph.layer_kind.items()} if skip else {}
     for s in graph.slices:
         if s.role not in roles or not np.isin(s.classes, wanted).any():
+            continue
+        if skip and kinds.get(s.layer) in skip:
             continue
         scores = _slice_scores(s, criterion, params, grads, rng)
         if scores is None:

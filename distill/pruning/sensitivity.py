@@ -230,7 +230,7 @@ def run_sensitivity(recipe, ratios=(0.25, 0.5, 0.75), budget=1.0, batch_size=32,
     shape = (1,) + tuple(data.val.x.shape[1:])
     graph = analyze(sym, shape, input_name)
     cfg = recipe.pruning
-    criterion = CRITERIA.get(cfg.criterion, where="pruning.criterion")()
+    criterion = CRITERIA.get(cfg.criterion, where="pruning.criterion")(**cfg.criterion_options())
     np_params = {k: v.asnumpy() for k, v in params.items()}
     grads = _grads(sym, params, input_name, data, sorted({s.param for s in graph.slices})) \
         if criterion.needs_grad else None

@@ -28,6 +28,12 @@ class GroupTaylor(Criterion):
     channel_roles = (("out", "in", "scale"),)
     group_reduction = "sum"
 
+    def __init__(self, beta=False, depthwise=True):
+        """``beta``: BatchNorm's shift counts too; ``depthwise=False``: depthwise filters do not
+        (``pruning.group_slices``)."""
+        self.channel_roles = (("out", "in", "scale") + (("shift",) if beta else ()),)
+        self.skip_kinds = () if depthwise else ("depthwise",)
+
     def element_scores(self, w, grad=None, rng=None):
         if grad is None:
             raise ValueError("group_taylor needs gradients")
