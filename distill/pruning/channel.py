@@ -282,7 +282,7 @@ class ChannelPruningModifier(PruningModifier):
                               removed_units=len(self.removed))
         if self.shrink_diff is not None:
             out["pruning"]["shrink_vs_mask_max_diff"] = self.shrink_diff
-        out["pruning"]["shrink"] = self.cfg.shrink_mode()
+        out["pruning"]["shrink"] = "each_update" if self.rebuilds else "end"   # as the run went
         if self.rebuild_log:
             out["pruning"]["rebuilds"] = self.rebuild_log
         return out
