@@ -8,8 +8,9 @@ Same networks, same data, same teacher, same schedule, same runtime:
    of ours (``OUT/recipes/mbv2-dense.yaml``: the quickstart student, KD from the ResNet-20
    teacher, no pruning). Each dense network is what both tools prune, and the teacher both
    distil from: ``recipes/prune_channel_mnist.yaml`` prunes a copy of its own teacher.
-2. Ours: ``recipes/prune_channel_mnist.yaml`` (l1, AGP over epochs 1-4, ``round_to: 8``,
-   ``exclude: [last]``, KD 0.9 at T = 4 + CE 0.1, 10 epochs of Nesterov SGD at lr 0.02, cosine),
+2. Ours: ``recipes/prune_channel_mnist.yaml`` (l1, AGP over epochs 1-4, ``round_to: 8`` rounded
+   down, ``keep_outputs: [last]``, the student rebuilt smaller at every update, KD 0.9 at T = 4 +
+   CE 0.1, 10 epochs of Nesterov SGD at lr 0.02, cosine),
    extended to 50% and 75% of the channels (``OUT/recipes/ours-*.yaml``), trained by
    ``python train.py`` and exported by ``distill export RUN --format ncnn``.
 3. Torch-Pruning (in ``.venv-peers``, :mod:`bench.peers_torch`): the same architecture written
