@@ -16,8 +16,9 @@ class HintLoss(LossTermBlock):
     ``C_s`` channels to the teacher's ``C_t``; it trains with the student and is dropped at
     export. When channel pruning cuts channels out of the student's layer while it trains,
     the adapter loses the same input columns; a term without an adapter gets a frozen one that
-    puts each kept channel back at its place, so the loss is the one the masked student had. When spatial sizes differ, the student map is average-pooled (or bilinearly
-    upsampled) to the teacher's size.
+    puts each kept channel back at its place, so the loss is the one the masked student had.
+    When spatial sizes differ, the student map is average-pooled (or bilinearly upsampled) to
+    the teacher's size.
 
     Parameters
     ----------

@@ -8,7 +8,7 @@ import logging
 
 from ..registry import Registry
 
-__all__ = ["CRITERIA", "SCHEDULES", "PRUNERS", "Criterion", "Schedule"]
+__all__ = ["CRITERIA", "SCHEDULES", "PRUNERS", "Criterion", "GroupCriterion", "Schedule"]
 _LOGGER = logging.getLogger(__name__)
 
 CRITERIA = Registry("pruning criterion")
@@ -36,6 +36,21 @@ class Criterion:
     def row_scores(self, rows, grad_rows=None, rng=None):
         """Per-row importance of ``rows`` ``(K, D)`` (one row per channel slice) → ``(K,)``."""
         raise NotImplementedError
+
+
+class GroupCriterion(Criterion):
+    """A criterion over every slice of a channel's coupled group (``group_l2``, ``group_taylor``):
+    the producing filters, the consumers' input columns and BatchNorm gamma, summed per unit.
+
+    ``beta``: BatchNorm's shift counts too; ``depthwise=False``: depthwise filters do not
+    (``pruning.group_slices``)."""
+
+    channel_roles = (("out", "in", "scale"),)
+    group_reduction = "sum"
+
+    def __init__(self, beta=False, depthwise=True):
+        self.channel_roles = (("out", "in", "scale") + (("shift",) if beta else ()),)
+        self.skip_kinds = () if depthwise else ("depthwise",)
 
 
 class Schedule:

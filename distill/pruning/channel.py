@@ -68,7 +68,7 @@ class ChannelPruningModifier(PruningModifier):
         self._cut_saved = False        # a resumed checkpoint holds a student cut to `removed`
         self._rebuild = None
         self._announce = None
-        self.rebuild_log = []          # [{"epoch", "macs", "max_diff"}] per rebuild
+        self.rebuild_log = []          # [{"update", "macs", "max_diff"}] per rebuild
         self.regularizer = ChannelRegularizer(self.cfg.regularize, self) if self.cfg.regularize else None
 
     def setup(self):

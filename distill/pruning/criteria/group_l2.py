@@ -3,14 +3,14 @@ import logging
 
 import numpy as np
 
-from ..base import CRITERIA, Criterion
+from ..base import CRITERIA, GroupCriterion
 
 __all__ = ["GroupL2"]
 _LOGGER = logging.getLogger(__name__)
 
 
 @CRITERIA.register("group_l2")
-class GroupL2(Criterion):
+class GroupL2(GroupCriterion):
     """A channel's sum of squares over every slice of its coupled group: the filters that
     produce it (depthwise filters included), every consumer's input columns (the classifier's
     too) and BatchNorm gamma; then divided by the mean over the group, so ``scope: global``
@@ -25,14 +25,6 @@ class GroupL2(Criterion):
     """
 
     name = "group_l2"
-    channel_roles = (("out", "in", "scale"),)
-    group_reduction = "sum"
-
-    def __init__(self, beta=False, depthwise=True):
-        """``beta``: BatchNorm's shift counts too; ``depthwise=False``: depthwise filters do not
-        (``pruning.group_slices``)."""
-        self.channel_roles = (("out", "in", "scale") + (("shift",) if beta else ()),)
-        self.skip_kinds = () if depthwise else ("depthwise",)
 
     def element_scores(self, w, grad=None, rng=None):
         return np.square(w)

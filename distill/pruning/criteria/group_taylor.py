@@ -4,14 +4,14 @@ import logging
 
 import numpy as np
 
-from ..base import CRITERIA, Criterion
+from ..base import CRITERIA, GroupCriterion
 
 __all__ = ["GroupTaylor"]
 _LOGGER = logging.getLogger(__name__)
 
 
 @CRITERIA.register("group_taylor")
-class GroupTaylor(Criterion):
+class GroupTaylor(GroupCriterion):
     """``|Σ w · ḡ|`` over every slice of a channel's coupled group (its filters, the consumers'
     input columns, BatchNorm gamma): the first-order change of the training loss (the
     distillation loss when the recipe distils) if the whole channel is removed, divided by the
@@ -25,14 +25,6 @@ class GroupTaylor(Criterion):
 
     name = "group_taylor"
     needs_grad = True
-    channel_roles = (("out", "in", "scale"),)
-    group_reduction = "sum"
-
-    def __init__(self, beta=False, depthwise=True):
-        """``beta``: BatchNorm's shift counts too; ``depthwise=False``: depthwise filters do not
-        (``pruning.group_slices``)."""
-        self.channel_roles = (("out", "in", "scale") + (("shift",) if beta else ()),)
-        self.skip_kinds = () if depthwise else ("depthwise",)
 
     def element_scores(self, w, grad=None, rng=None):
         if grad is None:
