@@ -302,8 +302,8 @@ def make_optimizer(model, trainer):
     for mod in model.modules():
         for pname, p in mod.named_parameters(recurse=False):
             (no_decay if isinstance(mod, nn.BatchNorm2d) or pname == "bias" else decay).append(p)
-    groups = [{"params": decay, "weight_decay": trainer["weight_decay"]},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": trainer["weight_decay"], "base_decay": trainer["weight_decay"]},
+              {"params": no_decay, "weight_decay": 0.0, "base_decay": 0.0}]
     return torch.optim.SGD(groups, lr=trainer["lr"], momentum=trainer["momentum"],
                            nesterov=trainer["optimizer"] == "nesterov")
 
@@ -344,26 +344,41 @@ def agp_ratios(final, updates):
     return [0.0] + [final * (1.0 - (1.0 - (k + 1) / updates) ** 3) for k in range(updates)]
 
 
-def torch_prune(model, input_shape, ratio, round_to, updates):
-    """Torch-Pruning's recommended pruner, as its README sets it up: ``BasePruner`` with
-    ``GroupMagnitudeImportance(p=2)`` (the L2 norm of each coupled group of DepGraph, Fang et al.,
-    2023), the classifier ignored, ``round_to``, layer-wise ratios, ``iterative_steps=updates``
-    on our AGP ratios (one ``pruner.step()`` per update, at the epochs ours updates its masks)."""
+def torch_prune(model, input_shape, ratio, round_to, updates, method="plain", reg=5e-4):
+    """Torch-Pruning, as its README sets it up: the L2 norm of each coupled group of DepGraph
+    (``GroupMagnitudeImportance(p=2)``, Fang et al., 2023), the classifier ignored, ``round_to``,
+    layer-wise ratios, ``iterative_steps=updates`` on our AGP ratios (one ``pruner.step()`` per
+    update, at the epochs ours updates its masks).
+
+    ``method``: ``"plain"`` is its ``BasePruner``; ``"groupnorm-sparse"`` its strongest setting,
+    ``GroupNormPruner`` (DepGraph's group-level sparse training: ``pruner.regularize(model)``
+    after each backward pushes whole groups toward zero, the weaker ones harder, scaled within
+    [1, 2^4]) with ``reg`` and importance normalised by its maximum, as Torch-Pruning's CIFAR
+    benchmark (``reproduce/main.py --method group_sl``: ``--reg 5e-4``, and no weight decay while
+    it regularizes) sets it up."""
     import torch_pruning as tp
     ratios = agp_ratios(ratio, updates)
-    return tp.pruner.BasePruner(
-        model, torch.zeros((1,) + tuple(input_shape)),
-        importance=tp.importance.GroupMagnitudeImportance(p=2),
-        pruning_ratio=ratio, iterative_steps=updates,
-        iterative_pruning_ratio_scheduler=lambda r, steps: ratios,
-        ignored_layers=[model.classifier()], round_to=round_to, global_pruning=False)
+    kwargs = dict(importance=tp.importance.GroupMagnitudeImportance(p=2),
+                  pruning_ratio=ratio, iterative_steps=updates,
+                  iterative_pruning_ratio_scheduler=lambda r, steps: ratios,
+                  ignored_layers=[model.classifier()], round_to=round_to, global_pruning=False)
+    example = torch.zeros((1,) + tuple(input_shape))
+    if method == "plain":
+        return tp.pruner.BasePruner(model, example, **kwargs)
+    if method == "groupnorm-sparse":
+        kwargs["importance"] = tp.importance.GroupMagnitudeImportance(p=2, normalizer="max")
+        return tp.pruner.GroupNormPruner(model, example, reg=reg, **kwargs)
+    raise ValueError(f"method {method!r}: plain or groupnorm-sparse")
 
 
-def train_kd(model, data, teacher_logits, recipe, prune=None, log=print):
+def train_kd(model, data, teacher_logits, recipe, prune=None, sparse_epochs=(), log=print):
     """Train ``model`` as ``distill.trainer.fit`` trains: the recipe's loss terms, optimizer, lr
     schedule (per step), batch order and epochs; ``prune = (pruner, epochs)`` calls
     ``pruner.step()`` at the start of each of those epochs (the optimizer is then rebuilt: the
     parameters changed shape, so their momentum is dropped, as in Torch-Pruning's examples).
+    In ``sparse_epochs`` each step calls ``pruner.regularize(model)`` between the backward and the
+    update (a ``GroupNormPruner``: Torch-Pruning's sparse training), with weight decay off as its
+    benchmark does; its groups are re-read after every pruning step (``update_regularizer``).
 
     Returns
     -------
@@ -383,6 +398,8 @@ def train_kd(model, data, teacher_logits, recipe, prune=None, log=print):
         if pruner is not None and epoch in prune_epochs:
             model.eval()
             pruner.step()
+            if hasattr(pruner, "update_regularizer"):
+                pruner.update_regularizer()
             opt = make_optimizer(model, trainer)
         order = batches(n, trainer["batch_size"], trainer["seed"], epoch)
         torch.manual_seed(trainer["seed"] * 100003 + epoch)
@@ -392,10 +409,13 @@ def train_kd(model, data, teacher_logits, recipe, prune=None, log=print):
             lr = lr_at(trainer, epoch + step / len(order))
             for g in opt.param_groups:
                 g["lr"] = lr
+                g["weight_decay"] = 0.0 if epoch in sparse_epochs else g["base_decay"]
             out = model(torch.from_numpy(x[idx]))
             loss = kd_loss(out, t_all[idx], y[idx], terms)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if epoch in sparse_epochs:
+                pruner.regularize(model)
             opt.step()
             total += float(loss) * len(idx)
         logits = predict(model, data["x_val"])
@@ -470,9 +490,13 @@ def run_peer(cfg, log=print):
     dense_macs, dense_params = count_macs_params(net, shape)
     log(f"copy of the dense MXNet {cfg['model']}: max |Δlogit| {diff:.1e} on {len(got)} val images "
         f"(scale {scale:.1f}); MACs {dense_macs / 1e6:.2f}M, params {dense_params}")
-    pruner = torch_prune(net, shape, cfg["ratio"], cfg["round_to"], len(cfg["prune_epochs"]))
+    method = cfg.get("method", "plain")
+    pruner = torch_prune(net, shape, cfg["ratio"], cfg["round_to"], len(cfg["prune_epochs"]),
+                         method=method, reg=cfg.get("reg", 5e-4))
+    # sparse training up to the last pruning update (as ours: pruning.regularize.epochs unset)
+    sparse = set(range(max(cfg["prune_epochs"]))) if method == "groupnorm-sparse" else set()
     history = train_kd(net, data, teacher_logits, cfg["recipe"],
-                       prune=(pruner, set(cfg["prune_epochs"])), log=log)
+                       prune=(pruner, set(cfg["prune_epochs"])), sparse_epochs=sparse, log=log)
     net.eval()
     logits = predict(net, data["x_val"])
     macs, n_params = count_macs_params(net, shape)
@@ -482,7 +506,8 @@ def run_peer(cfg, log=print):
                       opset_version=13, input_names=["data"], output_names=["logits"])
     np.save(os.path.join(cfg["out"], "val_logits.npy"), logits)
     widths = {p: m.out_channels for p, m in net.named_modules() if isinstance(m, nn.Conv2d)}
-    result = {"tool": "torch-pruning", "model": cfg["model"], "ratio": cfg["ratio"],
+    result = {"tool": "torch-pruning", "config": method, "model": cfg["model"], "ratio": cfg["ratio"],
+              "seed": cfg["recipe"]["trainer"]["seed"], "sparse_epochs": sorted(sparse),
               "top1_torch": float((logits.argmax(1) == data["y_val"]).mean() * 100.0),
               "macs": macs, "params": n_params, "dense_macs": dense_macs, "dense_params": dense_params,
               "copy": {"max_abs_diff": diff, "scale": scale}, "history": history, "widths": widths,

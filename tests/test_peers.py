@@ -92,3 +92,70 @@ def test_pytorch_copy_computes_the_mxnet_students(tmp_path):
     assert np.allclose(res["lr"], [lr_at(cfg, e / 4) for e in range(17)], rtol=1e-12)
     agp = AGP(0, 3, 1)
     assert np.allclose(res["agp"], [0.0] + [0.75 * agp.fraction(k, 4) for k in range(4)], rtol=1e-12)
+
+
+def _run(tool, config, seed, top1, ms, macs=1000, train_s=10.0, ratio=0.75):
+    return {"tool": tool, "config": config, "model": "resnet20", "ratio": ratio, "seed": seed,
+            "top1": top1, "ncnn_ms_b1": ms, "macs": macs, "params": 10, "train_s": train_s}
+
+
+def test_results_rows_pair_seeds_and_judge_at_equal_latency():
+    """``bench/peers.py``'s rows: one per (tool, config, model, ratio), mean ± sample std over the
+    seeds, the paired difference and t p-value against each Torch-Pruning setting by seed, the
+    latency ratio; the acceptance lines use the better Torch-Pruning setting."""
+    from bench.peers import acceptance, aggregate, equal_latency, equal_latency_table, pairs_table, table
+    from distill.compare.stats import paired_t_test
+    ours = [91.0, 92.0, 90.5]
+    plain = [90.0, 91.5, 90.5]
+    sparse = [91.2, 92.4, 89.8]
+    runs = ([_run("ours", "defaults", s, t, 0.200 + 0.001 * s, train_s=8.0) for s, t in enumerate(ours)]
+            + [_run("torch-pruning", "plain", s, t, 0.199, train_s=9.0) for s, t in enumerate(plain)]
+            # seeds in another order: pairing is by seed, not by position
+            + [_run("torch-pruning", "groupnorm-sparse", s, t, 0.198, train_s=7.0)
+               for s, t in reversed(list(enumerate(sparse)))]
+            + [{**_run("dense", "-", None, 93.0, 0.5), "ratio": 0.0}])
+    rows = aggregate(runs)
+    assert [(r["tool"], r["config"]) for r in rows] == [
+        ("dense", "-"), ("ours", "defaults"), ("torch-pruning", "plain"), ("torch-pruning", "groupnorm-sparse")]
+    for r in rows:
+        assert set(("tool", "config", "model", "ratio", "top1", "top1_std", "seeds", "ncnn_ms_b1", "macs",
+                    "params", "train_s")) <= set(r), r
+    o = rows[1]
+    assert o["seeds"] == [0, 1, 2] and o["top1"] == round(np.mean(ours), 3)
+    assert o["top1_std"] == round(float(np.std(ours, ddof=1)), 3)
+    assert o["ncnn_ms_b1"] == 0.201                      # the median over seeds
+    d = np.array(ours) - np.array(sparse)
+    v = o["vs"]["groupnorm-sparse"]
+    assert v["seeds"] == 3 and v["diff"] == round(float(d.mean()), 3)
+    assert v["p"] == round(paired_t_test(d)[1], 4) and 0 < v["p"] < 1
+    assert v["ms_ratio"] == round(0.201 / 0.198, 4) and v["train_s_ratio"] == round(8.0 / 7.0, 3)
+    # the better Torch-Pruning setting here is groupnorm-sparse (91.13 vs 90.67): ours (91.17) is
+    # 0.03 points ahead of it but 1.5% slower, so the line holds; training 8 s vs 7 s does not
+    lines = {what.split(": ", 1)[1]: holds for what, _, _, holds in acceptance(rows)}
+    assert lines == {"our mean top-1 vs Torch-Pruning groupnorm-sparse (the better setting)": True,
+                     "our training wall time vs Torch-Pruning's": False}
+    slow = aggregate([{**r, "ncnn_ms_b1": 0.25} if r["tool"] == "ours" else r for r in runs])
+    assert not [h for w, _, _, h in acceptance(slow) if "top-1" in w][0]     # 1.26× its latency
+    assert "groupnorm-sparse" in table(rows) and "noise" in pairs_table(rows)
+    assert "noise" in equal_latency_table(equal_latency(rows))
+
+
+def test_equal_latency_takes_the_least_pruned_of_ours_that_is_as_fast():
+    """Where Torch-Pruning's network is wider than ours at the same ratio (its rounding leaves a
+    group whole), ours at equal latency is a less-pruned run: the least pruned within 1.02× of its
+    time, chosen by latency, not by top-1; paired by seed against the better setting."""
+    from bench.peers import aggregate, equal_latency
+    runs = []
+    for s in range(3):
+        runs += [_run("ours", "defaults", s, 91.0 + s, 0.30, ratio=0.5),
+                 _run("ours", "defaults", s, 89.0 + s, 0.20, ratio=0.75),
+                 _run("ours", "defaults", s, 80.0 + s, 0.10, ratio=0.9),
+                 _run("torch-pruning", "plain", s, 90.0 + s, 0.305, ratio=0.9),
+                 _run("torch-pruning", "groupnorm-sparse", s, 90.5 + s * 1.1, 0.305, ratio=0.9)]
+    (e,) = equal_latency(aggregate(runs))
+    assert (e["ratio"], e["tp_config"], e["ours_ratio"]) == (0.9, "groupnorm-sparse", 0.5)
+    assert e["holds"] and e["seeds"] == 3 and e["diff"] == round(np.mean([0.5, 0.4, 0.3]), 3)
+    assert e["ms_ratio"] == round(0.30 / 0.305, 4)
+    # nothing of ours as fast: the line fails and says so
+    (e,) = equal_latency(aggregate([{**r, "ncnn_ms_b1": 0.5} if r["tool"] == "ours" else r for r in runs]))
+    assert e["ours_ratio"] is None and not e["holds"]
