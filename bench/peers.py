@@ -416,11 +416,17 @@ def measure_ncnn(rows, x_val, y_val, work_dir, rounds, repeats):
         r["ncnn_ms_rounds"] = best[i]
 
 
+_SETTING_ORDER = {c: i for i, c in enumerate((("dense", "-"),) + CONFIGS)}
+
+
+def _model_order(model):
+    return MODELS.index(model) if model in MODELS else 0
+
+
 def _interleave(runs):
     """Runs in timing order: per (model, ratio) the dense start first, then each setting's seeds."""
-    key = {c: i for i, c in enumerate((("dense", "-"),) + CONFIGS)}
-    return sorted(runs, key=lambda r: (MODELS.index(r["model"]), r["ratio"], r["seed"] or 0,
-                                       key[(r["tool"], r["config"])]))
+    return sorted(runs, key=lambda r: (_model_order(r["model"]), r["ratio"], r["seed"] or 0,
+                                       _SETTING_ORDER[(r["tool"], r["config"])]))
 
 
 def paired(a, b):
@@ -439,7 +445,8 @@ def aggregate(runs):
     """One row per (tool, config, model, ratio) from the per-seed runs: ``top1`` the mean over
     seeds, ``top1_std`` (sample, n − 1; 0 for one seed), ``seeds``, ``ncnn_ms_b1`` (the median
     over seeds of each model's best), ``macs``/``params`` (the first seed's; ``widths_differ``
-    when seeds built different networks), ``train_s`` (mean over the runs that trained here).
+    when seeds built different networks), ``train_s`` (mean over the runs with a recorded wall
+    time: ``OUT/timings.json`` keeps it for reused runs).
     Ours' rows get ``vs``: per Torch-Pruning setting at the same (model, ratio), the paired
     difference ours − theirs over the seeds both ran (mean, std), Student's paired t p-value,
     and the latency ratio ours / theirs."""
@@ -474,9 +481,8 @@ def aggregate(runs):
                 **paired(row, peer), "ms_ratio": round(row["ncnn_ms_b1"] / peer["ncnn_ms_b1"], 4),
                 "train_s_ratio": (round(row["train_s"] / peer["train_s"], 3)
                                   if row["train_s"] and peer["train_s"] else None)}
-    key = {c: i for i, c in enumerate((("dense", "-"),) + CONFIGS)}
-    return sorted(rows, key=lambda r: (MODELS.index(r["model"]) if r["model"] in MODELS else 0,
-                                       r["ratio"], key.get((r["tool"], r["config"]), 9)))
+    return sorted(rows, key=lambda r: (_model_order(r["model"]), r["ratio"],
+                                       _SETTING_ORDER.get((r["tool"], r["config"]), 9)))
 
 
 def equal_latency(rows):
@@ -487,7 +493,7 @@ def equal_latency(rows):
     wider than ours at the same ratio: then ours at a lower ratio is the equal-latency point."""
     out = []
     for model, ratio in sorted({(r["model"], r["ratio"]) for r in rows if r["tool"] == "torch-pruning"},
-                               key=lambda k: (MODELS.index(k[0]) if k[0] in MODELS else 0, k[1])):
+                               key=lambda k: (_model_order(k[0]), k[1])):
         best = best_peer(rows, model, ratio)
         fits = [r for r in rows if r["tool"] == "ours" and r["model"] == model
                 and r["ncnn_ms_b1"] <= LATENCY_SLACK * best["ncnn_ms_b1"]]
@@ -527,6 +533,17 @@ def table(rows):
                          "ncnn ms b1", "ms vs best TP", "train s"], out)
 
 
+def _paired_cells(v):
+    """``[ours − theirs (± std), p, verdict]`` of a :func:`paired` result (α = 0.05)."""
+    if v["diff"] is None:
+        return ["-", "-", "-"]
+    diff = f"{v['diff']:+.2f}" + (f" ± {v['diff_std']:.2f}" if v["diff_std"] is not None else "")
+    if v["p"] is None:
+        return [diff, "-", "-"]
+    verdict = ("ours better" if v["diff"] > 0 else "Torch-Pruning better") if v["p"] < 0.05 else "noise"
+    return [diff, f"{v['p']:.3f}", verdict]
+
+
 def pairs_table(rows):
     """Ours − each Torch-Pruning setting, paired by seed."""
     out = []
@@ -534,13 +551,8 @@ def pairs_table(rows):
         for config, v in r.get("vs", {}).items():
             peer = next(x for x in rows if x["tool"] == "torch-pruning" and x["config"] == config
                         and x["model"] == r["model"] and x["ratio"] == r["ratio"])
-            verdict = ("-" if v["p"] is None else
-                       ("ours better" if v["diff"] > 0 else "Torch-Pruning better") if v["p"] < 0.05 else "noise")
             out.append([r["model"], f"{r['ratio']:.0%}", config, str(v["seeds"]), f"{r['top1']:.2f}",
-                        f"{peer['top1']:.2f}",
-                        "-" if v["diff"] is None else f"{v['diff']:+.2f}" + (
-                            f" ± {v['diff_std']:.2f}" if v["diff_std"] is not None else ""),
-                        "-" if v["p"] is None else f"{v['p']:.3f}", verdict, f"{v['ms_ratio']:.3f}×",
+                        f"{peer['top1']:.2f}", *_paired_cells(v), f"{v['ms_ratio']:.3f}×",
                         "-" if v["train_s_ratio"] is None else f"{v['train_s_ratio']:.2f}×"])
     return format_table(["model", "ratio", "vs Torch-Pruning", "seeds", "ours %", "theirs %",
                          "ours − theirs", "p (paired t)", "verdict", "ms ours/theirs", "train s ours/theirs"], out)
@@ -553,33 +565,25 @@ def equal_latency_table(entries):
             out.append([e["model"], f"{e['ratio']:.0%}", e["tp_config"], f"{e['tp_top1']:.2f}", f"{e['tp_ms']:.3f}",
                         "none as fast", "-", "-", "-", "-", "-"])
             continue
-        verdict = ("-" if e["p"] is None else
-                   ("ours better" if e["diff"] > 0 else "Torch-Pruning better") if e["p"] < 0.05 else "noise")
         out.append([e["model"], f"{e['ratio']:.0%}", e["tp_config"], f"{e['tp_top1']:.2f}", f"{e['tp_ms']:.3f}",
-                    f"{e['ours_ratio']:.0%}", f"{e['ours_top1']:.2f}", f"{e['ms_ratio']:.3f}×",
-                    f"{e['diff']:+.2f}" + (f" ± {e['diff_std']:.2f}" if e["diff_std"] is not None else ""),
-                    "-" if e["p"] is None else f"{e['p']:.3f}", verdict])
+                    f"{e['ours_ratio']:.0%}", f"{e['ours_top1']:.2f}", f"{e['ms_ratio']:.3f}×", *_paired_cells(e)])
     return format_table(["model", "TP ratio", "better TP setting", "TP %", "TP ms", "ours at", "ours %",
                          "ms ours/TP", "ours − TP", "p (paired t)", "verdict"], out)
 
 
-def acceptance(rows):
+def acceptance(rows, entries=None):
     """Issue 28's lines, per (model, ratio): our mean top-1 ≥ the better Torch-Pruning setting's
-    at ≤ 1.02× its ncnn latency (:func:`equal_latency`); at 75% and 90%, our mean training wall
-    time ≤ that of Torch-Pruning's faster-trained setting (same ratio). Returns ``[(what, goal,
-    measured, holds)]``."""
+    at ≤ 1.02× its ncnn latency (``entries``: :func:`equal_latency` of ``rows``, computed when not
+    given); at 75% and 90%, our mean training wall time ≤ that of Torch-Pruning's faster-trained
+    setting (same ratio). Returns ``[(what, goal, measured, holds)]``."""
     lines = []
-    for e in equal_latency(rows):
-        where = f"{e['model']} {e['ratio']:.0%}"
-        if e["ours_ratio"] is None:
-            lines.append((f"{where}: our mean top-1 vs Torch-Pruning {e['tp_config']} (the better setting)",
-                          f"≥, at ≤ {LATENCY_SLACK:.2f}× its ncnn b1 latency",
-                          f"no run of ours as fast as its {e['tp_ms']:.3f} ms", False))
-            continue
-        lines.append((f"{where}: our mean top-1 vs Torch-Pruning {e['tp_config']} (the better setting)",
-                      f"≥, at ≤ {LATENCY_SLACK:.2f}× its ncnn b1 latency",
-                      f"ours at {e['ours_ratio']:.0%}: {e['ours_top1']:.2f} vs {e['tp_top1']:.2f} "
-                      f"({e['diff']:+.2f}, p {e['p']}), latency {e['ms_ratio']:.3f}×", e["holds"]))
+    for e in equal_latency(rows) if entries is None else entries:
+        measured = (f"no run of ours as fast as its {e['tp_ms']:.3f} ms" if e["ours_ratio"] is None else
+                    f"ours at {e['ours_ratio']:.0%}: {e['ours_top1']:.2f} vs {e['tp_top1']:.2f} "
+                    f"({e['diff']:+.2f}, p {e['p']}), latency {e['ms_ratio']:.3f}×")
+        lines.append((f"{e['model']} {e['ratio']:.0%}: our mean top-1 vs Torch-Pruning {e['tp_config']} "
+                      "(the better setting)", f"≥, at ≤ {LATENCY_SLACK:.2f}× its ncnn b1 latency",
+                      measured, e["holds"]))
     for r in rows:
         if r["tool"] != "ours" or r["ratio"] < 0.75 - 1e-9 or not r.get("train_s"):
             continue
@@ -701,10 +705,11 @@ def main(argv=None):
     write_json(os.path.join(out, "runs.json"),
                [{k: (_rel(r[k]) if k == "run_dir" else r[k]) for k in keep if k in r} for r in runs])
     rows = aggregate(runs)
+    entries = equal_latency(rows)
     wall = time.time() - t_start
     write_json(os.path.join(out, "results.json"),
                {"data": DATA, "test_images": int(len(y_val)), "epochs": load_recipe(first[models[0]]).trainer.epochs,
-                "wall_min": round(wall / 60, 1), "rows": rows, "equal_latency": equal_latency(rows)})
+                "wall_min": round(wall / 60, 1), "rows": rows, "equal_latency": entries})
     _say(f"\nbench peers: {DATA}, {len(y_val):,} test images, top-1 in ncnn at the last epoch (mean ± std over "
          f"seeds); latency in ncnn (fp32, one thread, batch 1, best of {args.rounds} alternating rounds, "
          f"median over seeds); MACs and params counted alike; 'dense' = the unpruned start")
@@ -714,7 +719,7 @@ def main(argv=None):
     _say(pairs_table(rows))
     _say("\nat equal latency: the better Torch-Pruning setting vs the least-pruned run of ours at ≤ "
          f"{LATENCY_SLACK:.2f}× its ncnn time")
-    _say(equal_latency_table(equal_latency(rows)))
+    _say(equal_latency_table(entries))
     _say(f"results: {_rel(os.path.join(out, 'results.json'))}; wall time {wall / 60:.1f} min")
 
     bad = [f"{r['tool']} {r['config']} {r['model']} {r['ratio']:.0%} s{r['seed']}: {r['ncnn_parity']['failed']}"
@@ -725,7 +730,7 @@ def main(argv=None):
     target("PyTorch copy of each dense network vs MXNet (val logits)", "≤ 1e-4 × max(1, max |logit|)",
            f"max {max(c['max_abs_diff'] for c in copies):.1e} over {len(copies)} runs" if copies else "none",
            bool(copies) and all(c["max_abs_diff"] <= 1e-4 * max(1.0, c["scale"]) for c in copies))
-    for what, goal, measured, holds in acceptance(rows):
+    for what, goal, measured, holds in acceptance(rows, entries):
         target(what, goal, measured, holds)
     full = (not args.epochs and not args.limit and len(seeds) >= 3 and set(ratios) == set(RATIOS)
             and teacher == TEACHER_RECIPE)
