@@ -42,6 +42,9 @@ with the least-pruned of our runs of that model whose measured ncnn time is ≤ 
 Training runs one OpenMP thread per process, two processes side by side (``--jobs 2``). Each
 finished run is reused while its recipe (ours: the recipe hash) or config (Torch-Pruning: config,
 inputs and code) is unchanged, so a killed bench resumes where it stopped; ``--fresh`` retrains.
+The dense networks (the ResNet-20 teacher, the dense MobileNetV2) are inputs: trained once, then
+handed to our runs as ``teacher.checkpoint`` and reused whatever the tool's version, since the
+Torch-Pruning runs identify them by their arrays (delete their folders to retrain them).
 
     .venv/bin/python bench/peers.py                         # what make bench-peers runs
     .venv/bin/python bench/peers.py --epochs 2 --limit 400 --out /tmp/peers --models resnet20 --ratios 0.5 --seeds 0 1
@@ -142,14 +145,17 @@ def schedule(epochs=None):
     return {"start_epoch": start, "end_epoch": max(start, min(SCHEDULE["end_epoch"], epochs - 2))}
 
 
-def write_recipes(out, models, ratios, seeds, epochs=None, limit=None, teacher=None):
+def write_recipes(out, models, ratios, seeds, teacher_prefix, epochs=None, limit=None):
     """The recipes of ours, under ``OUT/recipes/`` (``extends:`` the bundled ones): the dense
-    MobileNetV2 and one per (model, ratio, seed). ``epochs`` / ``limit``: shorter runs for
-    development (both tools read the same resolved recipe); ``teacher``: another ResNet-20
-    teacher recipe than ``recipes/teacher_fashion.yaml`` (development)."""
+    MobileNetV2 and one per (model, ratio, seed). ``teacher_prefix``: the trained ResNet-20
+    teacher (:func:`dense_input`), handed to every recipe as ``teacher.checkpoint``, as the dense
+    MobileNetV2 is to its runs. ``epochs`` / ``limit``: shorter runs for development (both tools
+    read the same resolved recipe)."""
     rdir = os.path.join(out, "recipes")
     os.makedirs(rdir, exist_ok=True)
-    rel = lambda p: os.path.relpath(p, rdir)  # noqa: E731
+    rel = lambda p: os.path.relpath(os.path.abspath(p), rdir)  # noqa: E731
+    mbv2_dir = os.path.join(out, "mbv2-dense")
+    by_checkpoint = lambda prefix: {"teacher": {"recipe": None, "checkpoint": rel(prefix)}}  # noqa: E731
     extra = {}
     if epochs:
         extra["trainer"] = {"epochs": int(epochs)}
@@ -170,10 +176,10 @@ def write_recipes(out, models, ratios, seeds, epochs=None, limit=None, teacher=N
         "# bench/peers.py: the dense MobileNetV2-0.5 both tools prune (and distil from):\n"
         "# recipes/student_fashion.yaml (KD from the ResNet-20 teacher) without pruning.\n"
         f"extends: {rel(DENSE_MBV2_RECIPE)}\nname: bench_peers_mbv2_dense\n",
-        {**({"teacher": {"recipe": rel(teacher)}} if teacher else {}),
+        {**by_checkpoint(teacher_prefix),
          "pruning": {"enabled": False}, "quantization": {"enabled": False}, "export": {"enabled": False},
          "trainer": {"progress": False},
-         "output": {"dir": _rel(os.path.join(out, "mbv2-dense")), "latency": False}})}
+         "output": {"dir": _rel(mbv2_dir), "latency": False}})}
     for model in models:
         for ratio in ratios:
             for seed in seeds:
@@ -182,10 +188,8 @@ def write_recipes(out, models, ratios, seeds, epochs=None, limit=None, teacher=N
                                         **schedule(epochs)},
                             "trainer": {"progress": False, "seed": int(seed)},
                             "output": {"dir": _rel(os.path.join(out, "ours-" + tag)), "latency": False}}
-                if model == "mobilenetv2":
-                    sections = {"teacher": {"recipe": "mbv2-dense.yaml"}, **sections}
-                elif teacher:
-                    sections = {"teacher": {"recipe": rel(teacher)}, **sections}
+                sections = {**by_checkpoint(RunFolder(mbv2_dir).model_prefix if model == "mobilenetv2"
+                                            else teacher_prefix), **sections}
                 paths[("ours", model, ratio, seed)] = write(
                     "ours-" + tag,
                     f"# bench/peers.py: ours, {model}, {ratio:.0%} of the channels, seed {seed}:\n"
@@ -221,6 +225,20 @@ def train(recipe_path, log_path, fresh=False):
     return recipe.run_dir, time.time() - t0
 
 
+def dense_input(recipe_path, log_path, fresh=False):
+    """A dense network of the bench (the ResNet-20 teacher, the dense MobileNetV2): the model
+    prefix of its run folder, trained by ``python train.py RECIPE`` only when the folder holds
+    no complete run. It is an input both tools start from, identified by its arrays (the
+    Torch-Pruning runs hash them), so a later version of our tool does not retrain it: delete
+    the folder to. Returns (prefix, seconds or None when reused)."""
+    recipe = load_recipe(recipe_path)
+    folder = RunFolder(recipe.run_dir)
+    if folder.is_complete() and not fresh:
+        return folder.model_prefix, None
+    _, secs = train(recipe_path, log_path, fresh=True)
+    return folder.model_prefix, secs
+
+
 # -- what the PyTorch side is handed ------------------------------------------------------------
 
 def _save_npz(path, batch=256, **arrays):
@@ -244,11 +262,12 @@ def prepare(model, recipe_path, out):
     import mxnet as mx
     from distill.data import load_data
     from distill.graphio import load_pair, load_symbol_block
-    from distill.run import recipe_dir_of, teacher_recipe_prefix
+    from distill.run import recipe_dir_of
+    from distill.teacher import resolve_path
     from distill.trainer import predict
 
     recipe = load_recipe(recipe_path)
-    prefix, _ = teacher_recipe_prefix(recipe.teacher.recipe, recipe_dir_of(recipe))
+    prefix = resolve_path(recipe.teacher.checkpoint, recipe_dir_of(recipe))
     data = load_data(recipe.data, seed=recipe.trainer.seed)
     paths = {"data": os.path.join(out, "data.npz"),
              "teacher_logits": os.path.join(out, f"{model}-teacher-logits.npy"),
@@ -269,7 +288,8 @@ def peer_config(model, ratio, seed, method, recipe_path, inputs, out):
     (the one of the same model, ratio and seed)."""
     recipe = load_recipe(recipe_path)
     r = recipe_to_dict(recipe)
-    p = recipe.pruning
+    r["trainer"].pop("teacher_cache_shared", None)   # where our runs keep teacher outputs: not
+    p = recipe.pruning                               # what a run trains by (and keeps TP's hashes)
     end = p.end_epoch if p.end_epoch is not None else p.start_epoch + max(0, (recipe.trainer.epochs - p.start_epoch) // 2 - 1)
     events = SCHEDULES.get(p.schedule)(p.start_epoch, end, p.frequency).events()
     return {"model": model, "ratio": ratio, "method": method, "reg": TP_REG, "round_to": p.round_to,
@@ -625,8 +645,6 @@ def main(argv=None):
     ratios, models, seeds = tuple(args.ratios), tuple(args.models), tuple(args.seeds)
     configs = [c for c in CONFIGS if c[1] in args.configs]
     teacher = os.path.abspath(args.teacher_recipe)
-    recipes = write_recipes(out, models, ratios, seeds, args.epochs, args.limit,
-                            None if teacher == TEACHER_RECIPE else teacher)
     n_runs = len(models) * len(ratios) * len(seeds) * len(configs)
     steps = 2 + len(models) + n_runs + 2
     step = [0]
@@ -644,11 +662,13 @@ def main(argv=None):
     _say(f"bench peers → {_rel(out)}: {DATA}, {', '.join(models)} at {', '.join(f'{r:.0%}' for r in ratios)} of "
          f"the channels, seeds {', '.join(map(str, seeds))}, {', '.join(f'{t} {c}' for t, c in configs)}; "
          f"{args.jobs} training process(es) side by side, one thread each")
-    _, secs = train(teacher, os.path.join(out, "logs", "teacher-resnet20.log"), fresh=False)
+    teacher_prefix, secs = dense_input(teacher, os.path.join(out, "logs", "teacher-resnet20.log"))
     done(f"ResNet-20 teacher ({_rel(teacher)} → {_rel(load_recipe(teacher).run_dir)})", secs)
+    recipes = write_recipes(out, models, ratios, seeds, teacher_prefix, args.epochs, args.limit)
     secs = None
     if "mobilenetv2" in models:
-        _, secs = train(recipes["mobilenetv2-dense"], os.path.join(out, "logs", "dense-mobilenetv2.log"), args.fresh)
+        _, secs = dense_input(recipes["mobilenetv2-dense"], os.path.join(out, "logs", "dense-mobilenetv2.log"),
+                              args.fresh)
     done(f"dense MobileNetV2-0.5 ({_rel(recipes['mobilenetv2-dense'])})", secs,
          skipped="mobilenetv2" not in models)
 

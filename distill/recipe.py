@@ -509,6 +509,7 @@ class TrainerConfig:
     progress: bool = True
     teacher_cache: str = "auto"
     teacher_cache_max_mb: float = 2048.0
+    teacher_cache_shared: bool = True
     kvstore: str = "local"
     devices: List[str] = field(default_factory=lambda: ["cpu"])
     checkpoint_every: Optional[int] = None
@@ -526,6 +527,8 @@ class TrainerConfig:
         _check(self.teacher_cache in ("auto", "memory", "disk", "off"), f"{p}.teacher_cache",
                f"must be one of auto, memory, disk, off; got {self.teacher_cache!r}")
         _check(self.teacher_cache_max_mb > 0, f"{p}.teacher_cache_max_mb", "must be > 0")
+        _check(isinstance(self.teacher_cache_shared, bool), f"{p}.teacher_cache_shared",
+               f"must be true or false, got {self.teacher_cache_shared!r}")
         _check(self.epochs >= 1, f"{p}.epochs", f"must be ≥ 1, got {self.epochs}")
         _check(self.batch_size >= 1, f"{p}.batch_size", f"must be ≥ 1, got {self.batch_size}")
         _check(self.lr > 0, f"{p}.lr", f"must be > 0, got {self.lr}")

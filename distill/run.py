@@ -38,7 +38,7 @@ from .runfolder import PROVENANCE_KEY, RunFolder, reuse_check, tool_provenance
 from .stages import Stage, export_stage, pipeline_table
 from .taps import tapped_block
 from .teacher import load_teacher, resolve_path
-from .teacher_cache import TeacherOutputs
+from .teacher_cache import SharedCache, TeacherOutputs, digest, split_batches
 from .trainer import Term, evaluate, fit
 
 __all__ = ["run_training", "resolve_teacher", "teacher_recipe_prefix", "versions"]
@@ -140,6 +140,22 @@ def _build_student(recipe, data, teacher):
     return net, recipe.student.model
 
 
+def _teacher_top1(teacher, split, batch_size, shared=None):
+    """The teacher's top-1 on ``split``, rounded to 3 decimals: read from ``shared`` (a
+    :class:`~distill.teacher_cache.SharedCache`) when an earlier run evaluated this very teacher
+    on these very images and labels (in-memory splits only), else evaluated (and stored)."""
+    key = None
+    if shared is not None and shared.enabled and isinstance(split.x, np.ndarray) and split.y is not None:
+        key = digest("teacher-top1", teacher.digest(), split_batches(split.x), np.asarray(split.y))
+        top1 = shared.get_value(key)
+        if isinstance(top1, (int, float)):
+            return top1
+    top1 = round(evaluate(teacher.net, split, batch_size), 3)
+    if key is not None and np.isfinite(top1):
+        shared.put_value(key, top1)
+    return top1
+
+
 def _model_summary(prefix, net_params, input_shape, latency_cfg):
     sym = mx.sym.load(symbol_file(prefix))
     macs = total_macs(sym, (1,) + tuple(input_shape))
@@ -232,6 +248,7 @@ def run_training(recipe, resume=False, role="student", trust_checkpoint=False):
         train_net.hybridize(static_alloc=True, static_shape=True)
     terms = _build_terms(recipe, data, teacher, train_net, s_taps, t_taps)
     teacher_outputs, teacher_cache_s = None, 0.0
+    shared = SharedCache() if recipe.trainer.teacher_cache_shared and teacher is not None else None
     if teacher is not None and any(t.block.needs_teacher for t in terms):
         t_cache = time.time()
         # one cache per shard: each worker's train images are its own
@@ -240,9 +257,14 @@ def run_training(recipe, resume=False, role="student", trust_checkpoint=False):
         teacher_outputs = TeacherOutputs(
             teacher, data.train.x, recipe.trainer.teacher_cache, bool(recipe.data.augment),
             cache_dir, recipe.trainer.teacher_cache_max_mb,
-            recipe.trainer.eval_batch_size, recipe.trainer.progress)
+            recipe.trainer.eval_batch_size, recipe.trainer.progress, shared=shared)
         teacher_cache_s = time.time() - t_cache
-        log(f"teacher outputs: {'computed live every batch' if teacher_outputs.mode == 'off' else f'cached once ({teacher_outputs.mode}, {teacher_outputs.megabytes:.1f} MiB)'}")
+        how = "computed live every batch" if teacher_outputs.mode == "off" else \
+            f"cached once ({teacher_outputs.mode}, {teacher_outputs.megabytes:.1f} MiB)"
+        if teacher_outputs.reused:
+            how = (f"reused ({teacher_outputs.megabytes:.1f} MiB): the same teacher's outputs on the "
+                   f"same train images, kept by an earlier run in {shared.path}")
+        log(f"teacher outputs: {how}")
 
     modifiers = _build_modifiers(recipe, teacher, log)
     writer = SummaryWriter(folder.tb_dir) if root else None
@@ -278,10 +300,11 @@ def run_training(recipe, resume=False, role="student", trust_checkpoint=False):
                         "classes": data.num_classes, "input_shape": list(input_shape)}}
     if teacher is not None:
         metrics["teacher"] = {"source": teacher.source,
-                              "top1": round(evaluate(teacher.net, data.val, recipe.trainer.eval_batch_size), 3)}
+                              "top1": _teacher_top1(teacher, data.val, recipe.trainer.eval_batch_size, shared)}
         tprefix = folder.teacher_prefix
         os.makedirs(os.path.dirname(tprefix), exist_ok=True)
-        teacher.net.export(tprefix, epoch=0)
+        teacher.net(mx.nd.array(data.val.x[:1]))     # a cached top-1 may leave it never run:
+        teacher.net.export(tprefix, epoch=0)           # export() needs one forward first
         metrics["teacher"].update(_model_summary(tprefix, count_param_dict(teacher.params),
                                                  input_shape, recipe.output))
     exported = load_symbol_block(prefix)

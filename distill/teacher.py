@@ -16,6 +16,7 @@ A graph that normalises its input itself (a leading ``_minus_scalar``/``_mul_sca
 a BatchNorm on raw pixels) gets a warning naming the ``data.mean``/``data.std`` that feed it
 what it expects, unless the recipe already uses them.
 """
+import json
 import logging
 import os
 import warnings
@@ -30,6 +31,7 @@ from .graphio import SYMBOL_SUFFIX, check_params, load_pair, make_block, params_
 from .graphnorm import format_values, input_normalisation
 from .replicas import first
 from .taps import resolve_tap
+from .teacher_cache import digest
 
 __all__ = ["Teacher", "load_teacher", "warn_input_normalisation", "resolve_path"]
 _LOGGER = logging.getLogger(__name__)
@@ -58,6 +60,7 @@ class Teacher:
         self.source = source
         self.input_name = input_name
         self.taps = list(taps)
+        self._digest = None
         self.net = make_block(symbol, params, input_name, trainable=False)
         self.net.hybridize(static_alloc=True)
         outs = [symbol] + [resolve_tap(symbol, t, where) for t in self.taps]
@@ -66,6 +69,16 @@ class Teacher:
             self.tapped = gluon.SymbolBlock(mx.sym.Group(outs), mx.sym.var(input_name),
                                             params=self.net.collect_params())
         self.tapped.hybridize(static_alloc=True)
+
+    def digest(self):
+        """A hex digest of what this teacher computes: its graph, taps and parameters (the key
+        of :class:`~distill.teacher_cache.SharedCache` entries)."""
+        if self._digest is None:
+            names = sorted(self.params)
+            self._digest = digest("teacher", self.symbol.tojson(), json.dumps(self.taps),
+                                  self.input_name, json.dumps(names),
+                                  (self.params[n].asnumpy() for n in names))
+        return self._digest
 
     def reset_ctx(self, ctx):
         """Place the frozen parameters on ``ctx`` (a context or a list of them), so that a

@@ -5,6 +5,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# the teacher cache shared between runs (distill.teacher_cache) lives in a folder of this
+# session's own, so that no test reads what another session (or a user's runs) left there
+import tempfile  # noqa: E402
+os.environ["DISTILL_CACHE_DIR"] = tempfile.mkdtemp(prefix="distill-test-cache-")
 
 
 import stat  # noqa: E402
