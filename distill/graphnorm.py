@@ -37,7 +37,7 @@ import numpy as np
 __all__ = ["Normalised", "normalise", "unit_fixed_gammas", "flatten_before_fc", "fit_global_pools",
            "fc_on_nd_input", "input_channels", "pinned_size", "input_normalisation",
            "InputNormalisation", "RAW_PIXELS_STD", "describe_shape", "format_values",
-           "infer_shape_quiet"]
+           "infer_shape_quiet", "relu_min_for_clip"]
 _LOGGER = logging.getLogger(__name__)
 _SAID = set()     # (where, note) already logged by this process
 
@@ -573,3 +573,42 @@ def describe_shape(shape):
     """``(3, 112, 112)`` → ``3×112×112``."""
     return "×".join(str(int(s)) for s in shape)
 
+
+
+def relu_min_for_clip(sym):
+    """``sym`` with every ``clip(x, 0, M)`` (ReLU6, and the clip inside hard-sigmoid/-swish)
+    computed as ``minimum(relu(x), M)``, or ``None`` when the graph has no such clip.
+
+    The same values bit for bit (max and min are exact), faster on the CPU: MXNet 1.9.1's
+    ``clip`` is a scalar loop (64×12×28×28 floats: 2.7 ms, against 0.28 ms for oneDNN's relu),
+    and in a MobileNetV2-0.5 on 28 px inputs clip and its gradient were 30 of 68 ms of a training
+    step. The last node keeps the clip's name. For inference views only (``distill.trainer``'s
+    evaluation): what is trained, pruned and exported keeps the original ``clip``.
+    """
+    graph = json.loads(sym.tojson())
+    nodes, out, remap, changed = graph["nodes"], [], {}, False
+    for i, node in enumerate(nodes):
+        node = dict(node, inputs=[[remap[a], b, c] for a, b, c in node["inputs"]])
+        attrs = node.get("attrs", {})
+        if node["op"] == "clip" and _float_attr(attrs, "a_min") == 0.0 and (_float_attr(attrs, "a_max") or 0) > 0:
+            out.append({"op": "Activation", "name": node["name"] + "_relu_part",
+                        "attrs": {"act_type": "relu"}, "inputs": node["inputs"]})
+            out.append({"op": "_minimum_scalar", "name": node["name"],
+                        "attrs": {"scalar": attrs["a_max"]}, "inputs": [[len(out) - 1, 0, 0]]})
+            changed = True
+        else:
+            out.append(node)
+        remap[i] = len(out) - 1
+    if not changed:
+        return None
+    new = {"nodes": out, "arg_nodes": [j for j, n in enumerate(out) if n["op"] == "null"],
+           "node_row_ptr": list(range(len(out) + 1)),
+           "heads": [[remap[a], b, c] for a, b, c in graph["heads"]], "attrs": graph.get("attrs", {})}
+    return mx.sym.load_json(json.dumps(new))
+
+
+def _float_attr(attrs, key):
+    try:
+        return float(attrs[key])
+    except (KeyError, TypeError, ValueError):
+        return None

@@ -308,7 +308,7 @@ def run_training(recipe, resume=False, role="student", trust_checkpoint=False):
         metrics["teacher"].update(_model_summary(tprefix, count_param_dict(teacher.params),
                                                  input_shape, recipe.output))
     exported = load_symbol_block(prefix)
-    top1 = evaluate(exported, data.val, recipe.trainer.eval_batch_size)
+    top1 = evaluate(exported, data.val, recipe.trainer.eval_batch_size, fast=True)
     metrics["student"] = {"model": student_desc, "top1": round(top1, 3)}
     metrics["student"].update(_model_summary(prefix, count_params(student), input_shape, recipe.output))
     for m in modifiers:

@@ -166,7 +166,8 @@ def test_choose_removed_follows_the_mode():
 
 def test_group_slices_options_add_beta_and_drop_depthwise_filters():
     """``pruning.group_slices``: ``beta: true`` adds BatchNorm's shift to the hand sum;
-    ``depthwise: false`` leaves a depthwise conv's filters out of it."""
+    ``depthwise: true`` adds a depthwise conv's filters (left out by default, as Torch-Pruning
+    leaves them out)."""
     graph, params, _ = _graph()
     crit = CRITERIA.get("group_l2")(beta=True)
     scores = unit_scores(graph, graph.groups, crit, params, None, np.random.RandomState(0))
@@ -186,11 +187,11 @@ def test_group_slices_options_add_beta_and_drop_depthwise_filters():
           "c2_weight": rng.randn(3, 4, 1, 1), "fc_weight": rng.randn(2, 3), "fc_bias": rng.randn(2)}
     g2 = analyze(fc, (1, 1, 6, 6))
     u = _units_of(g2, "c1_weight", 0)
-    for depthwise in (True, False):
-        crit = CRITERIA.get("group_l2")(depthwise=depthwise)
+    for depthwise in (True, False, None):         # None: the default, which leaves them out
+        crit = CRITERIA.get("group_l2")(**({} if depthwise is None else {"depthwise": depthwise}))
         sc = unit_scores(g2, g2.groups, crit, ps, None, np.random.RandomState(0))
         raw = np.array([(ps["c1_weight"][c] ** 2).sum() + (ps["c2_weight"][:, c] ** 2).sum()
-                        + (ps["dw_weight"][c] ** 2).sum() * depthwise for c in range(4)])
+                        + (ps["dw_weight"][c] ** 2).sum() * bool(depthwise) for c in range(4)])
         assert np.allclose([sc[int(k)] for k in u], raw / raw.mean(), rtol=1e-12), depthwise
 
 

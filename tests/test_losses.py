@@ -336,7 +336,8 @@ def test_cli_one_epoch_with_dkd_dist_and_standardized_kd(tmp_path):
     rows = {}
     for mode in ("memory", "off"):
         s = tiny_student(tmp_path, t, name=f"new_{mode}", epochs=1, distillation=terms,
-                         trainer={"teacher_cache": mode, "lr": 1e-8}, output={"latency": False})
+                         trainer={"teacher_cache": mode, "lr": 1e-8, "teacher_cache_shared": False},
+                         output={"latency": False})
         res = run_cli(s)
         assert res.returncode == 0, res.stderr[-2000:]
         assert ("cached once (memory" if mode == "memory" else "computed live") in res.stdout

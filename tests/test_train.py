@@ -132,7 +132,8 @@ def test_teacher_cache_modes_agree_and_augment_runs_live(tmp_path):
     runs = {}
     for mode in ("off", "memory", "disk"):
         s = tiny_student(tmp_path, t, name=f"cache_{mode}", epochs=2,
-                         trainer={"teacher_cache": mode, "lr": 1e-8}, output={"latency": False})
+                         trainer={"teacher_cache": mode, "lr": 1e-8, "teacher_cache_shared": False},
+                         output={"latency": False})
         res = run_cli(s)
         assert res.returncode == 0, res.stderr[-2000:]
         runs[mode] = (_history(os.path.join(tmp_path, "runs", f"cache_{mode}")), res.stdout)

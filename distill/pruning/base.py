@@ -42,13 +42,13 @@ class GroupCriterion(Criterion):
     """A criterion over every slice of a channel's coupled group (``group_l2``, ``group_taylor``):
     the producing filters, the consumers' input columns and BatchNorm gamma, summed per unit.
 
-    ``beta``: BatchNorm's shift counts too; ``depthwise=False``: depthwise filters do not
-    (``pruning.group_slices``)."""
+    ``beta``: BatchNorm's shift counts too; ``depthwise``: depthwise filters count too (off by
+    default, as in Torch-Pruning's ``GroupMagnitudeImportance``) (``pruning.group_slices``)."""
 
     channel_roles = (("out", "in", "scale"),)
     group_reduction = "sum"
 
-    def __init__(self, beta=False, depthwise=True):
+    def __init__(self, beta=False, depthwise=False):
         self.channel_roles = (("out", "in", "scale") + (("shift",) if beta else ()),)
         self.skip_kinds = () if depthwise else ("depthwise",)
 

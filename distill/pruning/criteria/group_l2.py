@@ -12,8 +12,8 @@ _LOGGER = logging.getLogger(__name__)
 @CRITERIA.register("group_l2")
 class GroupL2(GroupCriterion):
     """A channel's sum of squares over every slice of its coupled group: the filters that
-    produce it (depthwise filters included), every consumer's input columns (the classifier's
-    too) and BatchNorm gamma; then divided by the mean over the group, so ``scope: global``
+    produce it, every consumer's input columns (the classifier's too) and BatchNorm gamma
+    (depthwise filters only with ``group_slices: {depthwise: true}``); then divided by the mean over the group, so ``scope: global``
     ranks groups of different sizes and scales fairly (Torch-Pruning's
     ``GroupMagnitudeImportance(p=2)`` with its ``mean`` normalizer). A filter's scale alone
     says little when a BatchNorm follows it (``l1``); the consumers' columns and gamma do not
