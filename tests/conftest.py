@@ -7,8 +7,11 @@ if ROOT not in sys.path:
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 # the teacher cache shared between runs (distill.teacher_cache) lives in a folder of this
 # session's own, so that no test reads what another session (or a user's runs) left there
+import atexit  # noqa: E402
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 os.environ["DISTILL_CACHE_DIR"] = tempfile.mkdtemp(prefix="distill-test-cache-")
+atexit.register(shutil.rmtree, os.environ["DISTILL_CACHE_DIR"], True)   # gone with the session
 
 
 import stat  # noqa: E402
