@@ -261,13 +261,13 @@ def prepare(model, recipe_path, out):
     logits (``MODEL-dense.npz``). Returns their paths."""
     import mxnet as mx
     from distill.data import load_data
-    from distill.graphio import SYMBOL_SUFFIX, load_pair, load_symbol_block, symbol_file
+    from distill.graphio import load_pair, load_symbol_block
     from distill.run import recipe_dir_of
-    from distill.teacher import resolve_path
+    from distill.teacher import checkpoint_prefix
     from distill.trainer import predict
 
     recipe = load_recipe(recipe_path)
-    prefix = resolve_path(symbol_file(recipe.teacher.checkpoint), recipe_dir_of(recipe))[:-len(SYMBOL_SUFFIX)]
+    prefix = checkpoint_prefix(recipe.teacher.checkpoint, recipe_dir_of(recipe))
     data = load_data(recipe.data, seed=recipe.trainer.seed)
     paths = {"data": os.path.join(out, "data.npz"),
              "teacher_logits": os.path.join(out, f"{model}-teacher-logits.npy"),

@@ -33,7 +33,7 @@ from .replicas import first
 from .taps import resolve_tap
 from .teacher_cache import digest
 
-__all__ = ["Teacher", "load_teacher", "warn_input_normalisation", "resolve_path"]
+__all__ = ["Teacher", "load_teacher", "warn_input_normalisation", "resolve_path", "checkpoint_prefix"]
 _LOGGER = logging.getLogger(__name__)
 
 
@@ -124,7 +124,7 @@ def load_teacher(cfg, data, recipe_dir=".", taps=(), trained=None):
         prefix, source = trained
         sym, params = load_pair(prefix, 0)
     elif cfg.checkpoint:
-        prefix = resolve_path(symbol_file(cfg.checkpoint), recipe_dir)[:-len(SYMBOL_SUFFIX)]
+        prefix = checkpoint_prefix(cfg.checkpoint, recipe_dir)
         sym, params = load_pair(prefix, cfg.epoch, cfg.output, hint=(
             f"`teacher.checkpoint` is a prefix: {symbol_file('PREFIX')} and "
             f"{params_file('PREFIX', cfg.epoch)} must exist (check `teacher.epoch`)."))
@@ -157,6 +157,12 @@ def warn_input_normalisation(sym, params, data, input_name="data", where="teache
         _LOGGER.warning("%s: %s (the data `%s` now use mean %s, std %s).", where, norm.advice(),
                         data.name, format_values(data.mean), format_values(data.std))
     return norm
+
+
+def checkpoint_prefix(prefix, recipe_dir):
+    """A ``teacher.checkpoint`` prefix, relative ones resolved as :func:`resolve_path` resolves
+    its symbol file."""
+    return resolve_path(symbol_file(prefix), recipe_dir)[:-len(SYMBOL_SUFFIX)]
 
 
 def resolve_path(path, recipe_dir):

@@ -72,6 +72,7 @@ class TeacherOutputs:
         shapes = [tuple(o.shape[1:]) for o in teacher.outputs(mx.nd.array(train_x[:2]))]
         n = len(train_x)
         total_mb = sum(n * int(np.prod(s)) * 4 for s in shapes) / 2**20
+        key = None
         if self.mode == "memory" and total_mb > max_memory_mb:
             _LOGGER.info("teacher outputs need %.0f MiB > %.0f MiB in memory: caching on disk",
                          total_mb, max_memory_mb)
@@ -90,29 +91,21 @@ class TeacherOutputs:
                                                      np.float32, (n,) + s)
                            for i, s in enumerate(shapes)]
         else:
-            key = None
             if shared is not None and shared.enabled and isinstance(train_x, np.ndarray):
                 key = digest("teacher-outputs", teacher.digest(), split_batches(train_x))
-                self.arrays = shared.load_arrays(key, len(shapes))
-                if self.arrays is not None and [a.shape for a in self.arrays] == [(n,) + s for s in shapes]:
-                    self.reused, self.megabytes = True, total_mb
+                stored = shared.load_arrays(key, len(shapes))
+                if stored is not None and [a.shape for a in stored] == [(n,) + s for s in shapes]:
+                    self.arrays, self.reused, self.megabytes = stored, True, total_mb
                     return
             self.arrays = [np.empty((n,) + s, np.float32) for s in shapes]
-            self._fill(train_x, batch_size, progress)
-            if key is not None:
-                shared.store_arrays(key, self.arrays)
-            self.megabytes = total_mb
-            return
-        self._fill(train_x, batch_size, progress)
-        self.megabytes = total_mb
-
-    def _fill(self, train_x, batch_size, progress):
-        n = len(train_x)
         for i in tqdm(range(0, n, batch_size), desc="teacher outputs (cached once)", leave=False,
                       disable=None if progress else True):
-            outs = self.teacher.outputs(mx.nd.array(train_x[i:i + batch_size]))
+            outs = teacher.outputs(mx.nd.array(train_x[i:i + batch_size]))
             for arr, o in zip(self.arrays, outs):
                 arr[i:i + batch_size] = o.asnumpy()
+        if key is not None:
+            shared.store_arrays(key, self.arrays)
+        self.megabytes = total_mb
 
     def __call__(self, idx, x):
         """Outputs for the train images ``idx`` (already in the NDArray ``x`` when live)."""
@@ -189,12 +182,11 @@ class SharedCache:
     def enabled(self):
         return self.path is not None
 
-    def load_arrays(self, key, count, mmap=False):
+    def load_arrays(self, key, count):
         """The ``count`` arrays stored under ``key``, or ``None``."""
         d = os.path.join(self.path, "outputs-" + key)
         try:
-            arrays = [np.load(os.path.join(d, f"out{i}.npy"), mmap_mode="r" if mmap else None)
-                      for i in range(count)]
+            arrays = [np.load(os.path.join(d, f"out{i}.npy")) for i in range(count)]
             os.utime(d)
         except (OSError, ValueError) as e:
             if os.path.isdir(d):
@@ -221,11 +213,11 @@ class SharedCache:
 
     def get_value(self, key):
         """The JSON value stored under ``key`` in ``evals.json``, or ``None``."""
-        return read_evals(self.path).get(key)
+        return _read_evals(self.path).get(key)
 
     def put_value(self, key, value):
         path = os.path.join(self.path, "evals.json")
-        data = read_evals(self.path)
+        data = _read_evals(self.path)
         data.pop(key, None)
         data[key] = value                 # newest last: the oldest go first beyond 1,000
         try:
@@ -251,7 +243,7 @@ class SharedCache:
             total -= size
 
 
-def read_evals(path):
+def _read_evals(path):
     try:
         with open(os.path.join(path, "evals.json")) as f:
             data = json.load(f)

@@ -43,6 +43,7 @@ from .feed import EpochFeed, augment_batch, epoch_seed
 from .graphnorm import relu_min_for_clip
 from .modifier import LoopState, Modifier
 from .replicas import sync_running_stats
+from .taps import graph_of
 from . import nag  # noqa: F401  (registers deterministicnag with MXNet)
 from .optim import lr_at, optimizer_spec
 from .rebuild import param_keys, swap_parts, transplant_optimizer
@@ -82,13 +83,10 @@ def eval_view(net):
         pass
     view = net
     try:
-        if isinstance(net, gluon.SymbolBlock) and net._cached_graph:
-            inputs, sym = net._cached_graph
-            input_name = inputs[0].name if len(inputs) == 1 else None
-        else:
-            input_name = "data"
-            sym = net(mx.sym.var(input_name)) if isinstance(net, gluon.HybridBlock) else None
-        fast = relu_min_for_clip(sym) if sym is not None and input_name else None
+        inputs = net._cached_graph[0] if isinstance(net, gluon.SymbolBlock) and net._cached_graph else None
+        input_name = "data" if inputs is None else inputs[0].name if len(inputs) == 1 else None
+        fast = relu_min_for_clip(graph_of(net, input_name)) \
+            if isinstance(net, gluon.HybridBlock) and input_name else None
         if fast is not None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
